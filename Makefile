@@ -1,0 +1,44 @@
+# The two set-up commands of inhouse. Both work on a fresh machine: they create .venv if missing,
+# install torch first (TORCH_SPEC, default torch==2.13.0, which takes the CPU wheel here; skipped when
+# the venv already has a torch), then the package, then run.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+GPT_OSS_SPEC ?= gpt-oss==0.0.9
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: run test setup setup-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e ".[test]"
+	# The reference implementation, as a test-only oracle (see docs/testing.md).
+	$(PIP) install --no-deps --ignore-requires-python "$(GPT_OSS_SPEC)"
+	@touch $@
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
+
+# The main job. Until `inhouse serve` lands, this builds the embedded demo checkpoint (tiny, random,
+# cached), shows what it is, and decodes from it with the KV cache.
+run: setup
+	$(VENV)/bin/inhouse demo run
+
+# The default suite: everything but @slow and @gpu tests.
+test: setup-test
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
