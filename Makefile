@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install -e ".[test]"
-	# The reference implementation, as a test-only oracle (see docs/testing.md).
+	# The reference implementation, as a test-only oracle (see README, Tests).
 	$(PIP) install --no-deps --ignore-requires-python "$(GPT_OSS_SPEC)"
 	@touch $@
 

@@ -359,11 +359,11 @@ def preset(name: str) -> ModelConfig:
         "gpt-oss-120b": dict(real, num_hidden_layers=36, num_experts=128, experts_per_token=4),
         "tiny": dict(vocab_size=201088, num_hidden_layers=4, num_experts=8, experts_per_token=4,
                      hidden_size=64, intermediate_size=64, head_dim=16, num_attention_heads=4,
-                     num_key_value_heads=2, sliding_window=16, max_position_embeddings=4096),
+                     num_key_value_heads=2, sliding_window=16, max_position_embeddings=131072),
         "tiny-window128": dict(vocab_size=1024, num_hidden_layers=2, num_experts=4,
                                experts_per_token=2, hidden_size=128, intermediate_size=96,
                                head_dim=32, num_attention_heads=4, num_key_value_heads=1,
-                               sliding_window=128, max_position_embeddings=4096),
+                               sliding_window=128, max_position_embeddings=131072),
     }
     if name not in shapes:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(shapes)}")

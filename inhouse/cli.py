@@ -1,0 +1,186 @@
+"""The `inhouse` command line. Each command parses options and calls one library function;
+errors become one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from inhouse import __version__
+from inhouse.errors import InhouseError
+
+app = typer.Typer(help="inhouse: run gpt-oss models on your own hardware, privately and auditably.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+demo_app = typer.Typer(help="Demo checkpoints that need no download.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class DType(str, Enum):
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+    @property
+    def torch(self):
+        import torch
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.value]
+
+
+def cli_errors(fn):
+    """Turn errors into one line: `InhouseError` as is (exit 1), anything else as an internal
+    error (exit 2; INHOUSE_DEBUG=1 re-raises for the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except InhouseError as e:
+            err.print(f"error: {e}", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - the CLI must not show a traceback
+            if os.environ.get("INHOUSE_DEBUG"):
+                raise
+            err.print(f"internal error: {type(e).__name__}: {e} (set INHOUSE_DEBUG=1 for the "
+                      "traceback)", markup=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _gib(n: int) -> str:
+    if n >= 2**28:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+@app.command()
+@cli_errors
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Checkpoint directory (HF or original/ layout).")],
+    dtype: Annotated[DType, typer.Option(help="Compute dtype the memory estimate assumes.")] = DType.bfloat16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show a checkpoint's layout, shape, parameter counts, size on disk and memory needs."""
+    from inhouse.model.summary import summarize
+
+    s = summarize(path, dtype.torch)
+    c = s.config
+    report = {
+        "path": str(s.info.root), "layout": s.info.layout, "experts": s.info.experts_format,
+        "files": len(s.info.files), "bytes_on_disk": s.info.num_bytes,
+        "layers": c.num_hidden_layers, "sliding_layers": sum(map(c.is_sliding, range(c.num_hidden_layers))),
+        "sliding_window": c.sliding_window, "experts_total": c.num_experts,
+        "experts_per_token": c.experts_per_token, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "attention_heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+        "context": c.max_position_embeddings, "rope_scaling_factor": c.rope_scaling_factor,
+        "params_total": s.counts.total, "params_active": s.counts.active, "dtype": dtype.value,
+        "ram_weights_bytes": s.ram_bytes, "kv_bytes_per_token": s.kv_bytes_per_token,
+        "kv_sliding_bytes": s.kv_sliding_bytes,
+    }
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    t = Table(title=f"checkpoint {s.info.root}", show_header=False)
+    t.add_row("layout", f"{s.info.layout} ({s.info.experts_format} experts), {len(s.info.files)} file(s)")
+    t.add_row("on disk", _gib(s.info.num_bytes))
+    t.add_row("layers", f"{c.num_hidden_layers} ({report['sliding_layers']} sliding, window {c.sliding_window})")
+    t.add_row("experts", f"{c.num_experts}, top-{c.experts_per_token}")
+    t.add_row("hidden / intermediate", f"{c.hidden_size} / {c.intermediate_size}")
+    t.add_row("attention", f"{c.num_attention_heads} q heads, {c.num_key_value_heads} kv heads x {c.head_dim}")
+    t.add_row("vocab / context", f"{c.vocab_size} / {c.max_position_embeddings} (YaRN x{c.rope_scaling_factor:g})")
+    t.add_row("parameters", f"{_billions(s.counts.total)} total, {_billions(s.counts.active)} active per token")
+    t.add_row(f"RAM for weights ({dtype.value})", _gib(s.ram_bytes))
+    t.add_row("KV cache", f"{s.kv_bytes_per_token / 1024:.1f} KiB per token + "
+              f"{_gib(s.kv_sliding_bytes)} for the sliding windows")
+    out.print(t)
+
+
+def _default_demo_dir() -> Path:
+    base = os.environ.get("INHOUSE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inhouse")
+    return Path(base) / "demo-random-tiny"
+
+
+@demo_app.command("random")
+@cli_errors
+def demo_random(
+    path: Annotated[Path, typer.Argument(help="Directory to write (replaced if it exists).")],
+    preset: Annotated[str, typer.Option(help="Shape: tiny, tiny-window128, gpt-oss-20b, gpt-oss-120b.")] = "tiny",
+    layout: Annotated[str, typer.Option(help="hf, hf-sharded, hf-bf16 or original.")] = "hf",
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same weights in every layout.")] = 0,
+) -> None:
+    """Write a random checkpoint in a real gpt-oss layout (for tests, benchmarks, smoke checks)."""
+    from inhouse.config import preset as get_preset
+    from inhouse.convert import LAYOUTS, write_random_checkpoint
+
+    if layout not in LAYOUTS:
+        raise InhouseError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    root = write_random_checkpoint(path, get_preset(preset), layout, seed)
+    out.print(f"wrote random {preset} checkpoint ({layout}) to {root}")
+
+
+@demo_app.command("run")
+@cli_errors
+def demo_run(
+    path: Annotated[Path | None, typer.Option(help="Demo checkpoint directory (built if missing).")] = None,
+    tokens: Annotated[int, typer.Option(min=1, help="Tokens to decode.")] = 32,
+) -> None:
+    """Build (once, cached) a tiny random checkpoint, inspect it and decode from it greedily."""
+    import torch
+
+    from inhouse.config import preset
+    from inhouse.convert import write_random_checkpoint
+    from inhouse.model import load_model
+    from inhouse.model.generate import greedy
+
+    path = path or _default_demo_dir()
+    if not (path / "config.json").is_file():
+        out.print(f"building the demo checkpoint in {path} ...")
+        write_random_checkpoint(path, preset("tiny"), "hf", seed=0)
+    inspect(path, DType.float32, False)
+    model = load_model(path, dtype=torch.float32)
+    prompt = [200006, 1428, 200008, 13225, 200007, 200006, 173781]  # ids only: random weights
+    t0 = time.perf_counter()
+    ids = greedy(model, prompt, tokens)
+    dt = time.perf_counter() - t0
+    out.print(f"greedy decode of {len(ids)} tokens from a {len(prompt)}-token prompt: "
+              f"{len(ids) / dt:.1f} tokens/s")
+    out.print(f"ids: {ids}")
+    out.print("[dim]This is a random demo checkpoint: the ids carry no meaning. It checks the runtime "
+              "end to end with no download.[/dim]")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(f"inhouse {__version__}")
+
+
+def main() -> None:
+    app(prog_name="inhouse")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

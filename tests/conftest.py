@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random checkpoints in every real layout, written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from inhouse.config import ModelConfig, preset
+from inhouse.convert import LAYOUTS, write_random_checkpoint
+
+SEED = 1234
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ModelConfig:
+    """4 layers (2 sliding, window 16), 8 experts top-4, hidden 64, GQA 4/2, the real vocabulary."""
+    return preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, tiny_config) -> dict[str, Path]:
+    """layout -> directory to load; the same weights (same seed) in every layout."""
+    base = tmp_path_factory.mktemp("ckpt")
+    # small shards so that the sharded layout really has several files
+    return {layout: write_random_checkpoint(base / layout, tiny_config, layout, seed=SEED,
+                                            max_shard_bytes=8 << 20)
+            for layout in LAYOUTS}
+
+
+@pytest.fixture(scope="session")
+def window128_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The real 128-token window, top-2 of 4 experts, hidden 128, MQA (1 kv head)."""
+    base = tmp_path_factory.mktemp("ckpt128")
+    cfg = preset("tiny-window128")
+    return {layout: write_random_checkpoint(base / layout, cfg, layout, seed=SEED + 1)
+            for layout in ("hf", "original")}
+
+
+def random_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
