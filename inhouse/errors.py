@@ -15,3 +15,7 @@ class ConfigError(InhouseError):
 
 class CheckpointError(InhouseError):
     """A checkpoint directory or file is missing, truncated, of another architecture, or misshaped."""
+
+
+class HarmonyUnavailable(InhouseError):
+    """The tokenizer's vocabulary or the openai-harmony package cannot be set up offline."""

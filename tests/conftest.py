@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,16 @@ from inhouse.config import ModelConfig, preset
 from inhouse.convert import LAYOUTS, write_random_checkpoint
 
 SEED = 1234
+
+
+def pytest_configure(config):
+    # A fresh cache per session, like a fresh machine (the tokenizer vocabulary is set up from the
+    # bpe-openai wheel into it); an explicit INHOUSE_CACHE wins.
+    if "INHOUSE_CACHE" not in os.environ:
+        import tempfile
+        os.environ["INHOUSE_CACHE"] = tempfile.mkdtemp(prefix="inhouse-test-cache-")
+        for k in [k for k in os.environ if k.startswith("TIKTOKEN")]:
+            del os.environ[k]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,155 @@
+"""Conversations in OpenAI's chat shape, rendered to harmony prompt tokens by openai-harmony.
+
+Mapping (as OpenAI's gpt-oss guide prescribes):
+  system / developer messages -> developer "# Instructions" (the harmony system message carries
+                                 identity, knowledge cutoff, date, reasoning effort, channels)
+  user                        -> user message
+  assistant.reasoning         -> assistant, channel analysis
+  assistant.tool_calls[i]     -> assistant to=functions.NAME, channel commentary, <|constrain|>json
+  assistant.content           -> assistant, channel final
+  tool (result)               -> functions.NAME to=assistant, channel commentary
+Earlier reasoning is dropped or kept by harmony itself (auto_drop_analysis): dropped once a turn
+ended with a final message, kept inside an unfinished tool loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from inhouse.errors import InhouseError
+from inhouse.harmony.vocab import load_encoding
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+Effort = Literal["low", "medium", "high"]
+EFFORTS = ("low", "medium", "high")
+MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
+KNOWLEDGE_CUTOFF = "2024-06"
+
+
+class ConversationError(InhouseError):
+    """A conversation that cannot be rendered (unknown role, tool result without a call, ...)."""
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: str = ""
+    reasoning: str | None = None  # assistant only: its chain of thought (analysis channel)
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant only
+    name: str | None = None  # tool only: the function whose result this is
+    tool_call_id: str | None = None  # tool only
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    reasoning_effort: Effort = "medium"
+    current_date: str | None = None  # "YYYY-MM-DD"
+    knowledge_cutoff: str = KNOWLEDGE_CUTOFF
+    model_identity: str = MODEL_IDENTITY
+    tools: tuple[FunctionTool, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.reasoning_effort not in EFFORTS:
+            raise ConversationError(f"reasoning effort must be one of {', '.join(EFFORTS)}, "
+                                    f"not {self.reasoning_effort!r}")
+
+
+def render_prompt(messages: list[ChatMessage], options: PromptOptions = PromptOptions()) -> list[int]:
+    """Token ids of the conversation, ending with `<|start|>assistant` for the model to continue."""
+    from openai_harmony import Conversation, Role as HRole
+
+    enc = load_encoding()
+    convo = Conversation.from_messages(to_harmony_messages(messages, options))
+    return list(enc.render_conversation_for_completion(convo, HRole.ASSISTANT))
+
+
+def to_harmony_messages(messages: list[ChatMessage], options: PromptOptions) -> list:
+    from openai_harmony import (Author, DeveloperContent, Message, ReasoningEffort, Role as HRole,
+                                SystemContent, ToolDescription)
+
+    effort = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM,
+              "high": ReasoningEffort.HIGH}[options.reasoning_effort]
+    system = (SystemContent.new().with_model_identity(options.model_identity)
+              .with_reasoning_effort(effort).with_knowledge_cutoff(options.knowledge_cutoff))
+    if options.current_date:
+        system = system.with_conversation_start_date(options.current_date)
+    out = [Message.from_role_and_content(HRole.SYSTEM, system)]
+
+    instructions = [m.content for m in messages if m.role in ("system", "developer") and m.content]
+    if instructions or options.tools:
+        dev = DeveloperContent.new()
+        if instructions:
+            dev = dev.with_instructions("\n\n".join(instructions))
+        if options.tools:
+            dev = dev.with_function_tools([ToolDescription.new(t.name, t.description, t.parameters)
+                                           for t in options.tools])
+        out.append(Message.from_role_and_content(HRole.DEVELOPER, dev))
+
+    called: dict[str, str] = {}  # tool_call_id -> name, to resolve tool results
+    pending: list[str] = []  # names of calls still waiting for a result
+    for i, m in enumerate(messages):
+        if m.role in ("system", "developer"):
+            continue
+        if m.role == "user":
+            out.append(Message.from_role_and_content(HRole.USER, m.content))
+        elif m.role == "assistant":
+            if not (m.content or m.reasoning or m.tool_calls):
+                raise ConversationError(f"message {i}: assistant message is empty")
+            if m.reasoning:
+                out.append(Message.from_role_and_content(HRole.ASSISTANT, m.reasoning)
+                           .with_channel("analysis"))
+            for call in m.tool_calls:
+                out.append(Message.from_role_and_content(HRole.ASSISTANT, call.arguments)
+                           .with_channel("commentary").with_recipient(f"functions.{call.name}")
+                           .with_content_type("<|constrain|>json"))
+                if call.id:
+                    called[call.id] = call.name
+                pending.append(call.name)
+            if m.content:
+                out.append(Message.from_role_and_content(HRole.ASSISTANT, m.content)
+                           .with_channel("final"))
+        elif m.role == "tool":
+            name = m.name or called.get(m.tool_call_id or "")
+            if name is None:
+                if not pending:
+                    raise ConversationError(f"message {i}: tool result without a preceding tool call")
+                name = pending[0]
+            if name in pending:
+                pending.remove(name)
+            elif not called and not pending:
+                raise ConversationError(f"message {i}: tool result without a preceding tool call")
+            out.append(Message.from_author_and_content(Author.new(HRole.TOOL, f"functions.{name}"),
+                                                       m.content)
+                       .with_channel("commentary").with_recipient("assistant"))
+        else:
+            raise ConversationError(f"message {i}: unknown role {m.role!r}")
+    return out
+
+
+def stop_token_ids() -> list[int]:
+    """`<|return|>` and `<|call|>`: never `<|end|>`, which separates analysis from final."""
+    return list(load_encoding().stop_tokens_for_assistant_actions())
+
+
+def decode(ids: list[int]) -> str:
+    return load_encoding().decode(ids)
+
+
+def encode_text(text: str) -> list[int]:
+    """Plain text to ids; special-token look-alikes stay text."""
+    return load_encoding().encode(text, disallowed_special=())

@@ -1,0 +1,209 @@
+"""Generated tokens -> typed events, incrementally, never raising.
+
+Wraps openai-harmony's StreamableParser. Whatever the model emits (a wrong header, an unknown
+channel, stray special tokens, a message cut off by max_tokens), `feed` and `finish` return events
+and record a warning instead of raising: malformed output degrades to visible text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from inhouse.harmony.vocab import load_encoding
+
+CHANNELS = ("analysis", "commentary", "final")
+START, END, MESSAGE, CHANNEL, RETURN, CALL = 200006, 200007, 200008, 200005, 200002, 200012
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """Part of a tool call's JSON arguments; `name` is set on a call's first delta."""
+    index: int
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolCallDone:
+    index: int
+    name: str
+    arguments: str
+    arguments_valid: bool  # do the arguments parse as JSON?
+
+
+@dataclass(frozen=True)
+class MessageDone:
+    channel: str | None
+    recipient: str | None
+
+
+@dataclass(frozen=True)
+class ParseWarning:
+    message: str
+
+
+Event = ReasoningDelta | ContentDelta | ToolCallDelta | ToolCallDone | MessageDone | ParseWarning
+
+
+@dataclass
+class ParsedOutput:
+    """Everything one completion said, gathered from its events."""
+
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCallDone] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, events: list[Event]) -> None:
+        for e in events:
+            if isinstance(e, ReasoningDelta):
+                self.reasoning += e.text
+            elif isinstance(e, ContentDelta):
+                self.content += e.text
+            elif isinstance(e, ToolCallDone):
+                self.tool_calls.append(e)
+            elif isinstance(e, ParseWarning):
+                self.warnings.append(e.message)
+
+
+class OutputParser:
+    """Feed it the completion's tokens (the prompt ended with `<|start|>assistant`)."""
+
+    def __init__(self) -> None:
+        self._enc = load_encoding()
+        self._num_calls = 0
+        self._new_parser(expect_role=True)
+
+    def _new_parser(self, expect_role: bool) -> None:
+        from openai_harmony import Role, StreamableParser
+
+        self._parser = StreamableParser(self._enc, Role.ASSISTANT if expect_role else None,
+                                        strict=False)
+        self._pending: list[int] = []  # tokens of the message in progress
+        self._emitted = ""  # the text this message has emitted so far
+        self._call_index: int | None = None
+        self._channel_checked = False
+
+    def feed(self, token: int) -> list[Event]:
+        events: list[Event] = []
+        self._pending.append(token)
+        try:
+            self._parser.process(token)
+        except Exception as e:  # noqa: BLE001 - harmony's errors; never let them out
+            return self._salvage(f"malformed harmony output at token {token}: {e}")
+        delta = self._parser.last_content_delta
+        if delta:
+            events += self._route(delta)
+        if token in (END, RETURN, CALL):
+            events += self._close_message()
+        return events
+
+    def finish(self) -> list[Event]:
+        """Call at the end of generation (stop token, max_tokens, cancel)."""
+        events: list[Event] = []
+        if not self._pending:
+            return events
+        state = self._parser.state.value
+        if state == "Content":
+            events.append(ParseWarning("output ended inside a message (truncated)"))
+            events += self._close_message(truncated=True)
+        else:
+            events += self._salvage("output ended inside a message header")
+        return events
+
+    # ---- internals -------------------------------------------------------------------
+    def _route(self, delta: str) -> list[Event]:
+        channel = self._parser.current_channel
+        recipient = self._parser.current_recipient
+        events: list[Event] = []
+        if not self._channel_checked:
+            self._channel_checked = True
+            if channel not in CHANNELS:
+                events.append(ParseWarning(f"unknown channel {channel!r}; shown as text"))
+            if recipient and not recipient.startswith("functions."):
+                events.append(ParseWarning(f"message to unsupported recipient {recipient!r}; "
+                                           "shown as text"))
+        self._emitted += delta
+        if recipient and recipient.startswith("functions."):
+            name = recipient.removeprefix("functions.")
+            first = self._call_index is None
+            if first:
+                self._call_index = self._num_calls
+                self._num_calls += 1
+            events.append(ToolCallDelta(self._call_index, name if first else None, delta))
+        elif channel == "analysis" and not recipient:
+            events.append(ReasoningDelta(delta))
+        else:  # final, a preamble on commentary, an unknown channel or recipient
+            events.append(ContentDelta(delta))
+        return events
+
+    def _close_message(self, truncated: bool = False) -> list[Event]:
+        events: list[Event] = []
+        channel, recipient = self._last_header()
+        full = self._last_content()
+        if len(full) > len(self._emitted) and full.startswith(self._emitted):
+            # harmony kept text it never streamed (e.g. a message with no header): show it
+            if channel is None:
+                events.append(ParseWarning("message without a channel header; shown as text"))
+            events += self._route(full[len(self._emitted):])
+        if self._call_index is not None or (recipient or "").startswith("functions."):
+            name = (recipient or "").removeprefix("functions.")
+            args = self._last_content()
+            if self._call_index is None:  # a call with empty arguments
+                self._call_index = self._num_calls
+                self._num_calls += 1
+            events.append(ToolCallDone(self._call_index, name, args, _is_json(args)))
+        events.append(MessageDone(channel, recipient))
+        self._new_parser(expect_role=False)
+        return events
+
+    def _last_header(self) -> tuple[str | None, str | None]:
+        msgs = self._parser.messages
+        if msgs:
+            return msgs[-1].channel, msgs[-1].recipient
+        return self._parser.current_channel, self._parser.current_recipient
+
+    def _last_content(self) -> str:
+        msgs = self._parser.messages
+        if msgs and msgs[-1].content:
+            return "".join(getattr(c, "text", "") for c in msgs[-1].content)
+        return self._parser.current_content
+
+    def _salvage(self, why: str) -> list[Event]:
+        """Show the ordinary tokens of the broken message as text, then start afresh."""
+        events: list[Event] = [ParseWarning(why)]
+        if not self._emitted:
+            text = self._enc.decode([t for t in self._pending if not self._enc.is_special_token(t)])
+            if text:
+                events.append(ContentDelta(text))
+        events.append(MessageDone(None, None))
+        self._new_parser(expect_role=False)
+        return events
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_completion(tokens: list[int]) -> ParsedOutput:
+    """Parse a whole completion (non-streaming)."""
+    parser, out = OutputParser(), ParsedOutput()
+    for t in tokens:
+        out.add(parser.feed(t))
+    out.add(parser.finish())
+    return out
