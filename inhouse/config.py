@@ -372,3 +372,37 @@ def preset(name: str) -> ModelConfig:
 
 
 PRESETS = ("gpt-oss-20b", "gpt-oss-120b", "tiny", "tiny-window128")
+
+
+ENGINE_MODES = ("reproducible", "batched")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Continuous batching and KV memory.
+
+    mode: "reproducible" runs each sequence's chunk on its own with fixed chunk sizes, so that a
+    seeded request gives bit-identical output ids alone or in any batch (the base of audit replay);
+    "batched" runs all scheduled tokens in one pass (faster: each routed expert is decoded once per
+    step for every sequence) but numerics then depend on the batch.
+    """
+
+    max_num_seqs: int = 16  # sequences in the running batch
+    max_num_batched_tokens: int = 512  # tokens per step (decodes first, then prefill chunks)
+    prefill_chunk: int = 256  # prompt tokens of one sequence per step
+    kv_budget_bytes: int = 4 << 30
+    block_size: int = 16  # tokens per KV block (bookkeeping granularity)
+    max_waiting: int = 256  # bounded queue: more is refused (HTTP 429 later)
+    mode: str = "reproducible"
+
+    def __post_init__(self) -> None:
+        for f in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "kv_budget_bytes",
+                  "block_size", "max_waiting"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"engine setting '{f}' must be a positive integer, got {v!r}")
+        if self.mode not in ENGINE_MODES:
+            raise ConfigError(f"engine setting 'mode' must be one of {ENGINE_MODES}, got {self.mode!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError("engine setting 'max_num_batched_tokens' must be >= 'max_num_seqs' "
+                              "(every running sequence decodes one token per step)")

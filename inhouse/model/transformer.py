@@ -3,15 +3,28 @@ layout (`model.layers.N.self_attn.q_proj.weight`, ...); weights.py translates th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from inhouse.config import ModelConfig
 from inhouse.errors import InhouseError
 from inhouse.model.attention import attention
-from inhouse.model.kv_cache import KVCache, LayerKVCache
+from inhouse.model.kv_cache import KVCache
 from inhouse.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from inhouse.model.moe import MLP
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's rows in a batched forward: rows row0..row0+num_tokens-1 of the flat batch
+    are its tokens at positions start..start+num_tokens-1; `cache` is its KV cache (or None)."""
+
+    row0: int
+    num_tokens: int
+    start: int
+    cache: KVCache | None
 
 
 class Attention(nn.Module):
@@ -28,20 +41,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * D, H)
         self.sinks = nn.Parameter(torch.empty(self.num_heads))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                cache: LayerKVCache | None) -> torch.Tensor:
-        """x (T, H) at positions start..start+T-1 -> (T, H)."""
-        T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                segments: list[Segment]) -> torch.Tensor:
+        """x (N, H): the rows of all segments; cos/sin (N, D/2) at each row's position -> (N, H).
+        Projections run once over all rows; attention runs per segment against its own cache."""
+        N = x.shape[0]
+        q = self.q_proj(x).view(N, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(N, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(N, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, T, D)
-        k_start = start
-        if cache is not None:
-            k, v, k_start = cache.extend(k, v)
-        o = attention(q, k, v, self.sinks, start, k_start, self.window, self.scale)  # (T, Hq*D)
-        return self.o_proj(o)
+        outs = []
+        for seg in segments:
+            rows = slice(seg.row0, seg.row0 + seg.num_tokens)
+            ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (Hkv, T, D)
+            k_start = seg.start
+            if seg.cache is not None:
+                ks, vs, k_start = seg.cache.layers[layer].extend(ks, vs)
+            outs.append(attention(q[rows], ks, vs, self.sinks, seg.start, k_start, self.window,
+                                  self.scale))  # (T, Hq*D)
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 class DecoderLayer(nn.Module):
@@ -52,8 +70,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, experts_format)
 
-    def forward(self, x, cos, sin, start, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache)
+    def forward(self, x, cos, sin, layer, segments):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, segments)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -99,18 +117,35 @@ class Transformer(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         if token_ids.dim() != 1:
             raise InhouseError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
-        T = token_ids.shape[0]
         start = cache.num_tokens if cache is not None else 0
-        if start + T > self.config.max_position_embeddings:
-            raise InhouseError(f"sequence of {start + T} tokens exceeds the context window of "
-                               f"{self.config.max_position_embeddings}")
-        positions = torch.arange(start, start + T, device=self.device)
-        cos, sin = self.rotary.cos_sin(positions)
-        x = self.model.embed_tokens(token_ids.to(self.device)).to(self.dtype)  # (T, H)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, start, cache.layers[i] if cache is not None else None)
-        if cache is not None:
-            cache.num_tokens += T
+        x = self._hidden(token_ids, [Segment(0, token_ids.shape[0], start, cache)])
         if last_only:
             x = x[-1:]
         return self.lm_head(self.model.norm(x))  # (T, V)
+
+    def forward_batch(self, batch: list[tuple[torch.Tensor, KVCache]]) -> torch.Tensor:
+        """Several sequences in one pass: each (ids (T_i,), cache) continues its cached sequence.
+        Returns the logits of each sequence's last new position, (len(batch), V)."""
+        segments, row = [], 0
+        for ids, cache in batch:
+            segments.append(Segment(row, ids.shape[0], cache.num_tokens, cache))
+            row += ids.shape[0]
+        x = self._hidden(torch.cat([ids for ids, _ in batch]), segments)
+        last = torch.tensor([s.row0 + s.num_tokens - 1 for s in segments], device=x.device)
+        return self.lm_head(self.model.norm(x[last]))
+
+    def _hidden(self, token_ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """Embedding and all layers for the flat rows of `segments`; advances their caches."""
+        for seg in segments:
+            if seg.start + seg.num_tokens > self.config.max_position_embeddings:
+                raise InhouseError(f"sequence of {seg.start + seg.num_tokens} tokens exceeds the "
+                                   f"context window of {self.config.max_position_embeddings}")
+        positions = torch.cat([torch.arange(s.start, s.start + s.num_tokens) for s in segments])
+        cos, sin = self.rotary.cos_sin(positions.to(self.device))
+        x = self.model.embed_tokens(token_ids.to(self.device)).to(self.dtype)  # (N, H)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, i, segments)
+        for seg in segments:
+            if seg.cache is not None:
+                seg.cache.num_tokens += seg.num_tokens
+        return x

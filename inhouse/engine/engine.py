@@ -1,0 +1,136 @@
+"""The generation engine: token ids in, token ids out. `step()` = schedule -> run -> update."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from inhouse.config import EngineConfig
+from inhouse.engine.kv_manager import KVBlockManager, KVLayout
+from inhouse.engine.request import RequestOutput, Sequence, Status
+from inhouse.engine.runner import ModelRunner
+from inhouse.engine.sampling import InvalidRequest, SamplingParams, sample
+from inhouse.engine.scheduler import Scheduler
+from inhouse.model import Transformer
+
+log = logging.getLogger("inhouse.engine")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+class LLMEngine:
+    """Single-threaded core; `AsyncEngine` drives it from a background thread."""
+
+    def __init__(self, model: Transformer, config: EngineConfig = EngineConfig()) -> None:
+        self.model = model
+        self.config = config
+        mc = model.config
+        sliding = sum(mc.is_sliding(i) for i in range(mc.num_hidden_layers))
+        layout = KVLayout(mc.num_hidden_layers - sliding, sliding, mc.sliding_window,
+                          config.block_size,
+                          2 * mc.num_key_value_heads * mc.head_dim * model.dtype.itemsize)
+        self.kv = KVBlockManager(layout, config.kv_budget_bytes)
+        self.scheduler = Scheduler(config, self.kv)
+        self.runner = ModelRunner(model, config.mode)
+        self._seqs: dict[str, Sequence] = {}
+
+    # ---- requests --------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Queue a request; returns the seed it samples with. Raises InvalidRequest or QueueFull."""
+        if request_id in self._seqs:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        context = self.model.config.max_position_embeddings
+        vocab = self.model.config.vocab_size
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if len(prompt_ids) >= context:
+            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; the context window is "
+                                 f"{context} (over by {len(prompt_ids) - context + 1})", "messages")
+        reserve = min(len(prompt_ids) + params.max_tokens, context)
+        if not self.kv.fits_at_all(reserve):
+            raise InvalidRequest(f"the request needs KV memory for {reserve} tokens, more than the "
+                                 "whole KV budget; lower max_tokens or raise --kv-budget",
+                                 "max_tokens")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(request_id, list(prompt_ids), params, seed, reserve)
+        seq.generator = torch.Generator().manual_seed(seed)
+        self.scheduler.add(seq)
+        self._seqs[request_id] = seq
+        log.debug("request %s queued: %d prompt tokens, max %d", request_id, len(prompt_ids),
+                  params.max_tokens)
+        return seed
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status == Status.FINISHED:
+            return None
+        return self._finish(seq, "abort", ())
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                           self.kv.num_used, self.kv.num_blocks)
+
+    # ---- one step ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        try:
+            logits = self.runner.run(plan.chunks)
+        except Exception as e:  # a failed step fails its requests, not the engine
+            log.exception("engine step failed")
+            return [self._finish(c.seq, "error", (), error=f"{type(e).__name__}: {e}")
+                    for c in plan.chunks]
+        outputs = []
+        for chunk, row in zip(plan.chunks, logits):
+            seq = chunk.seq
+            seq.num_computed += chunk.num_tokens
+            if seq.num_pending:  # mid-prompt: nothing to sample yet
+                continue
+            token, lp = sample(row, seq.params, seq.generator, seq.output_ids)
+            seq.output_ids.append(token)
+            new_lp = (lp,) if lp is not None else ()
+            seq.logprobs.extend(new_lp)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                outputs.append(self._finish(seq, reason, (token,), new_lp))
+            else:
+                outputs.append(self._output(seq, (token,), new_lp))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        if token in seq.params.stop_token_ids:
+            return "stop"
+        if len(seq.output_ids) >= seq.params.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.model.config.max_position_embeddings:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, new_ids: tuple[int, ...], new_lp=(),
+                error: str | None = None) -> RequestOutput:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.scheduler.remove(seq)
+        seq.cache = None  # frees the KV tensors
+        self._seqs.pop(seq.request_id, None)
+        return self._output(seq, new_ids, new_lp, error)
+
+    @staticmethod
+    def _output(seq: Sequence, new_ids, new_lp, error: str | None = None) -> RequestOutput:
+        return RequestOutput(seq.request_id, tuple(new_ids), tuple(new_lp),
+                             seq.status == Status.FINISHED, seq.finish_reason,
+                             len(seq.prompt_ids), len(seq.output_ids), seq.seed, error)

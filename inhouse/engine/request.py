@@ -1,0 +1,70 @@
+"""A request's life in the engine, and what the engine reports back for it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from inhouse.engine.sampling import SamplingParams, TokenLogprob
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """Engine-side state of one request. `num_computed` tokens of `token_ids` are in the cache."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    reserve_tokens: int  # KV reserved at admission: prompt + max_tokens, capped by the context
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    cache: object | None = None  # the model's KVCache, created when the sequence first runs
+    generator: torch.Generator | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet fed to the model (the prompt's rest, or the last sampled token)."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def __repr__(self) -> str:  # ids and sizes only, never token content
+        return (f"Sequence(id={self.request_id}, prompt={len(self.prompt_ids)}, "
+                f"out={len(self.output_ids)}, computed={self.num_computed}, {self.status.value})")
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one engine step produced for one request (token ids only; no text here)."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_logprobs: tuple[TokenLogprob, ...]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    seed: int
+    error: str | None = None

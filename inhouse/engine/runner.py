@@ -1,0 +1,31 @@
+"""Runs one scheduled step on the model: token ids in, next-token logits out."""
+
+from __future__ import annotations
+
+import torch
+
+from inhouse.engine.scheduler import ScheduledChunk
+from inhouse.model import Transformer
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, mode: str) -> None:
+        self.model = model
+        self.mode = mode
+
+    @torch.inference_mode()
+    def run(self, chunks: tuple[ScheduledChunk, ...]) -> list[torch.Tensor]:
+        """Feed each chunk to its sequence's cache; return the logits (V,) after each chunk's
+        last token (used only where the chunk completes the sequence's pending tokens)."""
+        feeds = []
+        for c in chunks:
+            seq = c.seq
+            if seq.cache is None:
+                seq.cache = self.model.new_cache()
+            ids = torch.tensor(seq.token_ids[seq.num_computed:seq.num_computed + c.num_tokens])
+            feeds.append((ids, seq.cache))
+        if self.mode == "batched" and len(feeds) > 1:
+            logits = self.model.forward_batch(feeds)
+            return list(logits.float())
+        # reproducible: each sequence alone, so its numerics never depend on the batch
+        return [self.model(ids, cache=cache, last_only=True)[0].float() for ids, cache in feeds]

@@ -1,0 +1,99 @@
+"""Sampling parameters and the per-request sampler: penalties, temperature, top-k, top-p, min-p.
+
+Each request owns a `torch.Generator` seeded from its seed (drawn at random and recorded when the
+request gives none), so its draws never depend on other requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inhouse.errors import InhouseError
+
+MAX_TOP_LOGPROBS = 20
+
+
+class InvalidRequest(InhouseError):
+    """A request the engine refuses: bad sampling parameters, prompt too long, and so on."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; n: the sampled token's logprob and the top n
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", 0 <= self.temperature <= 2, "between 0 and 2"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("min_p", 0 <= self.min_p <= 1, "between 0 and 1"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "between -2 and 2"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "between -2 and 2"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+             "an integer in [0, 2**63)"),
+            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int)
+                                                   and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+             f"an integer between 0 and {MAX_TOP_LOGPROBS}"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise InvalidRequest(f"'{name}' must be {what}, got {getattr(self, name)!r}", name)
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+           output_ids: list[int]) -> tuple[int, TokenLogprob | None]:
+    """logits (V,) of the next position -> (token id, its logprob record if asked for)."""
+    raw = logits.float()
+    x = raw
+    if params.has_penalties and output_ids:
+        counts = torch.bincount(torch.tensor(output_ids), minlength=x.shape[0])[: x.shape[0]].float()
+        x = x - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    if params.temperature == 0:
+        token = int(x.argmax())
+    else:
+        x = x / params.temperature
+        if params.top_k and params.top_k < x.shape[0]:
+            kth = torch.topk(x, params.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        probs = torch.softmax(x, dim=-1)
+        if params.min_p > 0:
+            probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        if params.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            before = sorted_p.cumsum(0) - sorted_p  # mass of strictly more likely tokens
+            sorted_p = sorted_p.masked_fill(before >= params.top_p, 0.0)  # the first always stays
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    if params.logprobs is None:
+        return token, None
+    logprobs = torch.log_softmax(raw, dim=-1)  # the model's distribution, before any processing
+    top = torch.topk(logprobs, params.logprobs) if params.logprobs else None
+    pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+    return token, TokenLogprob(token, float(logprobs[token]), pairs)
