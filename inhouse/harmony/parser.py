@@ -83,6 +83,7 @@ class OutputParser:
     def __init__(self) -> None:
         self._enc = load_encoding()
         self._num_calls = 0
+        self.reasoning_tokens = 0  # tokens of analysis messages (headers and ends included)
         self._new_parser(expect_role=True)
 
     def _new_parser(self, expect_role: bool) -> None:
@@ -165,6 +166,8 @@ class OutputParser:
                 self._num_calls += 1
             events.append(ToolCallDone(self._call_index, name, args, _is_json(args)))
         events.append(MessageDone(channel, recipient))
+        if channel == "analysis" and not recipient:
+            self.reasoning_tokens += len(self._pending)
         self._new_parser(expect_role=False)
         return events
 

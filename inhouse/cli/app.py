@@ -3,66 +3,23 @@ errors become one line on stderr and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from inhouse import __version__
+from inhouse.cli.common import DType, Effort, cli_errors, err, open_engine, out
 from inhouse.errors import InhouseError
 
 app = typer.Typer(help="inhouse: run gpt-oss models on your own hardware, privately and auditably.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 demo_app = typer.Typer(help="Demo checkpoints that need no download.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-
-class DType(str, Enum):
-    bfloat16 = "bfloat16"
-    float32 = "float32"
-
-    @property
-    def torch(self):
-        import torch
-        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.value]
-
-
-def cli_errors(fn):
-    """Turn errors into one line: `InhouseError` as is (exit 1), anything else as an internal
-    error (exit 2; INHOUSE_DEBUG=1 re-raises for the traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except InhouseError as e:
-            err.print(f"error: {e}", markup=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
-        except Exception as e:  # noqa: BLE001 - the CLI must not show a traceback
-            if os.environ.get("INHOUSE_DEBUG"):
-                raise
-            err.print(f"internal error: {type(e).__name__}: {e} (set INHOUSE_DEBUG=1 for the "
-                      "traceback)", markup=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
 
 def _gib(n: int) -> str:
     if n >= 2**28:
@@ -117,12 +74,6 @@ def inspect(
     out.print(t)
 
 
-def _default_demo_dir() -> Path:
-    base = os.environ.get("INHOUSE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inhouse")
-    return Path(base) / "demo-random-tiny"
-
-
 @demo_app.command("random")
 @cli_errors
 def demo_random(
@@ -152,11 +103,13 @@ def demo_run(
 
     from inhouse.config import preset
     from inhouse.convert import write_random_checkpoint
+    from inhouse.convert.demo import demo_checkpoint
     from inhouse.model import load_model
     from inhouse.model.generate import greedy
 
-    path = path or _default_demo_dir()
-    if not (path / "config.json").is_file():
+    if path is None:
+        path = demo_checkpoint()
+    elif not (path / "config.json").is_file():
         out.print(f"building the demo checkpoint in {path} ...")
         write_random_checkpoint(path, preset("tiny"), "hf", seed=0)
     inspect(path, DType.float32, False)
@@ -170,6 +123,73 @@ def demo_run(
     out.print(f"ids: {ids}")
     out.print("[dim]This is a random demo checkpoint: the ids carry no meaning. It checks the runtime "
               "end to end with no download.[/dim]")
+
+
+@app.command()
+@cli_errors
+def generate(
+    prompt: Annotated[str, typer.Option(help="The user message.")],
+    model: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: the demo).")] = None,
+    system: Annotated[str | None, typer.Option(help="Instructions (rendered as the developer message).")] = None,
+    reasoning: Annotated[Effort, typer.Option(help="Reasoning effort.")] = Effort.medium,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 512,
+    temperature: Annotated[float, typer.Option(min=0, max=2, help="0 is greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed: the same seed gives the same output.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print reasoning, answer, tool calls, "
+                                          "token counts and timings as JSON.")] = False,
+    dtype: Annotated[DType, typer.Option(help="Compute dtype.")] = DType.bfloat16,
+) -> None:
+    """Answer one prompt and exit (scriptable)."""
+    from inhouse.cli.chat import one_turn
+    from inhouse.engine import SamplingParams
+    from inhouse.harmony import ChatMessage, PromptOptions
+
+    messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", prompt)]
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    client, label = open_engine(model, dtype, quiet=as_json)
+    try:
+        result = one_turn(client, messages, PromptOptions(reasoning.value), params,
+                          show_reasoning=False, stream=not as_json)
+    finally:
+        client.shutdown()
+    if as_json:
+        f = result.finished
+        out.print_json(json.dumps({
+            "model": label, "reasoning": result.output.reasoning, "content": result.output.content,
+            "tool_calls": [{"name": c.name, "arguments": c.arguments, "valid_json": c.arguments_valid}
+                           for c in result.output.tool_calls],
+            "finish_reason": f.finish_reason, "warnings": result.output.warnings, "seed": f.seed,
+            "usage": {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+                      "reasoning_tokens": f.reasoning_tokens},
+            "timings": {"time_to_first_token_s": round(f.time_to_first_token_s, 4),
+                        "total_s": round(f.total_s, 4),
+                        "tokens_per_s": round(f.completion_tokens / f.total_s, 2) if f.total_s else None},
+        }, ensure_ascii=False))
+
+
+@app.command()
+@cli_errors
+def chat(
+    model: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: the demo).")] = None,
+    system: Annotated[str | None, typer.Option(help="Instructions for the whole chat.")] = None,
+    reasoning: Annotated[Effort, typer.Option(help="Reasoning effort (change with /effort).")] = Effort.medium,
+    show_reasoning: Annotated[bool, typer.Option(help="Stream the reasoning, dimmed.")] = False,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 1024,
+    temperature: Annotated[float, typer.Option(min=0, max=2, help="0 is greedy.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for the first answer (then +1 per turn).")] = None,
+    dtype: Annotated[DType, typer.Option(help="Compute dtype.")] = DType.bfloat16,
+) -> None:
+    """Chat in the terminal. /reset starts over, /effort low|medium|high, /quit; Ctrl-C stops an
+    answer without quitting."""
+    from inhouse.cli.chat import ChatSettings, repl
+
+    client, label = open_engine(model, dtype)
+    try:
+        repl(client, label, ChatSettings(system, reasoning.value, show_reasoning, max_tokens,
+                                         temperature, seed))
+    finally:
+        client.shutdown()
 
 
 @app.command()

@@ -1,0 +1,3 @@
+from inhouse.cli.app import main
+
+main()

@@ -1,0 +1,81 @@
+"""One assistant turn: render the conversation, stream the engine's tokens through the parser."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from inhouse.engine import EngineClient, SamplingParams
+from inhouse.harmony import (ChatMessage, Event, OutputParser, ParsedOutput, PromptOptions,
+                             render_prompt, stop_token_ids)
+from inhouse.harmony.parser import CALL
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    messages: tuple[ChatMessage, ...]
+    options: PromptOptions = PromptOptions()
+    params: SamplingParams = SamplingParams()
+    request_id: str = field(default_factory=lambda: f"req_{uuid.uuid4().hex[:16]}")
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a turn: why it ended and what it cost."""
+
+    finish_reason: str  # "stop" | "tool_calls" | "length" | "abort" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    seed: int
+    time_to_first_token_s: float
+    total_s: float
+    prompt_ids: tuple[int, ...]
+    output_ids: tuple[int, ...]
+    error: str | None = None
+
+
+async def stream_chat(client: EngineClient, turn: ChatTurn) -> AsyncIterator[Event | Finished]:
+    """Harmony events as the model produces them, then one `Finished`."""
+    prompt_ids = render_prompt(list(turn.messages), turn.options)
+    params = replace(turn.params, stop_token_ids=tuple(stop_token_ids()))
+    parser = OutputParser()
+    t0 = time.perf_counter()
+    first: float | None = None
+    out_ids: list[int] = []
+    last = None
+    async for out in client.generate(turn.request_id, prompt_ids, params):
+        last = out
+        for token in out.new_token_ids:
+            if first is None:
+                first = time.perf_counter() - t0
+            out_ids.append(token)
+            for event in parser.feed(token):
+                yield event
+    for event in parser.finish():
+        yield event
+    reason = last.finish_reason if last else "error"
+    if reason == "stop" and out_ids and out_ids[-1] == CALL:
+        reason = "tool_calls"
+    yield Finished(reason or "error", len(prompt_ids), len(out_ids), parser.reasoning_tokens,
+                   last.seed if last else 0, first or 0.0, time.perf_counter() - t0,
+                   tuple(prompt_ids), tuple(out_ids), last.error if last else None)
+
+
+@dataclass
+class ChatResult:
+    output: ParsedOutput
+    finished: Finished
+
+
+async def run_chat(client: EngineClient, turn: ChatTurn) -> ChatResult:
+    parsed, done = ParsedOutput(), None
+    async for event in stream_chat(client, turn):
+        if isinstance(event, Finished):
+            done = event
+        else:
+            parsed.add([event])
+    assert done is not None
+    return ChatResult(parsed, done)
