@@ -12,8 +12,16 @@ DOC = ROOT / "docs" / "architecture.md"
 
 def allowed_imports() -> dict[str, set[str]]:
     """Parse the '| `unit` | `a`, `b` |' rows of the 'Import rules' table."""
+    return _table("## Import rules")
+
+
+def forbidden_imports() -> dict[str, set[str]]:
+    return _table("## Third-party limits")
+
+
+def _table(heading: str) -> dict[str, set[str]]:
     text = DOC.read_text()
-    section = text.split("## Import rules", 1)[1].split("\n## ", 1)[0]
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
     rules = {}
     for line in section.splitlines():
         m = re.match(r"\|\s*`([\w.]+)`\s*\|([^|]*)\|", line)
@@ -68,6 +76,18 @@ def test_every_unit_is_in_the_map():
 
 def test_imports_follow_the_documented_order():
     assert violations(allowed_imports(), ROOT) == []
+
+
+def test_third_party_limits():
+    bad = []
+    for path in sorted((ROOT / "inhouse").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        banned = forbidden_imports().get(unit_of(module), set())
+        for imp in imports_of(path, module.rsplit(".", 1)[0]):
+            if imp.split(".")[0] in banned:
+                bad.append(f"{module} imports {imp}")
+    assert forbidden_imports()["engine"] >= {"openai_harmony", "fastapi"}
+    assert bad == []
 
 
 def test_the_checker_catches_a_backward_import(tmp_path):

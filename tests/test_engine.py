@@ -139,17 +139,20 @@ def test_batched_mode_numerics_depend_on_the_batch(model):
     assert any(o != alone for o in others)
 
 
-def test_batched_mode_runs_several_sequences_per_pass(model):
-    engine = LLMEngine(model, EngineConfig(mode="batched", prefill_chunk=8))
+@pytest.mark.parametrize("mode", ["batched", "reproducible"])
+def test_both_modes_run_several_sequences_per_pass(model, mode):
+    engine = LLMEngine(model, EngineConfig(mode=mode, prefill_chunk=8))
     passes = []
     original = engine.runner.model.forward_batch
-    engine.runner.model.forward_batch = lambda feeds: passes.append(len(feeds)) or original(feeds)
+    engine.runner.model.forward_batch = (
+        lambda feeds, **kw: passes.append((len(feeds), kw["independent"])) or original(feeds, **kw))
     try:
         outs = run_all(engine, {0: [(f"r{i}", prompt(i, 12), SamplingParams(max_tokens=5, temperature=0))
                                     for i in range(3)]})
     finally:
         engine.runner.model.forward_batch = original
-    assert max(passes) == 3
+    assert max(n for n, _ in passes) == 3
+    assert {independent for _, independent in passes} == {mode == "reproducible"}
     for i in range(3):
         assert outs[f"r{i}"] == greedy(model, prompt(i, 12), 5)
 
@@ -160,7 +163,9 @@ def test_forward_batch_matches_separate_forwards(model):
     with torch.inference_mode():
         batched = model.forward_batch(list(zip(ids, caches)))
         alone = torch.stack([model(x, cache=model.new_cache(), last_only=True)[0] for x in ids])
+        independent = model.forward_batch([(x, model.new_cache()) for x in ids], independent=True)
     assert (batched - alone).abs().max() < 1e-4
+    assert torch.equal(independent, alone)  # bit for bit
     assert [c.num_tokens for c in caches] == [5, 11, 17]
 
 
@@ -200,6 +205,21 @@ def test_cancel_frees_the_kv_cache(model):
     assert out.finished and out.finish_reason == "abort"
     assert not engine.kv.holds("a") and seq.cache is None
     assert engine.stats().num_running == 1
+
+
+def test_a_failed_step_fails_its_requests_and_frees_memory(model, monkeypatch):
+    engine = LLMEngine(model)
+    engine.add_request("a", prompt(0, 10), SamplingParams(max_tokens=5))
+    engine.step()
+
+    def boom(chunks):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(engine.runner, "run", boom)
+    outs = engine.step()
+    assert [(o.request_id, o.finish_reason, o.finished) for o in outs] == [("a", "error", True)]
+    assert "simulated kernel failure" in outs[0].error
+    assert engine.kv.num_used == 0 and not engine.has_unfinished()
 
 
 def test_a_full_budget_queues_new_requests_and_running_ones_finish(model):

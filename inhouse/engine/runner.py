@@ -24,8 +24,9 @@ class ModelRunner:
                 seq.cache = self.model.new_cache()
             ids = torch.tensor(seq.token_ids[seq.num_computed:seq.num_computed + c.num_tokens])
             feeds.append((ids, seq.cache))
-        if self.mode == "batched" and len(feeds) > 1:
-            logits = self.model.forward_batch(feeds)
-            return list(logits.float())
-        # reproducible: each sequence alone, so its numerics never depend on the batch
-        return [self.model(ids, cache=cache, last_only=True)[0].float() for ids, cache in feeds]
+        if len(feeds) == 1:
+            ids, cache = feeds[0]
+            return [self.model(ids, cache=cache, last_only=True)[0].float()]
+        # reproducible: row-wise ops per sequence, so numerics never depend on the batch
+        logits = self.model.forward_batch(feeds, independent=self.mode == "reproducible")
+        return list(logits.float())

@@ -34,7 +34,7 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Base: route tokens to experts, weighted sum. Subclasses say how one expert projects."""
+    """Base: route tokens to experts, weighted sum. Subclasses say where an expert's weights are."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -44,33 +44,43 @@ class Experts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I))
         self.down_proj_bias = nn.Parameter(torch.empty(E, H))
 
-    def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """x (n, H) -> (n, 2I) without bias."""
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (gate_up (H, 2I), down (I, H)) as matrices to right-multiply by."""
         raise NotImplementedError
 
-    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
-        """h (n, I) -> (n, H) without bias."""
-        raise NotImplementedError
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                groups: list[slice] | None = None) -> torch.Tensor:
+        """x (N, H), weights/indices (N, k) -> (N, H).
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x (N, H), weights/indices (N, k) -> (N, H)."""
+        With `groups` (row ranges, one per sequence), each group's rows are multiplied on their
+        own, exactly as if that sequence ran alone, while each routed expert is still decoded only
+        once for all groups: the numerics of a row never depend on the other groups.
+        """
         N, k = indices.shape
-        flat = indices.reshape(-1)  # (N*k,): slot s is token s // k
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        flat_weights = weights.reshape(-1)
+        groups = groups or [slice(0, N)]
+        plans = []  # per group: (first row, slot order by expert, per-expert counts, offsets)
+        for g in groups:
+            flat = indices[g].reshape(-1)  # (n_g*k,): slot s is row g.start + s // k
+            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+            offsets = [0]
+            for c in counts:
+                offsets.append(offsets[-1] + c)
+            plans.append((g.start, torch.argsort(flat, stable=True), counts, offsets,
+                          weights[g].reshape(-1)))
         out = torch.zeros_like(x)
-        offset = 0
-        for e, n in enumerate(counts):
-            if n == 0:
+        for e in range(self.num_experts):
+            if not any(p[2][e] for p in plans):
                 continue
-            slots = order[offset:offset + n]
-            offset += n
-            tokens = slots // k
-            h = self.gate_up(x[tokens], e) + self.gate_up_proj_bias[e]  # (n, 2I)
-            h = swiglu(h, self.alpha, self.limit)  # (n, I)
-            y = self.down(h, e) + self.down_proj_bias[e]  # (n, H)
-            out.index_add_(0, tokens, y * flat_weights[slots, None])
+            w1, w2 = self.expert_weights(e, x.dtype)  # decoded once, shared by all groups
+            for row0, order, counts, offsets, flat_weights in plans:
+                if not counts[e]:
+                    continue
+                slots = order[offsets[e]:offsets[e + 1]]
+                rows = row0 + slots // k
+                h = x[rows] @ w1 + self.gate_up_proj_bias[e]  # (n, 2I)
+                h = swiglu(h, self.alpha, self.limit)  # (n, I)
+                y = h @ w2 + self.down_proj_bias[e]  # (n, H)
+                out.index_add_(0, rows, y * flat_weights[slots, None])
         return out
 
 
@@ -86,13 +96,10 @@ class MXFP4Experts(Experts):
                              torch.empty(E, H, I // BLOCK_SIZE, BYTES_PER_BLOCK, dtype=u8))
         self.register_buffer("down_proj_scales", torch.empty(E, H, I // BLOCK_SIZE, dtype=u8))
 
-    def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        w = dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], x.dtype)  # (2I, H)
-        return x @ w.T
-
-    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
-        w = dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], h.dtype)  # (H, I)
-        return h @ w.T
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        w1 = dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype)  # (2I, H)
+        w2 = dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], dtype)  # (H, I)
+        return w1.T, w2.T
 
 
 class DenseExperts(Experts):
@@ -102,11 +109,8 @@ class DenseExperts(Experts):
         self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))
         self.down_proj = nn.Parameter(torch.empty(E, I, H))
 
-    def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return x @ self.gate_up_proj[e]
-
-    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
-        return h @ self.down_proj[e]
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up_proj[e], self.down_proj[e]
 
 
 class MLP(nn.Module):
@@ -115,6 +119,11 @@ class MLP(nn.Module):
         self.router = Router(config)
         self.experts = MXFP4Experts(config) if experts_format == "mxfp4" else DenseExperts(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, indices = self.router(x)
-        return self.experts(x, weights, indices)
+    def forward(self, x: torch.Tensor, groups: list[slice] | None = None) -> torch.Tensor:
+        if groups is None:
+            weights, indices = self.router(x)
+        else:  # row by row group, as each sequence would alone
+            routed = [self.router(x[g]) for g in groups]
+            weights = torch.cat([w for w, _ in routed])
+            indices = torch.cat([i for _, i in routed])
+        return self.experts(x, weights, indices, groups)

@@ -27,6 +27,14 @@ class Segment:
     cache: KVCache | None
 
 
+def by_rows(fn, x: torch.Tensor, groups: list[slice] | None) -> torch.Tensor:
+    """fn over x's rows, group by group when `groups` is given (batch-invariant numerics: a
+    matmul or reduction over a group's rows gives what that sequence alone would)."""
+    if groups is None or len(groups) == 1:
+        return fn(x)
+    return torch.cat([fn(x[g]) for g in groups])
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -42,13 +50,14 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.empty(self.num_heads))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                segments: list[Segment]) -> torch.Tensor:
+                segments: list[Segment], groups: list[slice] | None = None) -> torch.Tensor:
         """x (N, H): the rows of all segments; cos/sin (N, D/2) at each row's position -> (N, H).
-        Projections run once over all rows; attention runs per segment against its own cache."""
+        Projections run over all rows at once (or per group); attention runs per segment against
+        its own cache."""
         N = x.shape[0]
-        q = self.q_proj(x).view(N, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(N, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(N, self.num_kv_heads, self.head_dim)
+        q = by_rows(self.q_proj, x, groups).view(N, self.num_heads, self.head_dim)
+        k = by_rows(self.k_proj, x, groups).view(N, self.num_kv_heads, self.head_dim)
+        v = by_rows(self.v_proj, x, groups).view(N, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         outs = []
         for seg in segments:
@@ -59,7 +68,7 @@ class Attention(nn.Module):
                 ks, vs, k_start = seg.cache.layers[layer].extend(ks, vs)
             outs.append(attention(q[rows], ks, vs, self.sinks, seg.start, k_start, self.window,
                                   self.scale))  # (T, Hq*D)
-        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+        return by_rows(self.o_proj, outs[0] if len(outs) == 1 else torch.cat(outs), groups)
 
 
 class DecoderLayer(nn.Module):
@@ -70,9 +79,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, experts_format)
 
-    def forward(self, x, cos, sin, layer, segments):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, segments)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, layer, segments, groups):
+        h = by_rows(self.input_layernorm, x, groups)
+        x = x + self.self_attn(h, cos, sin, layer, segments, groups)
+        return x + self.mlp(by_rows(self.post_attention_layernorm, x, groups), groups)
 
 
 class GptOssModel(nn.Module):
@@ -123,18 +133,28 @@ class Transformer(nn.Module):
             x = x[-1:]
         return self.lm_head(self.model.norm(x))  # (T, V)
 
-    def forward_batch(self, batch: list[tuple[torch.Tensor, KVCache]]) -> torch.Tensor:
+    def forward_batch(self, batch: list[tuple[torch.Tensor, KVCache]],
+                      independent: bool = False) -> torch.Tensor:
         """Several sequences in one pass: each (ids (T_i,), cache) continues its cached sequence.
-        Returns the logits of each sequence's last new position, (len(batch), V)."""
+        Returns the logits of each sequence's last new position, (len(batch), V).
+
+        independent=False: row-wise ops run over all rows at once (fastest; a row's numerics may
+        depend on the batch). independent=True: they run sequence by sequence, so each result is
+        bit-identical to that sequence run alone, while routed experts are still decoded once for
+        the whole batch (on CPU, most of a step's cost).
+        """
         segments, row = [], 0
         for ids, cache in batch:
             segments.append(Segment(row, ids.shape[0], cache.num_tokens, cache))
             row += ids.shape[0]
-        x = self._hidden(torch.cat([ids for ids, _ in batch]), segments)
-        last = torch.tensor([s.row0 + s.num_tokens - 1 for s in segments], device=x.device)
-        return self.lm_head(self.model.norm(x[last]))
+        groups = [slice(s.row0, s.row0 + s.num_tokens) for s in segments] if independent else None
+        x = self._hidden(torch.cat([ids for ids, _ in batch]), segments, groups)
+        last = [s.row0 + s.num_tokens - 1 for s in segments]
+        finals = [slice(i, i + 1) for i in range(len(last))] if independent else None
+        return by_rows(lambda h: self.lm_head(self.model.norm(h)), x[last], finals)
 
-    def _hidden(self, token_ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    def _hidden(self, token_ids: torch.Tensor, segments: list[Segment],
+                groups: list[slice] | None = None) -> torch.Tensor:
         """Embedding and all layers for the flat rows of `segments`; advances their caches."""
         for seg in segments:
             if seg.start + seg.num_tokens > self.config.max_position_embeddings:
@@ -144,7 +164,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary.cos_sin(positions.to(self.device))
         x = self.model.embed_tokens(token_ids.to(self.device)).to(self.dtype)  # (N, H)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, segments)
+            x = layer(x, cos, sin, i, segments, groups)
         for seg in segments:
             if seg.cache is not None:
                 seg.cache.num_tokens += seg.num_tokens
