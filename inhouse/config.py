@@ -406,3 +406,25 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError("engine setting 'max_num_batched_tokens' must be >= 'max_num_seqs' "
                               "(every running sequence decodes one token per step)")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What `build_app` needs besides the engine. API keys are compared by hash, never logged."""
+
+    model_name: str = "inhouse-demo"
+    model_label: str = ""  # shown in /v1/models and the banner (e.g. "demo: tiny random weights")
+    is_demo: bool = False
+    api_keys: tuple[str, ...] = ()
+    database_url: str = ""  # Responses store; "" -> sqlite file in the cache
+    default_max_tokens: int = 4096  # when a request gives none (capped by the context window)
+    max_n: int = 8
+    max_body_bytes: int = 8 << 20
+    log_bodies: bool = False  # NOTE: logs prompt text; off by default, loud warning when on
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ConfigError("server setting 'model_name' must not be empty")
+        for f in ("default_max_tokens", "max_n", "max_body_bytes"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"server setting '{f}' must be positive")

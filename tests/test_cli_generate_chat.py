@@ -1,6 +1,7 @@
 import json
 import os
 import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -76,7 +77,7 @@ def test_ctrl_c_stops_the_answer_not_the_chat(checkpoints):
         child.expect("you>")
         child.sendline("Tell me a long story")
         child.expect("assistant>")
-        child.expect(r"\S{3}")  # some of the answer has streamed
+        time.sleep(1.0)  # the answer streams (100000 tokens would take minutes)
         child.sendintr()
         child.expect("stopped")
         child.expect("abort")  # the turn's summary line: the request was cancelled

@@ -10,7 +10,7 @@ from inhouse.engine import EngineClient, SamplingParams
 from inhouse.harmony import (ChatMessage, ContentDelta, ParseWarning, PromptOptions,
                              ReasoningDelta, ToolCall, ToolCallDone)
 from inhouse.harmony.conversation import EFFORTS
-from inhouse.pipeline import ChatResult, ChatTurn, Finished, stream_chat
+from inhouse.pipeline import ChatResult, ChatTurn, Finished, TokenEvent, stream_chat
 from inhouse.harmony.parser import ParsedOutput
 
 HELP = "commands: /reset  /effort low|medium|high  /reasoning on|off  /help  /quit"
@@ -38,6 +38,8 @@ def one_turn(client: EngineClient, messages: list[ChatMessage], options: PromptO
         async for event in stream_chat(client, turn):
             if isinstance(event, Finished):
                 state["finished"] = event
+                continue
+            if isinstance(event, TokenEvent):
                 continue
             parsed.add([event])
             if stream:
@@ -93,9 +95,15 @@ def repl(client: EngineClient, label: str, settings: ChatSettings) -> None:
         seed = None if settings.seed is None else settings.seed + turn_no
         params = SamplingParams(max_tokens=settings.max_tokens, temperature=settings.temperature,
                                 seed=seed)
-        out.print("[bold blue]assistant>[/bold blue] ", end="")
-        result = one_turn(client, history, PromptOptions(settings.effort), params,
-                          settings.show_reasoning)
+        try:
+            out.print("[bold blue]assistant>[/bold blue] ", end="")
+            result = one_turn(client, history, PromptOptions(settings.effort), params,
+                              settings.show_reasoning)
+        except KeyboardInterrupt:  # Ctrl-C before the answer started streaming
+            out.print()
+            err.print("[yellow]stopped[/yellow]")
+            history.pop()
+            continue
         turn_no += 1
         f = result.finished
         o = result.output

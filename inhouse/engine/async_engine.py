@@ -49,6 +49,9 @@ class AsyncEngine(EngineClient):
             if not finished:
                 self._send(("abort", request_id))
 
+    def stats(self):
+        return self.engine.stats()  # ints read without the lock: a snapshot for metrics
+
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 

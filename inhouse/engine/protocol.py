@@ -6,6 +6,7 @@ import abc
 from collections.abc import AsyncIterator
 
 from inhouse.config import ModelConfig
+from inhouse.engine.engine import EngineStats
 from inhouse.engine.request import RequestOutput
 from inhouse.engine.sampling import SamplingParams
 
@@ -33,3 +34,7 @@ class EngineClient(abc.ABC):
 
     @abc.abstractmethod
     def shutdown(self) -> None: ...
+
+    def stats(self) -> EngineStats:
+        """Queue depth and KV use, for metrics; engines without a queue report zeros."""
+        return EngineStats(0, 0, 0, 0)

@@ -141,6 +141,15 @@ def to_harmony_messages(messages: list[ChatMessage], options: PromptOptions) -> 
     return out
 
 
+def tool_call_prefix(name: str | None) -> list[int]:
+    """Ids that make the assistant's next message a function call (to `name`, or to a function
+    of the model's choice): used for tool_choice "required" and named tool choices."""
+    header = "<|channel|>commentary to=functions."
+    if name:
+        header += f"{name} <|constrain|>json<|message|>"
+    return load_encoding().encode(header, allowed_special="all")
+
+
 def stop_token_ids() -> list[int]:
     """`<|return|>` and `<|call|>`: never `<|end|>`, which separates analysis from final."""
     return list(load_encoding().stop_tokens_for_assistant_actions())

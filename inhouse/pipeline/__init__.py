@@ -4,6 +4,7 @@ Used by the CLI (`chat`, `generate`) and, later, by the server's Chat Completion
 endpoints, so that every answer goes through the same path.
 """
 
-from inhouse.pipeline.chat import ChatResult, ChatTurn, Finished, run_chat, stream_chat
+from inhouse.pipeline.chat import (ChatResult, ChatTurn, Finished, TokenEvent, run_chat,
+                                   stream_chat)
 
-__all__ = ["ChatResult", "ChatTurn", "Finished", "run_chat", "stream_chat"]
+__all__ = ["ChatResult", "ChatTurn", "Finished", "TokenEvent", "run_chat", "stream_chat"]

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from inhouse.engine import EngineClient, SamplingParams
+from inhouse.engine import EngineClient, SamplingParams, TokenLogprob
 from inhouse.harmony import (ChatMessage, Event, OutputParser, ParsedOutput, PromptOptions,
                              render_prompt, stop_token_ids)
 from inhouse.harmony.parser import CALL
@@ -19,6 +19,17 @@ class ChatTurn:
     options: PromptOptions = PromptOptions()
     params: SamplingParams = SamplingParams()
     request_id: str = field(default_factory=lambda: f"req_{uuid.uuid4().hex[:16]}")
+    # ids forced after `<|start|>assistant` (e.g. a tool-call header for tool_choice=required);
+    # they count as prompt tokens and are fed to the parser first
+    assistant_prefix: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Emitted before the harmony events of each generated token."""
+
+    token_id: int
+    logprob: TokenLogprob | None
 
 
 @dataclass(frozen=True)
@@ -37,21 +48,26 @@ class Finished:
     error: str | None = None
 
 
-async def stream_chat(client: EngineClient, turn: ChatTurn) -> AsyncIterator[Event | Finished]:
+async def stream_chat(client: EngineClient,
+                      turn: ChatTurn) -> AsyncIterator[Event | TokenEvent | Finished]:
     """Harmony events as the model produces them, then one `Finished`."""
-    prompt_ids = render_prompt(list(turn.messages), turn.options)
+    prompt_ids = render_prompt(list(turn.messages), turn.options) + list(turn.assistant_prefix)
     params = replace(turn.params, stop_token_ids=tuple(stop_token_ids()))
     parser = OutputParser()
+    for token in turn.assistant_prefix:
+        for event in parser.feed(token):
+            yield event
     t0 = time.perf_counter()
     first: float | None = None
     out_ids: list[int] = []
     last = None
     async for out in client.generate(turn.request_id, prompt_ids, params):
         last = out
-        for token in out.new_token_ids:
+        for i, token in enumerate(out.new_token_ids):
             if first is None:
                 first = time.perf_counter() - t0
             out_ids.append(token)
+            yield TokenEvent(token, out.new_logprobs[i] if i < len(out.new_logprobs) else None)
             for event in parser.feed(token):
                 yield event
     for event in parser.finish():
@@ -75,7 +91,7 @@ async def run_chat(client: EngineClient, turn: ChatTurn) -> ChatResult:
     async for event in stream_chat(client, turn):
         if isinstance(event, Finished):
             done = event
-        else:
+        elif not isinstance(event, TokenEvent):
             parsed.add([event])
     assert done is not None
     return ChatResult(parsed, done)
