@@ -31,10 +31,13 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
-# The main job. Until `inhouse serve` lands, this builds the embedded demo checkpoint (tiny, random,
-# cached), shows what it is, and decodes from it with the KV cache.
+# The main job: the OpenAI-compatible server on the embedded demo model (no download needed).
+# HOST/PORT/MODEL override: make run MODEL=/path/to/gpt-oss-20b PORT=8080
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL ?=
 run: setup
-	$(VENV)/bin/inhouse demo run
+	$(VENV)/bin/inhouse serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL))
 
 # The default suite: everything but @slow and @gpu tests.
 test: setup-test

@@ -193,6 +193,27 @@ def chat(
 
 
 @app.command()
+@cli_errors
+def serve(
+    model: Annotated[str | None, typer.Option(help="Checkpoint directory or hub id "
+                                              "(openai/gpt-oss-20b); default: the demo model.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most sequences decoded together.")] = 16,
+    kv_budget: Annotated[float, typer.Option(min=0.01, help="KV cache budget in GiB.")] = 4.0,
+    api_key: Annotated[list[str] | None, typer.Option(help="Require this API key (repeatable).")] = None,
+    dtype: Annotated[DType, typer.Option(help="Compute dtype.")] = DType.bfloat16,
+    mode: Annotated[str, typer.Option(help="Engine mode: reproducible (bit-identical seeded "
+                                      "outputs at any batch size) or batched.")] = "reproducible",
+    log_bodies: Annotated[bool, typer.Option(help="Log request bodies (prompts!). Off by default.")] = False,
+) -> None:
+    """Serve the OpenAI-compatible API (Chat Completions) on HOST:PORT."""
+    from inhouse.cli.serve import serve as run_server
+
+    run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies)
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     out.print(f"inhouse {__version__}")

@@ -1,0 +1,73 @@
+"""`inhouse serve`: load the model, build the engine and the app, run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from inhouse.cli.common import DType, err, out
+from inhouse.errors import InhouseError
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_model(model: str | None) -> tuple[Path, str, bool]:
+    """(checkpoint dir, served model name, is_demo). A hub id is fetched into the HF cache."""
+    from inhouse.convert.demo import demo_checkpoint
+
+    if model is None:
+        return demo_checkpoint(), "inhouse-demo", True
+    path = Path(model)
+    if path.exists():
+        return path, path.resolve().name, False
+    if not HUB_ID.match(model):
+        raise InhouseError(f"no such file or directory: {model}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ModuleNotFoundError:
+        raise InhouseError(f"{model} is not a local path, and huggingface_hub is not installed "
+                           "to download it: `pip install huggingface_hub`") from None
+    err.print(f"[dim]fetching {model} from the Hugging Face hub (cached) ...[/dim]")
+    try:
+        local = snapshot_download(model, allow_patterns=["*.json", "*.safetensors"],
+                                  ignore_patterns=["original/*", "metal/*"])
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth...
+        raise InhouseError(f"could not fetch {model} from the hub ({type(e).__name__}); on a "
+                           "machine without internet, copy the checkpoint here and pass its "
+                           "path") from None
+    return Path(local), model.split("/")[-1], False
+
+
+def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib: float,
+          api_keys: list[str], dtype: DType, mode: str, log_bodies: bool) -> None:
+    import uvicorn
+
+    from inhouse.config import EngineConfig, ServerSettings
+    from inhouse.convert.demo import DEMO_LABEL
+    from inhouse.engine import AsyncEngine, LLMEngine
+    from inhouse.model import find_checkpoint, load_model
+    from inhouse.server import build_app
+
+    path, name, demo = resolve_model(model)
+    find_checkpoint(path)
+    if demo:
+        dtype = DType.float32
+    engine_cfg = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(512, max_batch),
+                              kv_budget_bytes=int(kv_budget_gib * 2**30), mode=mode)
+    settings = ServerSettings(model_name=name, model_label=DEMO_LABEL if demo else str(path),
+                              is_demo=demo, api_keys=tuple(api_keys), log_bodies=log_bodies)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    err.print(f"[dim]loading {path} ...[/dim]")
+    client = AsyncEngine(LLMEngine(load_model(path, dtype=dtype.torch), engine_cfg))
+    app = build_app(client, settings)
+    banner = f"inhouse serving '{name}' on http://{host}:{port}/v1"
+    if demo:
+        banner += f"  [yellow]DEMO MODEL: {DEMO_LABEL}[/yellow]"
+    out.print(banner)
+    if api_keys:
+        out.print(f"[dim]{len(api_keys)} API key(s) required[/dim]")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        client.shutdown()

@@ -1,0 +1,57 @@
+"""`build_app(client, settings)`: the FastAPI application. No module-level state."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+
+from inhouse import __version__
+from inhouse.config import ServerSettings
+from inhouse.engine import EngineClient
+from inhouse.server.deps import key_digest
+from inhouse.server.errors import APIError, install_handlers
+from inhouse.server.metrics import Metrics
+from inhouse.server.routes import chat, system
+from inhouse.server.serving.chat import ChatCompletions
+
+log = logging.getLogger("inhouse.server")
+
+
+def build_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="inhouse", version=__version__,
+                  description="OpenAI-compatible API for self-hosted gpt-oss models.")
+    app.state.client = client
+    app.state.settings = settings
+    app.state.key_digests = tuple(key_digest(k) for k in settings.api_keys)
+    app.state.metrics = Metrics(client)
+    app.state.chat = ChatCompletions(client, settings, app.state.metrics)
+    install_handlers(app)
+    if settings.log_bodies:
+        log.warning("REQUEST BODY LOGGING IS ON: prompts and answers are written to the log")
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        request.state.request_id = request.headers.get("x-request-id") or f"http_{uuid.uuid4().hex[:16]}"
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+            return APIError(413, f"request body of {length} bytes exceeds the limit of "
+                                 f"{settings.max_body_bytes}").response()
+        if settings.log_bodies and request.method == "POST":
+            log.warning("body %s: %s", request.state.request_id, (await request.body())[:4096])
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        app.state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        log.info("%s %s %s -> %d in %.1f ms (%s bytes in)", request.state.request_id,
+                 request.method, endpoint, response.status_code,
+                 (time.perf_counter() - t0) * 1000, length or 0)
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    app.include_router(system.router)
+    app.include_router(chat.router)
+    return app

@@ -1,0 +1,51 @@
+"""Liveness, readiness, metrics and the model list."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from inhouse.server.deps import AuthDep, ClientDep, MetricsDep, SettingsDep
+from inhouse.server.errors import APIError
+
+router = APIRouter()
+STARTED = int(time.time())
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(settings: SettingsDep, client: ClientDep) -> dict:
+    return {"status": "ready", "model": settings.model_name, "demo": settings.is_demo,
+            "context_window": client.model_config.max_position_embeddings}
+
+
+@router.get("/metrics")
+async def metrics(m: MetricsDep) -> Response:
+    return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _model_card(settings) -> dict:
+    card = {"id": settings.model_name, "object": "model", "created": STARTED, "owned_by": "inhouse"}
+    if settings.is_demo or settings.model_label:
+        card["description"] = settings.model_label
+    card["demo"] = settings.is_demo
+    return card
+
+
+@router.get("/v1/models", dependencies=[AuthDep])
+async def list_models(settings: SettingsDep) -> dict:
+    return {"object": "list", "data": [_model_card(settings)]}
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=[AuthDep])
+async def get_model(model_id: str, settings: SettingsDep) -> dict:
+    if model_id != settings.model_name:
+        raise APIError(404, f"the model '{model_id}' does not exist", param="model",
+                       code="model_not_found")
+    return _model_card(settings)

@@ -1,0 +1,1 @@
+"""Request -> harmony -> engine -> events -> wire format, one module per API."""

@@ -1,0 +1,279 @@
+"""POST /v1/chat/completions: OpenAI chat request -> harmony turns -> engine -> chat JSON / SSE."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from inhouse.config import ServerSettings
+from inhouse.engine import EngineClient, SamplingParams
+from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, FunctionTool,
+                             ParseWarning, PromptOptions, ReasoningDelta, ToolCall, ToolCallDelta,
+                             ToolCallDone, decode, tool_call_prefix)
+from inhouse.pipeline import ChatTurn, Finished, TokenEvent, stream_chat
+from inhouse.server.errors import APIError
+from inhouse.server.metrics import Metrics
+from inhouse.server.protocol.chat import ChatCompletionRequest, NamedToolChoice
+from inhouse.server.serving.common import (EFFORT, StopMatcher, check_model, max_tokens_for,
+                                           merge, new_id, seed_for, start_streams, usage)
+
+
+@dataclass
+class Choice:
+    """What one of the n choices has said so far."""
+
+    index: int
+    stop: StopMatcher
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    finished: Finished | None = None
+    pending_token: TokenEvent | None = None
+    stopped_by_string: bool = False
+    request_id: str = ""
+    abort_sent: bool = False
+
+
+class ChatCompletions:
+    def __init__(self, client: EngineClient, settings: ServerSettings, metrics: Metrics) -> None:
+        self.client, self.settings, self.metrics = client, settings, metrics
+
+    # ---- request -> turns ----------------------------------------------------------------
+    def turns(self, req: ChatCompletionRequest, request_id: str) -> list[ChatTurn]:
+        check_model(req.model, self.settings)
+        if req.n > self.settings.max_n:
+            raise APIError(400, f"'n' is {req.n}; at most {self.settings.max_n}", param="n")
+        messages = [self._message(i, m) for i, m in enumerate(req.messages)]
+        tools = tuple(FunctionTool(t.function.name, t.function.description or "",
+                                   t.function.parameters) for t in (req.tools or []))
+        choice = req.tool_choice
+        prefix: list[int] = []
+        if choice == "none":
+            tools = ()
+        elif choice == "required":
+            if not tools:
+                raise APIError(400, "tool_choice is 'required' but no tools were given",
+                               param="tool_choice")
+            prefix = tool_call_prefix(None)
+        elif isinstance(choice, NamedToolChoice):
+            if choice.function.name not in {t.name for t in tools}:
+                raise APIError(400, f"tool_choice names '{choice.function.name}', which is not "
+                                    "among the tools", param="tool_choice")
+            prefix = tool_call_prefix(choice.function.name)
+        effort = EFFORT[req.reasoning_effort or "medium"]
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        max_tokens = max_tokens_for(req.max_completion_tokens or req.max_tokens, self.client,
+                                    self.settings, param)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, "'stop' takes at most 4 sequences", param="stop")
+        try:
+            options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
+        except ConversationError as e:
+            raise APIError(400, str(e)) from None
+        turns = []
+        for i in range(req.n):
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+                min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0, seed=seed_for(req.seed, i),
+                logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+            turns.append(ChatTurn(tuple(messages), options, params, f"{request_id}-{i}",
+                                  tuple(prefix)))
+        return turns
+
+    @staticmethod
+    def _message(i: int, m) -> ChatMessage:
+        text = m.text()
+        if m.role == "assistant":
+            calls = tuple(ToolCall(c.function.name, c.function.arguments, c.id)
+                          for c in (m.tool_calls or []))
+            reasoning = m.reasoning or m.reasoning_content
+            if not (text or calls or reasoning):
+                raise APIError(400, f"messages[{i}]: an assistant message needs content, "
+                                    "tool_calls or reasoning", param=f"messages[{i}]")
+            return ChatMessage("assistant", text, reasoning, calls)
+        if m.tool_calls or m.reasoning or m.reasoning_content:
+            raise APIError(400, f"messages[{i}]: only assistant messages carry tool_calls or "
+                                "reasoning", param=f"messages[{i}]")
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise APIError(400, f"messages[{i}]: a tool message needs 'tool_call_id'",
+                               param=f"messages[{i}].tool_call_id")
+            return ChatMessage("tool", text, name=m.name, tool_call_id=m.tool_call_id)
+        if m.role == "user" and not text:
+            raise APIError(400, f"messages[{i}]: the user message is empty",
+                           param=f"messages[{i}].content")
+        return ChatMessage(m.role, text)
+
+    async def _streams(self, req: ChatCompletionRequest, request_id: str):
+        """(choices, started streams): refusals raise APIError here, before any output."""
+        turns = self.turns(req, request_id)
+        choices = [Choice(i, StopMatcher(self._stops(req)), request_id=t.request_id)
+                   for i, t in enumerate(turns)]
+        try:
+            streams = [stream_chat(self.client, t) for t in turns]
+        except ConversationError as e:
+            raise APIError(400, str(e), param="messages") from None
+        try:
+            return choices, await start_streams(streams)
+        except APIError:
+            raise
+        except ConversationError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    # ---- events -> choice state --------------------------------------------------------------
+    def _apply(self, c: Choice, event, tool_choice) -> dict | None:
+        """Update the choice; return the chat delta this event adds (None: nothing to send)."""
+        if isinstance(event, TokenEvent):
+            c.pending_token = event
+            return None
+        if isinstance(event, Finished):
+            c.finished = event
+            tail = c.stop.flush()
+            if tail:
+                c.content += tail
+                return {"content": tail}
+            return None
+        if isinstance(event, ReasoningDelta):
+            c.reasoning += event.text
+            return {"reasoning": event.text, "reasoning_content": event.text}
+        if isinstance(event, ContentDelta):
+            text = c.stop.feed(event.text)
+            if c.stop.stopped:
+                c.stopped_by_string = True
+            self._logprob(c)
+            if not text:
+                return None
+            c.content += text
+            return {"content": text}
+        if isinstance(event, ToolCallDelta) and tool_choice != "none":
+            if event.name is not None:
+                c.tool_calls.append({"id": new_id("call"), "type": "function",
+                                     "function": {"name": event.name, "arguments": ""}})
+                first = c.tool_calls[-1]
+                return {"tool_calls": [{"index": len(c.tool_calls) - 1, "id": first["id"],
+                                        "type": "function",
+                                        "function": {"name": event.name, "arguments": event.arguments}}],
+                        "_args": event.arguments}
+            c.tool_calls[-1]["function"]["arguments"] += event.arguments
+            return {"tool_calls": [{"index": len(c.tool_calls) - 1,
+                                    "function": {"arguments": event.arguments}}]}
+        if isinstance(event, ToolCallDone) and tool_choice != "none" and c.tool_calls:
+            c.tool_calls[-1]["function"]["arguments"] = event.arguments
+        if isinstance(event, ParseWarning):
+            c.warnings.append(event.message)
+        return None
+
+    def _logprob(self, c: Choice) -> None:
+        tok = c.pending_token
+        if tok is None or tok.logprob is None:
+            return
+        c.pending_token = None
+        lp = tok.logprob
+
+        def entry(token_id: int, value: float) -> dict:
+            text = decode([token_id])
+            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+        c.logprobs.append(entry(lp.token_id, lp.logprob) | {
+            "top_logprobs": [entry(t, v) for t, v in lp.top]})
+
+    @staticmethod
+    def _finish_reason(c: Choice) -> str:
+        f = c.finished
+        if f is None or f.finish_reason == "abort":
+            return "stop"
+        if f.finish_reason == "error":
+            raise APIError(500, f"generation failed: {f.error}", "server_error")
+        if c.tool_calls:
+            return "tool_calls"
+        if c.stopped_by_string:
+            return "stop"
+        return "length" if f.finish_reason == "length" else "stop"
+
+    # ---- non-streaming -------------------------------------------------------------------------
+    async def _stop_if_matched(self, c: Choice) -> None:
+        """A stop string ended the answer: cancel the rest of its generation."""
+        if c.stop.stopped and not c.abort_sent:
+            c.abort_sent = True
+            await self.client.abort(c.request_id)
+
+    async def create(self, req: ChatCompletionRequest, request_id: str) -> dict:
+        choices, streams = await self._streams(req, request_id)
+        async for i, event in merge(streams):
+            self._apply(choices[i], event, req.tool_choice)
+            await self._stop_if_matched(choices[i])
+        self._record(choices)
+        return {
+            "id": request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": self.settings.model_name, "system_fingerprint": self._fingerprint(),
+            "choices": [self._choice_body(c, req) for c in choices],
+            "usage": usage([c.finished for c in choices if c.finished]),
+        }
+
+    def _choice_body(self, c: Choice, req: ChatCompletionRequest) -> dict:
+        message = {"role": "assistant", "content": c.content or None,
+                   "reasoning": c.reasoning or None, "reasoning_content": c.reasoning or None}
+        if c.tool_calls:
+            message["tool_calls"] = c.tool_calls
+        return {"index": c.index, "message": message, "finish_reason": self._finish_reason(c),
+                "logprobs": {"content": c.logprobs} if req.logprobs else None}
+
+    @staticmethod
+    def _stops(req: ChatCompletionRequest) -> list[str]:
+        return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    def _fingerprint(self) -> str:
+        return f"inhouse-{self.settings.model_name}"
+
+    def _record(self, choices: list[Choice]) -> None:
+        for c in choices:
+            if c.finished:
+                self.metrics.observe_turn(c.finished)
+
+    # ---- streaming -------------------------------------------------------------------------------
+    async def stream(self, req: ChatCompletionRequest, request_id: str) -> AsyncIterator[str]:
+        choices, streams = await self._streams(req, request_id)  # raises before streaming
+        return self._sse(req, request_id, choices, streams)
+
+    async def _sse(self, req, request_id, choices, streams) -> AsyncIterator[str]:
+        created, model = int(time.time()), self.settings.model_name
+
+        def chunk(choice_list: list[dict], **extra) -> str:
+            body = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "system_fingerprint": self._fingerprint(),
+                    "choices": choice_list} | extra
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        for c in choices:
+            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None}])
+        try:
+            async for i, event in merge(streams):
+                c = choices[i]
+                seen = len(c.logprobs)
+                delta = self._apply(c, event, req.tool_choice)
+                await self._stop_if_matched(c)
+                if delta is not None:
+                    delta.pop("_args", None)
+                    lp = {"content": c.logprobs[seen:]} if req.logprobs and "content" in delta else None
+                    yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
+                if isinstance(event, Finished):
+                    try:
+                        reason = self._finish_reason(c)
+                    except APIError as e:
+                        yield f"data: {json.dumps(e.body())}\n\n"
+                        reason = "stop"
+                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        finally:
+            self._record(choices)
+        if req.stream_options and req.stream_options.include_usage:
+            yield chunk([], usage=usage([c.finished for c in choices if c.finished]))
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,150 @@
+"""Shared by the two APIs: ids, effort names, stop strings, usage, early acceptance of streams."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+from inhouse.config import ServerSettings
+from inhouse.engine import EngineClient
+from inhouse.server.errors import APIError, from_engine_error
+
+EFFORT = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+          "xhigh": "high"}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def check_model(requested: str, settings: ServerSettings) -> None:
+    if requested != settings.model_name:
+        raise APIError(404, f"the model '{requested}' does not exist; this server serves "
+                            f"'{settings.model_name}'", param="model", code="model_not_found")
+
+
+def max_tokens_for(requested: int | None, client: EngineClient, settings: ServerSettings,
+                   param: str) -> int:
+    context = client.model_config.max_position_embeddings
+    if requested is None:
+        return min(settings.default_max_tokens, context)
+    if requested > context:
+        raise APIError(400, f"'{param}' is {requested}; the model's context window is {context} "
+                            "tokens", param=param)
+    return requested
+
+
+def seed_for(seed: int | None, index: int) -> int | None:
+    """OpenAI accepts any integer; ours are in [0, 2**63). Choice i of n gets seed + i."""
+    return None if seed is None else (seed + index) % (2**63)
+
+
+class StopMatcher:
+    """Cuts the answer at the first stop string; holds back text that may begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.buffer = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        if self.stopped:
+            return ""
+        self.buffer += text
+        cut = min((i for i in (self.buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.buffer = self.buffer[:cut], ""
+            return out
+        safe = len(self.buffer) - self.hold
+        if safe <= 0:
+            return ""
+        out, self.buffer = self.buffer[:safe], self.buffer[safe:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = ("" if self.stopped else self.buffer), ""
+        return out
+
+
+def usage(finished: list, include_details: bool = True) -> dict:
+    prompt = sum(f.prompt_tokens for f in finished)
+    completion = sum(f.completion_tokens for f in finished)
+    reasoning = sum(f.reasoning_tokens for f in finished)
+    body = {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+    if include_details:
+        body["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        body["prompt_tokens_details"] = {"cached_tokens": 0}
+    return body
+
+
+async def start_streams(streams: list[AsyncIterator]) -> list[AsyncIterator]:
+    """Pull each stream's first event, so that a refused request (bad input, full queue) raises
+    here, before any response header is sent. Returns streams that replay that first event."""
+    async def first(stream):
+        try:
+            return await stream.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    try:
+        heads = await asyncio.gather(*(first(s) for s in streams))
+    except Exception as e:
+        for s in streams:
+            await s.aclose()
+        raise from_engine_error(e) from None
+    return [_replay(h, s) for h, s in zip(heads, streams)]
+
+
+async def _replay(head, stream: AsyncIterator) -> AsyncIterator:
+    try:
+        if head is not None:
+            yield head
+        async for item in stream:
+            yield item
+    finally:
+        await stream.aclose()
+
+
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """(index, item) from several streams as they come; closing the merge closes them all."""
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, s):
+        try:
+            async for item in s:
+                await queue.put((i, item))
+        except Exception as e:  # noqa: BLE001 - re-raised by the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            await s.aclose()
