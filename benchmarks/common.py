@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+
+from inhouse.config import cache_root
 from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("INHOUSE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inhouse")
-    return Path(base) / "bench"
+    return cache_root() / "bench"
 
 
 def ensure_random_checkpoint(path: Path, preset: str, layout: str) -> None:

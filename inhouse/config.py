@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -428,3 +430,10 @@ class ServerSettings:
         for f in ("default_max_tokens", "max_n", "max_body_bytes"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"server setting '{f}' must be positive")
+
+
+def cache_root() -> Path:
+    """inhouse's cache: $INHOUSE_CACHE, else $XDG_CACHE_HOME/inhouse, else ~/.cache/inhouse."""
+    base = os.environ.get("INHOUSE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inhouse")
+    return Path(base)

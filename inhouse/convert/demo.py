@@ -3,19 +3,12 @@ model exists, this is what runs when no model is given, and it is labelled as su
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from inhouse.config import preset
+from inhouse.config import cache_root, preset
 from inhouse.convert.random_init import write_random_checkpoint
 
 DEMO_LABEL = "demo (tiny random weights: output is meaningless)"
-
-
-def cache_root() -> Path:
-    base = os.environ.get("INHOUSE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inhouse")
-    return Path(base)
 
 
 def demo_checkpoint() -> Path:

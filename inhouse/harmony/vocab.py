@@ -15,6 +15,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from inhouse.config import cache_root
 from inhouse.errors import HarmonyUnavailable
 
 VOCAB_FILE = "o200k_base.tiktoken"
@@ -27,9 +28,7 @@ INSTALL_HINT = ("install the offline vocabulary with `pip install bpe-openai` (i
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("INHOUSE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inhouse")
-    return Path(base) / "tiktoken"
+    return cache_root() / "tiktoken"
 
 
 def _sha256(path: Path) -> str:

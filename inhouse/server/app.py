@@ -14,13 +14,18 @@ from inhouse.engine import EngineClient
 from inhouse.server.deps import key_digest
 from inhouse.server.errors import APIError, install_handlers
 from inhouse.server.metrics import Metrics
-from inhouse.server.routes import chat, system
+from inhouse.server.routes import chat, responses, system
 from inhouse.server.serving.chat import ChatCompletions
+from inhouse.server.serving.responses import Responses
+from inhouse.server.store import ResponseStore
 
 log = logging.getLogger("inhouse.server")
 
 
-def build_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
+def build_app(client: EngineClient, settings: ServerSettings,
+              store: ResponseStore | None = None) -> FastAPI:
+    """The app around an engine client. `store` keeps stored Responses; by default it opens
+    `settings.database_url` (a SQLite file in the cache when that is empty)."""
     app = FastAPI(title="inhouse", version=__version__,
                   description="OpenAI-compatible API for self-hosted gpt-oss models.")
     app.state.client = client
@@ -28,6 +33,11 @@ def build_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
     app.state.key_digests = tuple(key_digest(k) for k in settings.api_keys)
     app.state.metrics = Metrics(client)
     app.state.chat = ChatCompletions(client, settings, app.state.metrics)
+    if store is None:
+        from inhouse.server.store import default_url
+        from inhouse.config import cache_root
+        store = ResponseStore(settings.database_url or default_url(cache_root()))
+    app.state.responses = Responses(client, settings, app.state.metrics, store)
     install_handlers(app)
     if settings.log_bodies:
         log.warning("REQUEST BODY LOGGING IS ON: prompts and answers are written to the log")
@@ -54,4 +64,5 @@ def build_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
 
     app.include_router(system.router)
     app.include_router(chat.router)
+    app.include_router(responses.router)
     return app
