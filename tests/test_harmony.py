@@ -169,6 +169,23 @@ def test_malformed_output_degrades_to_text_with_a_warning(text, visible):
     assert out.content == visible and out.warnings
 
 
+def test_headerless_output_streams_as_text_before_the_end():
+    enc = load_encoding()
+    ids = enc.encode("word " * 80 + "café ☕ done")
+    p, seen_before_finish = OutputParser(), []
+    for t in ids:
+        seen_before_finish += p.feed(t)
+    streamed = "".join(e.text for e in seen_before_finish if isinstance(e, ContentDelta))
+    assert len(streamed) > 100  # it streamed, not only at finish()
+    tail = "".join(e.text for e in p.finish() if isinstance(e, ContentDelta))
+    assert streamed + tail == "word " * 80 + "café ☕ done"
+    # and the format is picked up again at the next <|start|>
+    p = OutputParser()
+    events = [e for t in ids + special("<|start|>assistant<|channel|>final<|message|>OK<|return|>")
+              for e in p.feed(t)]
+    assert [e.text for e in events if isinstance(e, ContentDelta)][-1] == "OK"
+
+
 SPECIALS = [199998, 199999, 200002, 200003, 200005, 200006, 200007, 200008, 200012, 200018]
 
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from inhouse.harmony.vocab import load_encoding
 
 CHANNELS = ("analysis", "commentary", "final")
+# Real headers are short ("<|channel|>commentary to=functions.NAME <|constrain|>json" is ~15
+# tokens); a "header" longer than this is output that lost the format: stream it as text.
+MAX_HEADER_TOKENS = 48
 START, END, MESSAGE, CHANNEL, RETURN, CALL = 200006, 200007, 200008, 200005, 200002, 200012
 
 
@@ -92,11 +95,15 @@ class OutputParser:
         self._parser = StreamableParser(self._enc, Role.ASSISTANT if expect_role else None,
                                         strict=False)
         self._pending: list[int] = []  # tokens of the message in progress
+        self._text_tokens: list[int] | None = None  # text mode: ids shown as plain text
+        self._text_shown = 0  # characters of the text-mode decode already emitted
         self._emitted = ""  # the text this message has emitted so far
         self._call_index: int | None = None
         self._channel_checked = False
 
     def feed(self, token: int) -> list[Event]:
+        if self._text_tokens is not None:
+            return self._feed_text(token)
         events: list[Event] = []
         self._pending.append(token)
         try:
@@ -108,11 +115,41 @@ class OutputParser:
             events += self._route(delta)
         if token in (END, RETURN, CALL):
             events += self._close_message()
+        elif len(self._pending) > MAX_HEADER_TOKENS and self._parser.state.value == "Header":
+            events += self._enter_text_mode()
         return events
+
+    def _enter_text_mode(self) -> list[Event]:
+        events: list[Event] = [ParseWarning(f"no message header after {MAX_HEADER_TOKENS} "
+                                            "tokens; streaming the output as text")]
+        self._text_tokens, self._text_shown = [], 0
+        for t in self._pending:
+            events += self._feed_text(t)
+        self._pending = []
+        return events
+
+    def _feed_text(self, token: int) -> list[Event]:
+        if token == START:  # the model found its way back to the format
+            self._text_tokens = None
+            self._new_parser(expect_role=False)
+            return self.feed(token)
+        if self._enc.is_special_token(token):
+            return []
+        self._text_tokens.append(token)
+        text = self._enc.decode(self._text_tokens)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return []
+        delta, self._text_shown = text[self._text_shown:], len(text)
+        return [ContentDelta(delta)] if delta else []
 
     def finish(self) -> list[Event]:
         """Call at the end of generation (stop token, max_tokens, cancel)."""
         events: list[Event] = []
+        if self._text_tokens is not None:
+            text = self._enc.decode(self._text_tokens)
+            tail = text[self._text_shown:]
+            self._text_tokens = None
+            return ([ContentDelta(tail)] if tail else []) + [MessageDone(None, None)]
         if not self._pending:
             return events
         state = self._parser.state.value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from inhouse.server.metrics import Metrics
 from inhouse.server.protocol.chat import ChatCompletionRequest, NamedToolChoice
 from inhouse.server.serving.common import (EFFORT, StopMatcher, check_model, max_tokens_for,
                                            merge, new_id, seed_for, start_streams, usage)
+
+log = logging.getLogger("inhouse.server")
 
 
 @dataclass
@@ -237,6 +240,9 @@ class ChatCompletions:
         for c in choices:
             if c.finished:
                 self.metrics.observe_turn(c.finished)
+            if c.warnings:  # returned as text; the operator sees why
+                log.warning("%s: model output is not valid harmony (%d warnings, first: %s)",
+                            c.request_id, len(c.warnings), c.warnings[0])
 
     # ---- streaming -------------------------------------------------------------------------------
     async def stream(self, req: ChatCompletionRequest, request_id: str) -> AsyncIterator[str]:
