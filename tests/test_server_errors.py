@@ -57,6 +57,9 @@ BAD = [
     (dict(body={**GOOD, "tool_choice": "required"}), "tool_choice"),
     (dict(body={**GOOD, "stop": ["a", "b", "c", "d", "e"]}), "stop"),
     (dict(body={**GOOD, "messages": "hello"}), "messages"),
+    (dict(body={"model": MODEL, "messages": [{"role": "user", "content": "x"},
+                                             {"role": "tool", "tool_call_id": "c9", "content": "r"}]}),
+     "messages"),  # a tool result with no call before it
 ]
 
 

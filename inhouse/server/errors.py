@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inhouse.engine import InvalidRequest, QueueFull
 from inhouse.errors import InhouseError
+from inhouse.harmony import ConversationError
 
 
 class APIError(Exception):
@@ -34,6 +35,8 @@ def from_engine_error(e: Exception) -> APIError:
     if isinstance(e, InvalidRequest):
         code = "context_length_exceeded" if "context window" in str(e) else None
         return APIError(400, str(e), param=e.param, code=code)
+    if isinstance(e, ConversationError):
+        return APIError(400, str(e), param="messages")
     if isinstance(e, InhouseError):
         return APIError(400, str(e))
     return APIError(500, f"internal error ({type(e).__name__})", "server_error")

@@ -120,16 +120,8 @@ class ChatCompletions:
         turns = self.turns(req, request_id)
         choices = [Choice(i, StopMatcher(self._stops(req)), request_id=t.request_id)
                    for i, t in enumerate(turns)]
-        try:
-            streams = [stream_chat(self.client, t) for t in turns]
-        except ConversationError as e:
-            raise APIError(400, str(e), param="messages") from None
-        try:
-            return choices, await start_streams(streams)
-        except APIError:
-            raise
-        except ConversationError as e:
-            raise APIError(400, str(e), param="messages") from None
+        # rendering happens as each stream starts: a ConversationError surfaces there as a 400
+        return choices, await start_streams([stream_chat(self.client, t) for t in turns])
 
     # ---- events -> choice state --------------------------------------------------------------
     def _apply(self, c: Choice, event, tool_choice) -> dict | None:
@@ -163,8 +155,7 @@ class ChatCompletions:
                 first = c.tool_calls[-1]
                 return {"tool_calls": [{"index": len(c.tool_calls) - 1, "id": first["id"],
                                         "type": "function",
-                                        "function": {"name": event.name, "arguments": event.arguments}}],
-                        "_args": event.arguments}
+                                        "function": {"name": event.name, "arguments": event.arguments}}]}
             c.tool_calls[-1]["function"]["arguments"] += event.arguments
             return {"tool_calls": [{"index": len(c.tool_calls) - 1,
                                     "function": {"arguments": event.arguments}}]}
@@ -268,7 +259,6 @@ class ChatCompletions:
                 delta = self._apply(c, event, req.tool_choice)
                 await self._stop_if_matched(c)
                 if delta is not None:
-                    delta.pop("_args", None)
                     lp = {"content": c.logprobs[seen:]} if req.logprobs and "content" in delta else None
                     yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
                 if isinstance(event, Finished):

@@ -245,10 +245,7 @@ class Responses:
     async def _start(self, req: ResponsesRequest):
         response_id = new_id("resp")
         turn, items = await self._turn(req, response_id)
-        try:
-            (stream,) = await start_streams([stream_chat(self.client, turn)])
-        except ConversationError as e:
-            raise APIError(400, str(e), param="input") from None
+        (stream,) = await start_streams([stream_chat(self.client, turn)])
         return ResponseBuilder(self._skeleton(req, response_id)), stream, items
 
     async def _finish(self, req, builder: ResponseBuilder, items, f: Finished) -> list[dict]:
