@@ -16,7 +16,12 @@ from torch import nn
 
 from inhouse.config import ModelConfig
 from inhouse.model.layers import swiglu
+from inhouse.model import mxfp4_kernel
 from inhouse.model.mxfp4 import BYTES_PER_BLOCK, BLOCK_SIZE, dequantize
+
+# Up to this many rows (of one sequence, routed to one expert) the fused kernel multiplies straight
+# from the packed blocks; above it, decoding the expert once and using a dense matmul is faster.
+KERNEL_MAX_ROWS = 32
 
 
 class Router(nn.Module):
@@ -44,8 +49,8 @@ class Experts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I))
         self.down_proj_bias = nn.Parameter(torch.empty(E, H))
 
-    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's (gate_up (H, 2I), down (I, H)) as matrices to right-multiply by."""
+    def expert(self, e: int, dtype: torch.dtype) -> "ExpertProjections":
+        """Expert e's two projections, for rows of `dtype`."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
@@ -71,15 +76,15 @@ class Experts(nn.Module):
         for e in range(self.num_experts):
             if not any(p[2][e] for p in plans):
                 continue
-            w1, w2 = self.expert_weights(e, x.dtype)  # decoded once, shared by all groups
+            proj = self.expert(e, x.dtype)  # anything it decodes is shared by all groups
             for row0, order, counts, offsets, flat_weights in plans:
                 if not counts[e]:
                     continue
                 slots = order[offsets[e]:offsets[e + 1]]
                 rows = row0 + slots // k
-                h = x[rows] @ w1 + self.gate_up_proj_bias[e]  # (n, 2I)
+                h = proj.gate_up(x[rows]) + self.gate_up_proj_bias[e]  # (n, 2I)
                 h = swiglu(h, self.alpha, self.limit)  # (n, I)
-                y = h @ w2 + self.down_proj_bias[e]  # (n, H)
+                y = proj.down(h) + self.down_proj_bias[e]  # (n, H)
                 out.index_add_(0, rows, y * flat_weights[slots, None])
         return out
 
@@ -96,10 +101,9 @@ class MXFP4Experts(Experts):
                              torch.empty(E, H, I // BLOCK_SIZE, BYTES_PER_BLOCK, dtype=u8))
         self.register_buffer("down_proj_scales", torch.empty(E, H, I // BLOCK_SIZE, dtype=u8))
 
-    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        w1 = dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype)  # (2I, H)
-        w2 = dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], dtype)  # (H, I)
-        return w1.T, w2.T
+    def expert(self, e: int, dtype: torch.dtype) -> "ExpertProjections":
+        return PackedExpert(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e],
+                            self.down_proj_blocks[e], self.down_proj_scales[e], dtype)
 
 
 class DenseExperts(Experts):
@@ -109,8 +113,59 @@ class DenseExperts(Experts):
         self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))
         self.down_proj = nn.Parameter(torch.empty(E, I, H))
 
-    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gate_up_proj[e], self.down_proj[e]
+    def expert(self, e: int, dtype: torch.dtype) -> "ExpertProjections":
+        return DenseExpert(self.gate_up_proj[e], self.down_proj[e])
+
+
+class ExpertProjections:
+    """One expert's gate_up (rows (n, H) -> (n, 2I)) and down ((n, I) -> (n, H)), without biases.
+    NOTE: a result row must depend only on its input row and on n (batch invariance)."""
+
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DenseExpert(ExpertProjections):
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
+        self.w1, self.w2 = w1, w2  # (H, 2I), (I, H)
+
+    def gate_up(self, x):
+        return x @ self.w1
+
+    def down(self, h):
+        return h @ self.w2
+
+
+class PackedExpert(ExpertProjections):
+    """Few rows: the fused kernel, straight from the packed bytes. Many rows: decode once (for all
+    groups) and multiply densely. Either way the choice depends only on the group's row count."""
+
+    def __init__(self, b1, s1, b2, s2, dtype: torch.dtype) -> None:
+        self.b1, self.s1, self.b2, self.s2, self.dtype = b1, s1, b2, s2, dtype
+        self._dense: DenseExpert | None = None
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        return (x.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu"
+                and mxfp4_kernel.available())
+
+    def _decoded(self) -> DenseExpert:
+        if self._dense is None:
+            self._dense = DenseExpert(dequantize(self.b1, self.s1, self.dtype).T,  # (H, 2I)
+                                      dequantize(self.b2, self.s2, self.dtype).T)  # (I, H)
+        return self._dense
+
+    def gate_up(self, x):
+        if self._use_kernel(x):
+            return mxfp4_kernel.matmul(x, self.b1, self.s1)
+        return self._decoded().gate_up(x)
+
+    def down(self, h):
+        if self._use_kernel(h):
+            return mxfp4_kernel.matmul(h, self.b2, self.s2)
+        return self._decoded().down(h)
 
 
 class MLP(nn.Module):

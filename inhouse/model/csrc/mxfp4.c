@@ -1,0 +1,133 @@
+/* Fused MXFP4 matmul for CPU: y[m, o] = sum_i x[m, i] * W[o, i], W packed as in gpt-oss checkpoints
+ * (blocks [O, G, 16] uint8: low nibble = element 2j, high nibble = 2j+1; scales [O, G] E8M0).
+ *
+ * Each output row is decoded once into a small buffer (L1-resident) and dotted with every input
+ * row. NOTE: the dot product for (m, o) is computed the same way whatever M and the thread count,
+ * so results are batch-invariant (the engine's reproducible mode relies on this).
+ * The AVX2/FMA path is chosen at run time; the scalar path is the portable fallback. Plain C on raw
+ * pointers, called through ctypes (which releases the GIL). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+static float scale_of(uint8_t e) { return ldexpf(1.0f, (int)e - 127); }
+
+/* ---- portable path -------------------------------------------------------------------------- */
+static void decode_row_scalar(const uint8_t *blocks, const uint8_t *scales, int64_t G, float *w) {
+    for (int64_t g = 0; g < G; g++) {
+        float s = scale_of(scales[g]);
+        const uint8_t *b = blocks + g * 16;
+        for (int j = 0; j < 16; j++) {
+            w[g * 32 + 2 * j] = FP4[b[j] & 15] * s;
+            w[g * 32 + 2 * j + 1] = FP4[b[j] >> 4] * s;
+        }
+    }
+}
+
+static float dot_scalar(const float *x, const float *w, int64_t n) {
+    /* 8 partial sums in a fixed order, like the AVX2 path's lanes (not bit-identical to it) */
+    float acc[8] = {0};
+    for (int64_t i = 0; i < n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += x[i + k] * w[i + k];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/* ---- AVX2 + FMA path ------------------------------------------------------------------------ */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_X86 1
+
+__attribute__((target("avx2,fma")))
+static void decode_row_avx2(const uint8_t *blocks, const uint8_t *scales, int64_t G, float *w) {
+    /* FP4 values times 2 as int8, so that pshufb can look them up; the 0.5 goes into the scale */
+    const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int64_t g = 0; g < G; g++) {
+        __m256 s = _mm256_set1_ps(scale_of(scales[g]) * 0.5f);
+        __m128i b = _mm_loadu_si128((const __m128i *)(blocks + g * 16));
+        __m128i lo = _mm_and_si128(b, low4);
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+        /* interleave: element 2j = low nibble of byte j, 2j+1 = its high nibble */
+        __m128i v0 = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(lo, hi)); /* elements 0..15 */
+        __m128i v1 = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(lo, hi)); /* elements 16..31 */
+        float *out = w + g * 32;
+        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)), s));
+        _mm256_storeu_ps(out + 8, _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))), s));
+        _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1)), s));
+        _mm256_storeu_ps(out + 24, _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))), s));
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static float dot_avx2(const float *x, const float *w, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 32) {  /* n is a multiple of 32 */
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(w + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(w + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), _mm256_loadu_ps(w + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), _mm256_loadu_ps(w + i + 24), a3);
+    }
+    __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+#endif
+
+int inhouse_mxfp4_has_avx2(void) {
+#ifdef HAVE_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* x [M, G*32] fp32, blocks [O, G, 16], scales [O, G] -> y [M, O] fp32. use_simd: 1 = AVX2 if the
+ * CPU has it, 0 = the portable path. Returns 0, or -1 if memory ran out. */
+int inhouse_mxfp4_matmul(const float *x, int64_t M, const uint8_t *blocks, const uint8_t *scales,
+                         int64_t O, int64_t G, float *y, int nthreads, int use_simd) {
+    const int64_t n = G * 32;
+    int simd = use_simd && inhouse_mxfp4_has_avx2();
+    int failed = 0;
+#ifdef _OPENMP
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+#endif
+    {
+        float *w = (float *)malloc((size_t)n * sizeof(float));
+        if (!w) {
+            failed = 1;
+        } else {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int64_t o = 0; o < O; o++) {
+                const uint8_t *b = blocks + o * G * 16;
+                const uint8_t *s = scales + o * G;
+#ifdef HAVE_X86
+                if (simd) {
+                    decode_row_avx2(b, s, G, w);
+                    for (int64_t m = 0; m < M; m++) y[m * O + o] = dot_avx2(x + m * n, w, n);
+                    continue;
+                }
+#endif
+                decode_row_scalar(b, s, G, w);
+                for (int64_t m = 0; m < M; m++) y[m * O + o] = dot_scalar(x + m * n, w, n);
+            }
+            free(w);
+        }
+    }
+    return failed ? -1 : 0;
+}

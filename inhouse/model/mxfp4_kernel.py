@@ -1,0 +1,67 @@
+"""The fused MXFP4 matmul (csrc/mxfp4.c) through ctypes: x @ W.T straight from packed blocks.
+
+`matmul` is the fast path; `mxfp4.dequantize_reference` + a plain matmul is the reference the
+tests compare it with. When the extension was not built (no C compiler), `available()` is False
+and callers decode with PyTorch instead. INHOUSE_MXFP4_KERNEL=0 turns the kernel off,
+INHOUSE_MXFP4_KERNEL=portable forces its non-SIMD path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+
+import torch
+
+from inhouse.model.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    if os.environ.get("INHOUSE_MXFP4_KERNEL", "1") == "0":
+        return None
+    spec = importlib.util.find_spec("inhouse.model._mxfp4")
+    if spec is None or spec.origin is None:
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    c = ctypes
+    lib.inhouse_mxfp4_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64,
+                                         c.c_int64, c.c_void_p, c.c_int, c.c_int]
+    lib.inhouse_mxfp4_matmul.restype = c.c_int
+    lib.inhouse_mxfp4_has_avx2.restype = c.c_int
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def uses_simd() -> bool:
+    lib = _lib()
+    return bool(lib and lib.inhouse_mxfp4_has_avx2()) and \
+        os.environ.get("INHOUSE_MXFP4_KERNEL", "1") != "portable"
+
+
+def matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, in), blocks (O, in/32, 16) uint8, scales (O, in/32) uint8 -> (M, O) in x's dtype.
+    Accumulates in fp32; each row's result is independent of M and of the thread count."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("the fused MXFP4 kernel is not built")
+    O, G, nb = blocks.shape
+    if nb != BYTES_PER_BLOCK or scales.shape != (O, G) or x.shape[-1] != G * BLOCK_SIZE:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, blocks {tuple(blocks.shape)}, "
+                         f"scales {tuple(scales.shape)}")
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or x.device.type != "cpu":
+        raise ValueError("the kernel takes uint8 blocks/scales and CPU tensors")
+    blocks, scales = blocks.contiguous(), scales.contiguous()
+    x32 = x.to(torch.float32).contiguous()
+    M = x32.shape[0]
+    y = torch.empty(M, O, dtype=torch.float32)
+    rc = lib.inhouse_mxfp4_matmul(x32.data_ptr(), M, blocks.data_ptr(), scales.data_ptr(), O, G,
+                                  y.data_ptr(), torch.get_num_threads(), int(uses_simd()))
+    if rc != 0:
+        raise MemoryError("the MXFP4 kernel could not allocate its row buffer")
+    return y.to(x.dtype)

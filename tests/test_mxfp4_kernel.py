@@ -1,0 +1,82 @@
+"""The fused MXFP4 kernel against the slow reference, and its batch/thread invariance."""
+
+import pytest
+import torch
+
+from inhouse.model import mxfp4_kernel
+from inhouse.model.mxfp4 import dequantize_reference
+
+pytestmark = pytest.mark.skipif(not mxfp4_kernel.available(), reason="kernel not built")
+
+
+def _packed(O, G, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (O, G, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(118, 128, (O, G), generator=g, dtype=torch.uint8)
+    return blocks, scales
+
+
+@pytest.mark.parametrize("simd", ["1", "portable"])
+@pytest.mark.parametrize("M, O, G", [(1, 7, 1), (3, 40, 3), (9, 64, 2)])
+def test_kernel_matches_the_reference(monkeypatch, simd, M, O, G):
+    monkeypatch.setenv("INHOUSE_MXFP4_KERNEL", simd)
+    blocks, scales = _packed(O, G)
+    x = torch.randn(M, G * 32, generator=torch.Generator().manual_seed(1))
+    want = x.double() @ dequantize_reference(blocks, scales).double().T
+    got = mxfp4_kernel.matmul(x, blocks, scales)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    blocks, scales = _packed(16, 4)
+    x = torch.randn(2, 128).bfloat16()
+    want = x.double() @ dequantize_reference(blocks, scales).double().T
+    got = mxfp4_kernel.matmul(x, blocks, scales)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.double(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_rows_do_not_depend_on_the_batch_or_the_threads():
+    blocks, scales = _packed(96, 4, seed=3)
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(4))
+    together = mxfp4_kernel.matmul(x, blocks, scales)
+    alone = torch.cat([mxfp4_kernel.matmul(x[i:i + 1], blocks, scales) for i in range(6)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = mxfp4_kernel.matmul(x, blocks, scales)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(together, alone) and torch.equal(together, single)
+
+
+def test_shape_errors_are_clear():
+    blocks, scales = _packed(4, 2)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        mxfp4_kernel.matmul(torch.zeros(1, 32), blocks, scales)
+
+
+def test_the_model_uses_the_kernel_for_decoding_and_agrees_with_the_decode_path(checkpoints,
+                                                                              monkeypatch):
+    from inhouse.model import load_model
+    from tests.conftest import random_ids
+
+    model = load_model(checkpoints["hf"])
+    ids = random_ids(20, model.config.vocab_size, seed=5)
+    calls = []
+    real = mxfp4_kernel.matmul
+    monkeypatch.setattr(mxfp4_kernel, "matmul", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(ids, cache=cache)
+        with_kernel = model(torch.tensor([7]), cache=cache)
+    assert calls and max(calls) <= 32  # decode rows went through the kernel
+    monkeypatch.setattr(mxfp4_kernel, "available", lambda: False)
+    calls.clear()
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(ids, cache=cache)
+        without = model(torch.tensor([7]), cache=cache)
+    assert not calls
+    assert (with_kernel - without).abs().max() < 1e-4
