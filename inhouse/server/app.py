@@ -28,6 +28,7 @@ def build_app(client: EngineClient, settings: ServerSettings,
     `settings.database_url` (a SQLite file in the cache when that is empty)."""
     app = FastAPI(title="inhouse", version=__version__,
                   description="OpenAI-compatible API for self-hosted gpt-oss models.")
+    app.state.started_at = int(time.time())
     app.state.client = client
     app.state.settings = settings
     app.state.key_digests = tuple(key_digest(k) for k in settings.api_keys)

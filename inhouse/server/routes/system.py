@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from inhouse.server.deps import AuthDep, ClientDep, MetricsDep, SettingsDep
 from inhouse.server.errors import APIError
 
 router = APIRouter()
-STARTED = int(time.time())
 
 
 @router.get("/health")
@@ -30,8 +27,9 @@ async def metrics(m: MetricsDep) -> Response:
     return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _model_card(settings) -> dict:
-    card = {"id": settings.model_name, "object": "model", "created": STARTED, "owned_by": "inhouse"}
+def _model_card(request: Request, settings) -> dict:
+    card = {"id": settings.model_name, "object": "model", "created": request.app.state.started_at,
+            "owned_by": "inhouse"}
     if settings.is_demo or settings.model_label:
         card["description"] = settings.model_label
     card["demo"] = settings.is_demo
@@ -39,13 +37,13 @@ def _model_card(settings) -> dict:
 
 
 @router.get("/v1/models", dependencies=[AuthDep])
-async def list_models(settings: SettingsDep) -> dict:
-    return {"object": "list", "data": [_model_card(settings)]}
+async def list_models(request: Request, settings: SettingsDep) -> dict:
+    return {"object": "list", "data": [_model_card(request, settings)]}
 
 
 @router.get("/v1/models/{model_id:path}", dependencies=[AuthDep])
-async def get_model(model_id: str, settings: SettingsDep) -> dict:
+async def get_model(model_id: str, request: Request, settings: SettingsDep) -> dict:
     if model_id != settings.model_name:
         raise APIError(404, f"the model '{model_id}' does not exist", param="model",
                        code="model_not_found")
-    return _model_card(settings)
+    return _model_card(request, settings)

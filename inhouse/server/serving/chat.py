@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from inhouse import __version__
 from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient, SamplingParams
 from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, FunctionTool,
@@ -151,7 +152,8 @@ class ChatCompletions:
         if isinstance(event, ToolCallDelta) and tool_choice != "none":
             if event.name is not None:
                 c.tool_calls.append({"id": new_id("call"), "type": "function",
-                                     "function": {"name": event.name, "arguments": ""}})
+                                     "function": {"name": event.name,
+                                                  "arguments": event.arguments}})
                 first = c.tool_calls[-1]
                 return {"tool_calls": [{"index": len(c.tool_calls) - 1, "id": first["id"],
                                         "type": "function",
@@ -224,8 +226,9 @@ class ChatCompletions:
     def _stops(req: ChatCompletionRequest) -> list[str]:
         return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
 
-    def _fingerprint(self) -> str:
-        return f"inhouse-{self.settings.model_name}"
+    @staticmethod
+    def _fingerprint() -> str:
+        return f"inhouse-{__version__}"
 
     def _record(self, choices: list[Choice]) -> None:
         for c in choices:
