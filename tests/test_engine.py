@@ -159,13 +159,18 @@ def test_both_modes_run_several_sequences_per_pass(model, mode):
 
 def test_forward_batch_matches_separate_forwards(model):
     ids = [torch.tensor(prompt(i, 5 + 6 * i)) for i in range(3)]
+    ids_mixed = ids + [torch.tensor(prompt(7, 80))]  # > 32 rows per expert: the dense path too
     caches = [model.new_cache() for _ in ids]
     with torch.inference_mode():
         batched = model.forward_batch(list(zip(ids, caches)))
         alone = torch.stack([model(x, cache=model.new_cache(), last_only=True)[0] for x in ids])
         independent = model.forward_batch([(x, model.new_cache()) for x in ids], independent=True)
+        mixed = model.forward_batch([(x, model.new_cache()) for x in ids_mixed], independent=True)
+        mixed_alone = torch.stack([model(x, cache=model.new_cache(), last_only=True)[0]
+                                   for x in ids_mixed])
     assert (batched - alone).abs().max() < 1e-4
     assert torch.equal(independent, alone)  # bit for bit
+    assert torch.equal(mixed, mixed_alone)
     assert [c.num_tokens for c in caches] == [5, 11, 17]
 
 
@@ -284,6 +289,25 @@ def test_async_streams_concurrent_requests_and_cancels(model):
         a, b, got = asyncio.run(main())
         assert a == greedy(model, prompt(1, 9), 7) and b == greedy(model, prompt(2, 14), 5)
         assert got == 3 and client.engine.kv.num_used == 0
+    finally:
+        client.shutdown()
+
+
+def test_async_engine_survives_a_failing_step(model, monkeypatch):
+    engine = LLMEngine(model)
+    client = AsyncEngine(engine)
+    real_step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(ValueError("sampler broke")))
+
+    async def one(rid):
+        return [o async for o in client.generate(rid, prompt(0, 5), SamplingParams(max_tokens=3))]
+
+    try:
+        outs = asyncio.run(one("a"))
+        assert outs[-1].finished and outs[-1].finish_reason == "error"
+        assert "sampler broke" in outs[-1].error and engine.kv.num_used == 0
+        monkeypatch.setattr(engine, "step", real_step)  # the thread is still serving
+        assert asyncio.run(one("b"))[-1].finish_reason == "length"
     finally:
         client.shutdown()
 

@@ -78,7 +78,12 @@ class AsyncEngine(EngineClient):
             for cmd in commands:
                 self._apply(cmd)
             if self.engine.has_unfinished():
-                for out in self.engine.step():
+                try:
+                    outs = self.engine.step()
+                except Exception as e:  # noqa: BLE001 - the thread must live on; fail the requests
+                    log.exception("engine step failed outside the model run")
+                    outs = self.engine.fail_all(f"{type(e).__name__}: {e}")
+                for out in outs:
                     self._deliver(out)
 
     def _apply(self, cmd: tuple) -> None:

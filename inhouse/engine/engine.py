@@ -77,6 +77,10 @@ class LLMEngine:
             return None
         return self._finish(seq, "abort", ())
 
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """Finish every queued and running request with finish_reason "error" (frees their KV)."""
+        return [self._finish(seq, "error", (), error=error) for seq in list(self._seqs.values())]
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

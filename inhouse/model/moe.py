@@ -77,15 +77,21 @@ class Experts(nn.Module):
             if not any(p[2][e] for p in plans):
                 continue
             proj = self.expert(e, x.dtype)  # anything it decodes is shared by all groups
+            shared, apart = [], []  # (rows, routing weights) of each group routed to e
             for row0, order, counts, offsets, flat_weights in plans:
-                if not counts[e]:
-                    continue
-                slots = order[offsets[e]:offsets[e + 1]]
-                rows = row0 + slots // k
-                h = proj.gate_up(x[rows]) + self.gate_up_proj_bias[e]  # (n, 2I)
+                if counts[e]:
+                    slots = order[offsets[e]:offsets[e + 1]]
+                    job = (row0 + slots // k, flat_weights[slots])
+                    (shared if proj.rows_independent(counts[e]) else apart).append(job)
+            # NOTE: rows whose results do not depend on the batch run in one call for all groups
+            # (each expert's bytes are read once); the others run group by group.
+            if len(shared) > 1:
+                shared = [(torch.cat([r for r, _ in shared]), torch.cat([w for _, w in shared]))]
+            for (rows, w), fused in [(j, True) for j in shared] + [(j, False) for j in apart]:
+                h = proj.gate_up(x[rows], fused) + self.gate_up_proj_bias[e]  # (n, 2I)
                 h = swiglu(h, self.alpha, self.limit)  # (n, I)
-                y = proj.down(h) + self.down_proj_bias[e]  # (n, H)
-                out.index_add_(0, rows, y * flat_weights[slots, None])
+                y = proj.down(h, fused) + self.down_proj_bias[e]  # (n, H)
+                out.index_add_(0, rows, y * w[:, None])
         return out
 
 
@@ -121,10 +127,15 @@ class ExpertProjections:
     """One expert's gate_up (rows (n, H) -> (n, 2I)) and down ((n, I) -> (n, H)), without biases.
     NOTE: a result row must depend only on its input row and on n (batch invariance)."""
 
-    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+    def rows_independent(self, n: int) -> bool:
+        """Would a group of n rows take the path whose rows are computed exactly as each row
+        alone (`fused=True` below)? Then several groups' rows may share one call."""
+        return False
+
+    def gate_up(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         raise NotImplementedError
 
-    def down(self, h: torch.Tensor) -> torch.Tensor:
+    def down(self, h: torch.Tensor, fused: bool) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -132,24 +143,25 @@ class DenseExpert(ExpertProjections):
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
         self.w1, self.w2 = w1, w2  # (H, 2I), (I, H)
 
-    def gate_up(self, x):
+    def gate_up(self, x, fused=False):
         return x @ self.w1
 
-    def down(self, h):
+    def down(self, h, fused=False):
         return h @ self.w2
 
 
 class PackedExpert(ExpertProjections):
-    """Few rows: the fused kernel, straight from the packed bytes. Many rows: decode once (for all
-    groups) and multiply densely. Either way the choice depends only on the group's row count."""
+    """Few rows per group: the fused kernel, straight from the packed bytes (rows of several groups
+    in one call). Many: decode once for all groups and multiply densely, group by group. The
+    choice depends only on the group's own row count."""
 
     def __init__(self, b1, s1, b2, s2, dtype: torch.dtype) -> None:
         self.b1, self.s1, self.b2, self.s2, self.dtype = b1, s1, b2, s2, dtype
         self._dense: DenseExpert | None = None
 
-    def _use_kernel(self, x: torch.Tensor) -> bool:
-        return (x.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu"
-                and mxfp4_kernel.available())
+    def rows_independent(self, n: int) -> bool:
+        # the kernel computes every row the same way whatever the batch (tested bit for bit)
+        return n <= KERNEL_MAX_ROWS and self.b1.device.type == "cpu" and mxfp4_kernel.available()
 
     def _decoded(self) -> DenseExpert:
         if self._dense is None:
@@ -157,13 +169,13 @@ class PackedExpert(ExpertProjections):
                                       dequantize(self.b2, self.s2, self.dtype).T)  # (I, H)
         return self._dense
 
-    def gate_up(self, x):
-        if self._use_kernel(x):
+    def gate_up(self, x, fused):
+        if fused:
             return mxfp4_kernel.matmul(x, self.b1, self.s1)
         return self._decoded().gate_up(x)
 
-    def down(self, h):
-        if self._use_kernel(h):
+    def down(self, h, fused):
+        if fused:
             return mxfp4_kernel.matmul(h, self.b2, self.s2)
         return self._decoded().down(h)
 
