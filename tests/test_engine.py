@@ -198,6 +198,18 @@ def test_stop_tokens_and_finish_reasons(model):
     assert outs == {"stop": ("stop", 3), "len": ("length", 4)}
 
 
+def test_kv_tensors_stay_within_the_reservation(model):
+    engine = LLMEngine(model, EngineConfig(prefill_chunk=7))
+    engine.add_request("a", prompt(0, 40), SamplingParams(max_tokens=13, temperature=0))
+    seq = engine._seqs["a"]
+    peak = 0
+    while engine.has_unfinished():
+        engine.step()
+        if seq.cache is not None:
+            peak = max(peak, max(l.k.shape[1] for l in seq.cache.layers))
+    assert seq.reserve_tokens == 53 and 40 <= peak <= 53  # doubling would have reached 64
+
+
 def test_cancel_frees_the_kv_cache(model):
     engine = LLMEngine(model)
     engine.add_request("a", prompt(0, 30), SamplingParams(max_tokens=50))

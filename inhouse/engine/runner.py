@@ -20,8 +20,8 @@ class ModelRunner:
         feeds = []
         for c in chunks:
             seq = c.seq
-            if seq.cache is None:
-                seq.cache = self.model.new_cache()
+            if seq.cache is None:  # never larger than what the KV budget reserved for it
+                seq.cache = self.model.new_cache(max_tokens=seq.reserve_tokens)
             ids = torch.tensor(seq.token_ids[seq.num_computed:seq.num_computed + c.num_tokens])
             feeds.append((ids, seq.cache))
         if len(feeds) == 1:

@@ -15,8 +15,9 @@ class LayerKVCache:
     """Keys/values of one layer. `extend` appends T new positions and returns what to attend over."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, window: int | None,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, max_tokens: int | None = None) -> None:
         self.window = window
+        self.max_tokens = max_tokens  # full layers never allocate beyond this (None: no cap)
         self.k = torch.empty(num_kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.start = 0  # absolute position of self.k[:, 0]
@@ -39,7 +40,10 @@ class LayerKVCache:
             return keys, vals, first
         need = self.length + T
         if need > self.k.shape[1]:
-            self._grow(max(need, 2 * self.k.shape[1], 16))
+            capacity = max(need, 2 * self.k.shape[1], 16)
+            if self.max_tokens is not None:
+                capacity = max(need, min(capacity, self.max_tokens))
+            self._grow(capacity)
         self.k[:, self.length:need] = k
         self.v[:, self.length:need] = v
         self.length = need
@@ -61,10 +65,13 @@ class KVCache:
     """One `LayerKVCache` per layer; `num_tokens` is the sequence length processed so far."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", max_tokens: int | None = None) -> None:
+        """`max_tokens`: the most positions this sequence will hold (the engine passes what it
+        reserved for the request), so that growth by doubling never overshoots it."""
         device = torch.device(device)
         self.layers = [LayerKVCache(config.num_key_value_heads, config.head_dim, config.window(i),
-                                    dtype, device) for i in range(config.num_hidden_layers)]
+                                    dtype, device, max_tokens)
+                       for i in range(config.num_hidden_layers)]
         self.num_tokens = 0
 
     def nbytes(self) -> int:

@@ -120,8 +120,8 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config, self.dtype, self.device)
+    def new_cache(self, max_tokens: int | None = None) -> KVCache:
+        return KVCache(self.config, self.dtype, self.device, max_tokens)
 
     def forward(self, token_ids: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
