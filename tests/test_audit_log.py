@@ -1,0 +1,150 @@
+"""The audit log detects every tampering of a sealed log: modification, deletion, insertion,
+reordering, truncation, forged checkpoints; and stays valid when content is erased."""
+
+import json
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from sqlalchemy import delete, insert, select, update
+
+from inhouse.governance import merkle
+from inhouse.governance.audit_log import (AuditLog, canonical, checkpoints_t, content_t, leaves_t,
+                                          load_signing_key)
+
+
+def new_log(tmp_path, n=12, every=5, name="audit.db"):
+    key = load_signing_key(tmp_path / "signing.key")
+    log = AuditLog(f"sqlite:///{tmp_path / name}", key, checkpoint_every=every,
+                   checkpoint_seconds=1e9)
+    for i in range(n):
+        log.append({"endpoint": "/v1/chat/completions", "prompt_ids_sha256": f"{i:064x}",
+                    "output_tokens": i}, content={"prompt": f"question {i}"},
+                   subject=f"s{i % 3}")
+    log.checkpoint()
+    return log, key.public_key()
+
+
+def rewrite(log, mutate):
+    """The strongest attacker: edit rows, then recompute every leaf hash consistently."""
+    with log.engine.begin() as conn:
+        rows = [json.loads(r.record) for r in conn.execute(select(leaves_t.c.record)
+                                                           .order_by(leaves_t.c.idx))]
+        rows = mutate(rows)
+        conn.execute(delete(leaves_t))
+        for i, body in enumerate(rows):
+            body["index"] = i
+            conn.execute(insert(leaves_t).values(
+                idx=i, record_id=body["record_id"], kind=body["kind"], subject=body["subject"],
+                created_at=body["created_at"], record=canonical(body).decode(),
+                leaf_hash=merkle.leaf_hash(canonical(body)).hex()))
+
+
+def test_a_clean_log_verifies(tmp_path):
+    log, pub = new_log(tmp_path)
+    report = log.verify(pub)
+    assert report.ok and report.num_records == 12 and report.num_checkpoints == 3
+    assert report.unsealed == 0
+
+
+def test_the_key_file_is_private(tmp_path):
+    load_signing_key(tmp_path / "k.pem")
+    assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0
+
+
+TAMPERS = {
+    "modify a field": lambda rows, i, j: [dict(r, output_tokens=999) if k == i else r
+                                          for k, r in enumerate(rows)],
+    "delete a record": lambda rows, i, j: rows[:i] + rows[i + 1:],
+    "insert a record": lambda rows, i, j: rows[:i] + [dict(rows[i], record_id="forged")] + rows[i:],
+    "swap two records": lambda rows, i, j: _swap(rows, i, j),
+    "truncate the end": lambda rows, i, j: rows[:i],
+}
+
+
+def _swap(rows, i, j):
+    rows = list(rows)
+    rows[i], rows[j] = rows[j], rows[i]
+    return rows
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(sorted(TAMPERS)), i=st.integers(0, 11), j=st.integers(0, 11),
+       n=st.integers(6, 12))
+def test_every_tampering_of_a_sealed_log_is_detected(tmp_path_factory, kind, i, j, n):
+    i, j = i % n, j % n
+    if kind == "swap two records" and i == j:
+        j = (i + 1) % n
+    tmp = tmp_path_factory.mktemp("t")
+    log, pub = new_log(tmp, n=n)
+    rewrite(log, lambda rows: TAMPERS[kind](rows, i, j))
+    report = log.verify(pub)
+    assert not report.ok, kind
+    assert report.first_bad_index is not None and report.first_bad_index <= max(i, j)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: r.replace('"output_tokens":7', '"output_tokens":8'),  # a value
+    lambda r: r + " ",  # even a byte that changes nothing when parsed
+])
+def test_a_naive_edit_is_pinned_to_its_record(tmp_path, edit):
+    log, pub = new_log(tmp_path)
+    with log.engine.begin() as conn:
+        row = conn.execute(select(leaves_t.c.record).where(leaves_t.c.idx == 7)).scalar_one()
+        conn.execute(update(leaves_t).where(leaves_t.c.idx == 7).values(record=edit(row)))
+    report = log.verify(pub)
+    assert not report.ok and report.first_bad_index == 7 and "modified" in report.problem
+
+
+def test_a_deleted_row_is_a_gap(tmp_path):
+    log, pub = new_log(tmp_path)
+    with log.engine.begin() as conn:
+        conn.execute(delete(leaves_t).where(leaves_t.c.idx == 4))
+    report = log.verify(pub)
+    assert report.first_bad_index == 4 and "missing" in report.problem
+
+
+def test_a_forged_checkpoint_fails_its_signature(tmp_path):
+    log, pub = new_log(tmp_path)
+    rewrite(log, lambda rows: [dict(r, output_tokens=0) for r in rows])
+    with log.engine.begin() as conn:  # the attacker also rewrites the roots...
+        hashes = [bytes.fromhex(h) for (h,) in conn.execute(select(leaves_t.c.leaf_hash)
+                                                             .order_by(leaves_t.c.idx))]
+        for (size,) in conn.execute(select(checkpoints_t.c.tree_size)).all():
+            conn.execute(update(checkpoints_t).where(checkpoints_t.c.tree_size == size)
+                         .values(root=merkle.root(hashes[:size]).hex()))
+    report = log.verify(pub)  # ...but cannot sign them
+    assert not report.ok and "bad signature" in report.problem
+
+
+def test_erasing_content_keeps_the_log_valid(tmp_path):
+    log, pub = new_log(tmp_path)
+    rid = log.list(subject="s1")[0]["record_id"]
+    assert log.content_of(rid) == {"prompt": f"question 1"}
+    with log.engine.begin() as conn:
+        conn.execute(delete(content_t))
+    assert log.content_of(rid) is None and log.verify(pub).ok
+
+
+def test_the_unsealed_tail_is_reported(tmp_path):
+    log, pub = new_log(tmp_path, n=7, every=100)
+    log.append({"endpoint": "x"})
+    report = log.verify(pub)
+    assert report.ok and report.unsealed == 1
+
+
+def test_concurrent_writers_get_contiguous_indexes(tmp_path):
+    key = load_signing_key(tmp_path / "k")
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    logs = [AuditLog(url, key, checkpoint_every=25) for _ in range(3)]  # three "processes"
+    def write(log, t):
+        for i in range(30):
+            log.append({"writer": t, "i": i})
+    threads = [threading.Thread(target=write, args=(logs[t % 3], t)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    logs[0].checkpoint()
+    report = logs[0].verify(key.public_key())
+    assert report.ok and report.num_records == 180
