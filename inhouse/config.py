@@ -423,6 +423,12 @@ class ServerSettings:
     max_n: int = 8
     max_body_bytes: int = 8 << 20
     log_bodies: bool = False  # NOTE: logs prompt text; off by default, loud warning when on
+    # audit log: one record per request (see inhouse.governance.audit_log)
+    audit: bool = True
+    audit_database_url: str = ""  # "" -> sqlite file in the cache
+    audit_content: str = "none"  # "none": hashes only; "full": ids and text, in the erasable table
+    model_digest: str = ""  # sha256 over the checkpoint files
+    engine_mode: str = ""
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -430,6 +436,9 @@ class ServerSettings:
         for f in ("default_max_tokens", "max_n", "max_body_bytes"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"server setting '{f}' must be positive")
+        if self.audit_content not in ("none", "full"):
+            raise ConfigError("server setting 'audit_content' must be 'none' or 'full' "
+                              "('redacted' arrives with PII detection)")
 
 
 def cache_root() -> Path:

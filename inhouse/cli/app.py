@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from inhouse import __version__
+from inhouse.cli.audit import audit_app
 from inhouse.cli.common import DType, Effort, cli_errors, err, open_engine, out
 from inhouse.errors import InhouseError
 
@@ -20,6 +21,7 @@ app = typer.Typer(help="inhouse: run gpt-oss models on your own hardware, privat
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 demo_app = typer.Typer(help="Demo checkpoints that need no download.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
+app.add_typer(audit_app, name="audit")
 
 def _gib(n: int) -> str:
     if n >= 2**28:
@@ -206,11 +208,16 @@ def serve(
     mode: Annotated[str, typer.Option(help="Engine mode: reproducible (bit-identical seeded "
                                       "outputs at any batch size) or batched.")] = "reproducible",
     log_bodies: Annotated[bool, typer.Option(help="Log request bodies (prompts!). Off by default.")] = False,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL for the audit log and "
+                                                     "stored responses (default: SQLite in the cache).")] = None,
+    audit_content: Annotated[str, typer.Option(help="What the audit log keeps of prompts and answers: "
+                                               "none (hashes) or full (in an erasable table).")] = "none",
 ) -> None:
-    """Serve the OpenAI-compatible API (Chat Completions) on HOST:PORT."""
+    """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
 
-    run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies)
+    run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies,
+               database_url or "", audit_content)
 
 
 @app.command()

@@ -40,7 +40,8 @@ def resolve_model(model: str | None) -> tuple[Path, str, bool]:
 
 
 def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib: float,
-          api_keys: list[str], dtype: DType, mode: str, log_bodies: bool) -> None:
+          api_keys: list[str], dtype: DType, mode: str, log_bodies: bool, database_url: str = "",
+          audit_content: str = "none") -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -49,14 +50,20 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     from inhouse.model import find_checkpoint, load_model
     from inhouse.server import build_app
 
+    from inhouse.model.digest import checkpoint_digest
+
     path, name, demo = resolve_model(model)
-    find_checkpoint(path)
+    info = find_checkpoint(path)
     if demo:
         dtype = DType.float32
     engine_cfg = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(512, max_batch),
                               kv_budget_bytes=int(kv_budget_gib * 2**30), mode=mode)
+    err.print("[dim]computing the model digest (cached after the first time) ...[/dim]")
     settings = ServerSettings(model_name=name, model_label=DEMO_LABEL if demo else str(path),
-                              is_demo=demo, api_keys=tuple(api_keys), log_bodies=log_bodies)
+                              is_demo=demo, api_keys=tuple(api_keys), log_bodies=log_bodies,
+                              database_url=database_url, audit_database_url=database_url,
+                              audit_content=audit_content, model_digest=checkpoint_digest(info),
+                              engine_mode=mode)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     err.print(f"[dim]loading {path} ...[/dim]")
     client = AsyncEngine(LLMEngine(load_model(path, dtype=dtype.torch), engine_cfg))

@@ -261,6 +261,19 @@ class AuditLog:
         sealed = previous.tree_size if previous is not None else 0
         return VerifyReport(True, n, len(cps), n - sealed)
 
+    def add_content(self, record_id: str, extra: dict) -> None:
+        """Merge `extra` into a record's erasable content."""
+        with self._lock, self.engine.begin() as conn:
+            row = conn.execute(select(content_t.c.content)
+                               .where(content_t.c.record_id == record_id)).first()
+            merged = (json.loads(row.content) if row else {}) | extra
+            if row:
+                conn.execute(update(content_t).where(content_t.c.record_id == record_id)
+                             .values(content=canonical(merged).decode()))
+            else:
+                conn.execute(insert(content_t).values(record_id=record_id,
+                                                      content=canonical(merged).decode()))
+
     def content_of(self, record_id: str) -> dict | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(content_t.c.content)

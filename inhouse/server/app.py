@@ -12,6 +12,8 @@ from inhouse import __version__
 from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient
 from inhouse.server.deps import key_digest
+from inhouse.governance.audit_log import AuditLog
+from inhouse.server.audit import Auditor, open_audit_log
 from inhouse.server.errors import APIError, install_handlers
 from inhouse.server.metrics import Metrics
 from inhouse.server.routes import chat, responses, system
@@ -23,9 +25,10 @@ log = logging.getLogger("inhouse.server")
 
 
 def build_app(client: EngineClient, settings: ServerSettings,
-              store: ResponseStore | None = None) -> FastAPI:
-    """The app around an engine client. `store` keeps stored Responses; by default it opens
-    `settings.database_url` (a SQLite file in the cache when that is empty)."""
+              store: ResponseStore | None = None, audit_log: AuditLog | None = None) -> FastAPI:
+    """The app around an engine client. `store` keeps stored Responses (default: opens
+    `settings.database_url`, a SQLite file in the cache when empty); `audit_log` receives one
+    record per request when `settings.audit` (default: opens `settings.audit_database_url`)."""
     app = FastAPI(title="inhouse", version=__version__,
                   description="OpenAI-compatible API for self-hosted gpt-oss models.")
     app.state.started_at = int(time.time())
@@ -33,12 +36,16 @@ def build_app(client: EngineClient, settings: ServerSettings,
     app.state.settings = settings
     app.state.key_digests = tuple(key_digest(k) for k in settings.api_keys)
     app.state.metrics = Metrics(client)
-    app.state.chat = ChatCompletions(client, settings, app.state.metrics)
+    if settings.audit and audit_log is None:
+        audit_log = open_audit_log(settings)
+    app.state.audit_log = audit_log if settings.audit else None
+    auditor = Auditor(app.state.audit_log, settings)
+    app.state.chat = ChatCompletions(client, settings, app.state.metrics, auditor)
     if store is None:
         from inhouse.server.store import default_url
         from inhouse.config import cache_root
         store = ResponseStore(settings.database_url or default_url(cache_root()))
-    app.state.responses = Responses(client, settings, app.state.metrics, store)
+    app.state.responses = Responses(client, settings, app.state.metrics, store, auditor)
     install_handlers(app)
     if settings.log_bodies:
         log.warning("REQUEST BODY LOGGING IS ON: prompts and answers are written to the log")

@@ -17,8 +17,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = request.app.state.chat
     request_id = new_id("chatcmpl")
     request.state.request_id = request_id
+    subject = request.headers.get("x-subject-id") or body.user
     if body.stream:
-        events = await service.stream(body, request_id)
+        events = await service.stream(body, request_id, subject)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(await service.create(body, request_id))
+    return JSONResponse(await service.create(body, request_id, subject))

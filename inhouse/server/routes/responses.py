@@ -14,11 +14,12 @@ router = APIRouter(dependencies=[AuthDep])
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request):
     service = request.app.state.responses
+    subject = request.headers.get("x-subject-id") or body.user
     if body.stream:
-        events = await service.stream(body)
+        events = await service.stream(body, subject)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(await service.create(body))
+    return JSONResponse(await service.create(body, subject))
 
 
 @router.get("/v1/responses/{response_id}")

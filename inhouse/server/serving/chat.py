@@ -16,6 +16,7 @@ from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, Funct
                              ToolCallDone, decode, tool_call_prefix)
 from inhouse.pipeline import ChatTurn, Finished, TokenEvent, stream_chat
 from inhouse.server.errors import APIError
+from inhouse.server.audit import Auditor
 from inhouse.server.metrics import Metrics
 from inhouse.server.protocol.chat import ChatCompletionRequest, NamedToolChoice
 from inhouse.server.serving.common import (EFFORT, StopMatcher, check_model, max_tokens_for,
@@ -40,11 +41,13 @@ class Choice:
     stopped_by_string: bool = False
     request_id: str = ""
     abort_sent: bool = False
+    subject: str | None = None
 
 
 class ChatCompletions:
-    def __init__(self, client: EngineClient, settings: ServerSettings, metrics: Metrics) -> None:
-        self.client, self.settings, self.metrics = client, settings, metrics
+    def __init__(self, client: EngineClient, settings: ServerSettings, metrics: Metrics,
+                 auditor: Auditor) -> None:
+        self.client, self.settings, self.metrics, self.auditor = client, settings, metrics, auditor
 
     # ---- request -> turns ----------------------------------------------------------------
     def turns(self, req: ChatCompletionRequest, request_id: str) -> list[ChatTurn]:
@@ -116,13 +119,21 @@ class ChatCompletions:
                            param=f"messages[{i}].content")
         return ChatMessage(m.role, text)
 
-    async def _streams(self, req: ChatCompletionRequest, request_id: str):
-        """(choices, started streams): refusals raise APIError here, before any output."""
+    async def _streams(self, req: ChatCompletionRequest, request_id: str, subject: str | None):
+        """(choices, started streams): refusals raise APIError here, before any output. Each
+        choice's audit record is committed before its generation starts."""
         turns = self.turns(req, request_id)
-        choices = [Choice(i, StopMatcher(self._stops(req)), request_id=t.request_id)
-                   for i, t in enumerate(turns)]
-        # rendering happens as each stream starts: a ConversationError surfaces there as a 400
-        return choices, await start_streams([stream_chat(self.client, t) for t in turns])
+        choices = [Choice(i, StopMatcher(self._stops(req)), request_id=t.request_id,
+                          subject=subject) for i, t in enumerate(turns)]
+        for t in turns:
+            await self.auditor.start(t.request_id, "/v1/chat/completions", subject, t)
+        try:
+            # rendering happens as each stream starts: a ConversationError surfaces as a 400
+            return choices, await start_streams([stream_chat(self.client, t) for t in turns])
+        except APIError as e:
+            for t in turns:
+                await self.auditor.refused(t.request_id, subject, e.status)
+            raise
 
     # ---- events -> choice state --------------------------------------------------------------
     def _apply(self, c: Choice, event, tool_choice) -> dict | None:
@@ -201,11 +212,18 @@ class ChatCompletions:
             c.abort_sent = True
             await self.client.abort(c.request_id)
 
-    async def create(self, req: ChatCompletionRequest, request_id: str) -> dict:
-        choices, streams = await self._streams(req, request_id)
+    async def _audit(self, c: Choice) -> None:
+        if c.finished is not None:
+            await self.auditor.complete(c.request_id, c.subject, c.finished, c.content)
+
+    async def create(self, req: ChatCompletionRequest, request_id: str,
+                     subject: str | None = None) -> dict:
+        choices, streams = await self._streams(req, request_id, subject)
         async for i, event in merge(streams):
             self._apply(choices[i], event, req.tool_choice)
             await self._stop_if_matched(choices[i])
+            if isinstance(event, Finished):
+                await self._audit(choices[i])
         self._record(choices)
         return {
             "id": request_id, "object": "chat.completion", "created": int(time.time()),
@@ -239,8 +257,9 @@ class ChatCompletions:
                             c.request_id, len(c.warnings), c.warnings[0])
 
     # ---- streaming -------------------------------------------------------------------------------
-    async def stream(self, req: ChatCompletionRequest, request_id: str) -> AsyncIterator[str]:
-        choices, streams = await self._streams(req, request_id)  # raises before streaming
+    async def stream(self, req: ChatCompletionRequest, request_id: str,
+                     subject: str | None = None) -> AsyncIterator[str]:
+        choices, streams = await self._streams(req, request_id, subject)  # raises before streaming
         return self._sse(req, request_id, choices, streams)
 
     async def _sse(self, req, request_id, choices, streams) -> AsyncIterator[str]:
@@ -265,6 +284,7 @@ class ChatCompletions:
                     lp = {"content": c.logprobs[seen:]} if req.logprobs and "content" in delta else None
                     yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
                 if isinstance(event, Finished):
+                    await self._audit(c)
                     try:
                         reason = self._finish_reason(c)
                     except APIError as e:

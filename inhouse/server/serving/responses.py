@@ -15,6 +15,7 @@ from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, Funct
                              ToolCallDone, tool_call_prefix)
 from inhouse.pipeline import ChatTurn, Finished, TokenEvent, stream_chat
 from inhouse.server.errors import APIError
+from inhouse.server.audit import Auditor
 from inhouse.server.metrics import Metrics
 from inhouse.server.protocol.responses import (FunctionCallItem, FunctionCallOutputItem,
                                                MessageItem, NamedFunction, ReasoningItem,
@@ -145,8 +146,9 @@ class ResponseBuilder:
 
 class Responses:
     def __init__(self, client: EngineClient, settings: ServerSettings, metrics: Metrics,
-                 store: ResponseStore) -> None:
+                 store: ResponseStore, auditor: Auditor) -> None:
         self.client, self.settings, self.metrics, self.store = client, settings, metrics, store
+        self.auditor = auditor
 
     # ---- request -> turn ---------------------------------------------------------------------
     async def _history(self, req: ResponsesRequest) -> list[dict]:
@@ -242,34 +244,43 @@ class Responses:
             "metadata": req.metadata or {},
         }
 
-    async def _start(self, req: ResponsesRequest):
+    async def _start(self, req: ResponsesRequest, subject: str | None):
         response_id = new_id("resp")
         turn, items = await self._turn(req, response_id)
-        (stream,) = await start_streams([stream_chat(self.client, turn)])
+        await self.auditor.start(response_id, "/v1/responses", subject, turn)
+        try:
+            (stream,) = await start_streams([stream_chat(self.client, turn)])
+        except APIError as e:
+            await self.auditor.refused(response_id, subject, e.status)
+            raise
         return ResponseBuilder(self._skeleton(req, response_id)), stream, items
 
-    async def _finish(self, req, builder: ResponseBuilder, items, f: Finished) -> list[dict]:
+    async def _finish(self, req, builder: ResponseBuilder, items, f: Finished,
+                      subject: str | None) -> list[dict]:
         events = builder.finish(f)
         self.metrics.observe_turn(f)
+        text = "".join(p["text"] for o in builder.output if o["type"] == "message"
+                       for p in o["content"])
+        await self.auditor.complete(builder.response["id"], subject, f, text)
         if req.store:
             await asyncio.to_thread(self.store.save, builder.response, items)
         return events
 
     # ---- API ------------------------------------------------------------------------------------
-    async def create(self, req: ResponsesRequest) -> dict:
-        builder, stream, items = await self._start(req)
+    async def create(self, req: ResponsesRequest, subject: str | None = None) -> dict:
+        builder, stream, items = await self._start(req, subject)
         async for ev in stream:
             if isinstance(ev, Finished):
-                await self._finish(req, builder, items, ev)
+                await self._finish(req, builder, items, ev, subject)
             elif not isinstance(ev, TokenEvent):
                 builder.on(ev)
         return builder.response
 
-    async def stream(self, req: ResponsesRequest) -> AsyncIterator[str]:
-        builder, stream, items = await self._start(req)  # refusals raise before streaming
-        return self._sse(req, builder, stream, items)
+    async def stream(self, req: ResponsesRequest, subject: str | None = None) -> AsyncIterator[str]:
+        builder, stream, items = await self._start(req, subject)  # refusals raise before streaming
+        return self._sse(req, builder, stream, items, subject)
 
-    async def _sse(self, req, builder, stream, items) -> AsyncIterator[str]:
+    async def _sse(self, req, builder, stream, items, subject) -> AsyncIterator[str]:
         def sse(e: dict) -> str:
             return f"event: {e['type']}\ndata: {json.dumps(e, ensure_ascii=False)}\n\n"
 
@@ -278,7 +289,7 @@ class Responses:
         try:
             async for ev in stream:
                 if isinstance(ev, Finished):
-                    events = await self._finish(req, builder, items, ev)
+                    events = await self._finish(req, builder, items, ev, subject)
                 elif isinstance(ev, TokenEvent):
                     continue
                 else:

@@ -1,0 +1,79 @@
+"""`inhouse audit ...`: verify the log, list and show records."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from inhouse.cli.common import cli_errors, out
+
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+
+DbOpt = Annotated[str | None, typer.Option("--database-url", help="SQLAlchemy URL of the audit "
+                                           "database (default: the SQLite file in the cache).")]
+KeyOpt = Annotated[Path | None, typer.Option("--key", help="Ed25519 signing key file (default: "
+                                             "audit-signing.key in the cache).")]
+
+
+def _open(database_url: str | None, key: Path | None):
+    from inhouse.config import cache_root
+    from inhouse.errors import InhouseError
+    from inhouse.governance.audit_log import AuditLog, load_signing_key
+
+    url = database_url or f"sqlite:///{cache_root() / 'audit.db'}"
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise InhouseError(f"no audit database at {url}")
+    key_path = key or cache_root() / "audit-signing.key"
+    if not key_path.is_file():
+        raise InhouseError(f"no signing key at {key_path}; pass --key")
+    return AuditLog(url, load_signing_key(key_path)), load_signing_key(key_path).public_key()
+
+
+@audit_app.command()
+@cli_errors
+def verify(database_url: DbOpt = None, key: KeyOpt = None) -> None:
+    """Check every record, the signed checkpoints and their consistency; name the first bad record."""
+    log, public = _open(database_url, key)
+    report = log.verify(public)
+    if report.ok:
+        out.print(f"[green]ok[/green]: {report.num_records} records, {report.num_checkpoints} signed "
+                  f"checkpoints, {report.unsealed} records after the last checkpoint")
+        return
+    out.print(f"[red]TAMPERED[/red]: first bad record {report.first_bad_index}: {report.problem}")
+    raise typer.Exit(3)
+
+
+@audit_app.command("list")
+@cli_errors
+def list_records(database_url: DbOpt = None, key: KeyOpt = None,
+                 subject: Annotated[str | None, typer.Option(help="Only this subject id.")] = None,
+                 since: Annotated[float | None, typer.Option(help="Only records from the last N hours.")] = None,
+                 limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 50) -> None:
+    """List records (newest last): index, time, record id, kind, subject, endpoint or outcome."""
+    log, _ = _open(database_url, key)
+    cutoff = time.time() - since * 3600 if since is not None else None
+    t = Table("index", "time", "record", "kind", "subject", "detail")
+    for r in log.list(subject, cutoff, limit):
+        detail = r.get("endpoint") or f"{r.get('finish_reason')} {r.get('completion_tokens', '')}"
+        t.add_row(str(r["index"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
+                  r["record_id"], r["kind"], r.get("subject") or "", str(detail))
+    out.print(t)
+
+
+@audit_app.command()
+@cli_errors
+def show(record_id: Annotated[str, typer.Argument(help="The record id (a request id).")],
+         database_url: DbOpt = None, key: KeyOpt = None) -> None:
+    """Print a record's leaves (and its content, if kept) as JSON."""
+    from inhouse.errors import InhouseError
+
+    log, _ = _open(database_url, key)
+    leaves = log.get(record_id)
+    if not leaves:
+        raise InhouseError(f"no audit record {record_id}")
+    out.print_json(json.dumps(leaves, ensure_ascii=False))

@@ -1,0 +1,81 @@
+"""What the server writes to the audit log for each request: a `request` leaf before generation
+starts (so a crash leaves an honest incomplete entry) and a `completion` leaf before the response
+completes. Leaves hold salted hashes of the token ids; with `audit_content="full"` the exact ids
+and texts go to the erasable content table."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+import secrets
+
+from inhouse import __version__
+from inhouse.config import ServerSettings, cache_root
+from inhouse.governance.audit_log import AuditLog, load_signing_key
+from inhouse.pipeline import ChatTurn, Finished
+
+
+def _salt() -> bytes:
+    """A per-deployment secret, so that hashes of short prompts cannot be guessed offline."""
+    path = cache_root() / "audit-salt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def open_audit_log(settings: ServerSettings) -> AuditLog:
+    url = settings.audit_database_url or f"sqlite:///{cache_root() / 'audit.db'}"
+    if url.startswith("sqlite:///"):
+        cache_root().mkdir(parents=True, exist_ok=True)
+    return AuditLog(url, load_signing_key(cache_root() / "audit-signing.key"))
+
+
+class Auditor:
+    def __init__(self, log: AuditLog | None, settings: ServerSettings) -> None:
+        self.log, self.settings = log, settings
+        self._salt = _salt() if log is not None else b""
+
+    def _hash(self, ids) -> str:
+        return hashlib.sha256(self._salt + ",".join(map(str, ids)).encode()).hexdigest()
+
+    async def start(self, record_id: str, endpoint: str, subject: str | None, turn: ChatTurn) -> None:
+        if self.log is None:
+            return
+        params = dataclasses.asdict(turn.params)
+        record = {"endpoint": endpoint, "model": self.settings.model_name,
+                  "model_digest": self.settings.model_digest, "adapter_digest": None,
+                  "engine": {"version": __version__, "mode": self.settings.engine_mode},
+                  "params": params, "reasoning_effort": turn.options.reasoning_effort,
+                  "num_messages": len(turn.messages),
+                  "tools": [t.name for t in turn.options.tools], "content_mode": self.settings.audit_content}
+        content = None
+        if self.settings.audit_content == "full":
+            content = {"messages": [dataclasses.asdict(m) for m in turn.messages]}
+        await asyncio.to_thread(self.log.append, record, content, record_id, "request", subject)
+
+    async def refused(self, record_id: str, subject: str | None, status: int) -> None:
+        if self.log is not None:
+            await asyncio.to_thread(self.log.append, {"finish_reason": "refused", "status": status},
+                                    None, record_id, "completion", subject)
+
+    async def complete(self, record_id: str, subject: str | None, f: Finished,
+                       answer: str | None = None) -> None:
+        if self.log is None:
+            return
+        record = {"finish_reason": f.finish_reason, "seed": f.seed,
+                  "prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+                  "reasoning_tokens": f.reasoning_tokens,
+                  "prompt_ids_sha256": self._hash(f.prompt_ids),
+                  "output_ids_sha256": self._hash(f.output_ids),
+                  "time_to_first_token_s": round(f.time_to_first_token_s, 4),
+                  "total_s": round(f.total_s, 4)}
+        await asyncio.to_thread(self.log.append, record, None, record_id, "completion", subject)
+        if self.settings.audit_content == "full":
+            await asyncio.to_thread(self.log.add_content, record_id,
+                                    {"prompt_ids": list(f.prompt_ids), "output_ids": list(f.output_ids),
+                                     "answer": answer})

@@ -1,0 +1,90 @@
+"""Every request through the real server leaves verifiable audit records."""
+
+import json
+
+import httpx
+import pytest
+from sqlalchemy import update
+from typer.testing import CliRunner
+
+from inhouse.cli import app as cli
+from inhouse.config import ServerSettings, cache_root
+from inhouse.governance.audit_log import AuditLog, leaves_t, load_signing_key
+from inhouse.server import build_app
+from tests.server_utils import ScriptedEngine, running_server
+from tests.test_server_chat import FINAL
+
+MODEL = "tiny-test"
+
+
+@pytest.fixture
+def audited(tmp_path):
+    key = load_signing_key(cache_root() / "audit-signing.key")
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    log = AuditLog(url, key, checkpoint_every=4)
+    settings = ServerSettings(model_name=MODEL, audit_content="full", model_digest="sha256:abc",
+                              engine_mode="reproducible")
+    return log, url, key, settings
+
+
+def test_requests_leave_start_and_completion_records_that_verify(audited):
+    log, url, key, settings = audited
+    engine = ScriptedEngine(FINAL)
+    with running_server(build_app(engine, settings, audit_log=log)) as u:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "seed": 3}
+        r = httpx.post(f"{u}/v1/chat/completions", json=body, headers={"X-Subject-Id": "patient-7"})
+        assert r.status_code == 200
+        httpx.post(f"{u}/v1/chat/completions", json=body | {"stream": True, "user": "u2"})
+        httpx.post(f"{u}/v1/responses", json={"model": MODEL, "input": "Hi", "user": "u3"})
+    records = log.list()
+    assert [(x["kind"], x["subject"]) for x in records] == [
+        ("request", "patient-7"), ("completion", "patient-7"), ("request", "u2"),
+        ("completion", "u2"), ("request", "u3"), ("completion", "u3")]
+    start, done = log.get(records[0]["record_id"])
+    assert start["model_digest"] == "sha256:abc" and start["params"]["seed"] == 3
+    assert start["engine"]["mode"] == "reproducible"
+    assert done["finish_reason"] == "stop" and done["completion_tokens"] > 0
+    assert len(done["prompt_ids_sha256"]) == 64
+    content = start["content"]
+    assert content["messages"][0]["content"] == "Hello" and content["answer"] == "Sunny, 20 C in Paris."
+    assert content["prompt_ids"] == engine.prompts[0]
+    log.checkpoint()
+    assert log.verify(key.public_key()).ok
+
+
+def test_a_refused_request_is_recorded_as_refused(audited):
+    log, url, key, settings = audited
+    with running_server(build_app(ScriptedEngine(queue_full=True), settings, audit_log=log)) as u:
+        r = httpx.post(f"{u}/v1/chat/completions",
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 429
+    assert [x["kind"] for x in log.list()] == ["request", "completion"]
+    assert log.list()[-1]["finish_reason"] == "refused"
+
+
+def test_audit_cli_verify_list_show_and_detect_tampering(audited):
+    log, url, key, settings = audited
+    with running_server(build_app(ScriptedEngine(FINAL), settings, audit_log=log)) as u:
+        for i in range(3):
+            httpx.post(f"{u}/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": f"q{i}"}], "user": f"s{i}"})
+    log.checkpoint()
+    runner = CliRunner()
+    args = ["--database-url", url]
+    ok = runner.invoke(cli, ["audit", "verify", *args])
+    assert ok.exit_code == 0 and "ok: 6 records" in ok.stdout
+    listed = runner.invoke(cli, ["audit", "list", *args, "--subject", "s1"])
+    assert listed.exit_code == 0 and "s1" in listed.stdout and "s0" not in listed.stdout
+    rid = log.list(subject="s2")[0]["record_id"]
+    shown = runner.invoke(cli, ["audit", "show", rid, *args])
+    assert shown.exit_code == 0 and json.loads(shown.stdout)[0]["record_id"] == rid
+    with log.engine.begin() as conn:  # an insider edits a record's token count
+        conn.execute(update(leaves_t).where(leaves_t.c.idx == 3).values(
+            record=leaves_t.c.record.op("||")("")))
+        row = conn.execute(leaves_t.select().where(leaves_t.c.idx == 3)).first()
+        conn.execute(update(leaves_t).where(leaves_t.c.idx == 3).values(
+            record=row.record.replace('"completion_tokens":', '"completion_tokens":1')))
+    bad = runner.invoke(cli, ["audit", "verify", *args])
+    assert bad.exit_code == 3 and "first bad record 3" in bad.stdout
+    missing = runner.invoke(cli, ["audit", "show", "nope", *args])
+    assert missing.exit_code == 1 and missing.output.startswith("error: no audit record nope")
