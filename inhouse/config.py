@@ -429,6 +429,8 @@ class ServerSettings:
     audit_content: str = "none"  # "none": hashes only; "full": ids and text, in the erasable table
     model_digest: str = ""  # sha256 over the checkpoint files
     engine_mode: str = ""
+    model_dtype: str = ""  # "bfloat16" | "float32": replay needs the same arithmetic
+    kernel: str = ""  # which MXFP4 path ran: "avx2" | "portable" | "torch"
 
     def __post_init__(self) -> None:
         if not self.model_name:

@@ -88,3 +88,49 @@ def test_audit_cli_verify_list_show_and_detect_tampering(audited):
     assert bad.exit_code == 3 and "first bad record 3" in bad.stdout
     missing = runner.invoke(cli, ["audit", "show", "nope", *args])
     assert missing.exit_code == 1 and missing.output.startswith("error: no audit record nope")
+
+
+def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
+    from inhouse.engine import AsyncEngine, LLMEngine
+    from inhouse.model import find_checkpoint, load_model
+    from inhouse.model.digest import checkpoint_digest
+    from inhouse.cli.serve import kernel_name
+    from inhouse.config import EngineConfig
+
+    path = checkpoints["hf"]
+    key = load_signing_key(cache_root() / "audit-signing.key")
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    log = AuditLog(url, key)
+    settings = ServerSettings(model_name=MODEL, audit_content="full", engine_mode="reproducible",
+                              model_digest=checkpoint_digest(find_checkpoint(path)),
+                              model_dtype="float32", kernel=kernel_name())
+    engine = AsyncEngine(LLMEngine(load_model(path), EngineConfig(mode="reproducible")))
+    try:
+        with running_server(build_app(engine, settings, audit_log=log)) as u:
+            bodies = [{"model": MODEL, "messages": [{"role": "user", "content": f"Tell me {i}"}],
+                       "max_tokens": 12, "temperature": 1.0, **({"seed": 5} if i else {})}
+                      for i in range(3)]  # concurrent, one without a seed (drawn and logged)
+            import concurrent.futures as cf
+            with cf.ThreadPoolExecutor(3) as pool:
+                list(pool.map(lambda b: httpx.post(f"{u}/v1/chat/completions", json=b, timeout=60), bodies))
+    finally:
+        engine.shutdown()
+    runner = CliRunner()
+    for rid in {r["record_id"] for r in log.list()}:
+        res = runner.invoke(cli, ["audit", "replay", rid, "--model", str(path), "--database-url", url])
+        assert res.exit_code == 0 and "identical" in res.stdout, res.output
+    other = runner.invoke(cli, ["audit", "replay", log.list()[0]["record_id"], "--model",
+                                str(checkpoints["original"]), "--database-url", url])
+    assert other.exit_code == 1 and "refusing to replay" in other.output
+
+
+def test_replay_needs_the_token_ids(audited):
+    log, url, key, settings = audited
+    settings = ServerSettings(model_name=MODEL, audit_content="none")
+    with running_server(build_app(ScriptedEngine(FINAL), settings, audit_log=log)) as u:
+        httpx.post(f"{u}/v1/chat/completions",
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+    rid = log.list()[0]["record_id"]
+    res = CliRunner().invoke(cli, ["audit", "replay", rid, "--model", "/nonexistent",
+                                   "--database-url", url])
+    assert res.exit_code == 1 and "kept no token ids" in res.output

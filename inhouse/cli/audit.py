@@ -77,3 +77,22 @@ def show(record_id: Annotated[str, typer.Argument(help="The record id (a request
     if not leaves:
         raise InhouseError(f"no audit record {record_id}")
     out.print_json(json.dumps(leaves, ensure_ascii=False))
+
+
+@audit_app.command()
+@cli_errors
+def replay(record_id: Annotated[str, typer.Argument(help="The record id to replay.")],
+           model: Annotated[Path, typer.Option(help="The checkpoint the record was produced by.")],
+           database_url: DbOpt = None, key: KeyOpt = None) -> None:
+    """Re-run a logged request (prompt ids, params, seed) in reproducible mode and report whether
+    the output ids are bit-identical. Refuses if the model's digest differs from the record's."""
+    from inhouse.replay import replay as run_replay
+
+    log, _ = _open(database_url, key)
+    r = run_replay(log, record_id, model)
+    if r.identical:
+        out.print(f"[green]identical[/green]: {r.num_replayed} output tokens reproduced bit for bit")
+        return
+    out.print(f"[red]DIFFERENT[/red]: first difference at output token {r.first_difference} "
+              f"({r.num_logged} logged, {r.num_replayed} replayed)")
+    raise typer.Exit(3)

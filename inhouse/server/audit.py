@@ -49,7 +49,8 @@ class Auditor:
         params = dataclasses.asdict(turn.params)
         record = {"endpoint": endpoint, "model": self.settings.model_name,
                   "model_digest": self.settings.model_digest, "adapter_digest": None,
-                  "engine": {"version": __version__, "mode": self.settings.engine_mode},
+                  "engine": {"version": __version__, "mode": self.settings.engine_mode,
+                             "dtype": self.settings.model_dtype, "kernel": self.settings.kernel},
                   "params": params, "reasoning_effort": turn.options.reasoning_effort,
                   "num_messages": len(turn.messages),
                   "tools": [t.name for t in turn.options.tools], "content_mode": self.settings.audit_content}

@@ -1,0 +1,68 @@
+"""Replay an audited request: same model (by digest), same prompt ids, params and seed, through
+the engine's reproducible mode; are the output ids bit-identical to the logged ones?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inhouse.config import EngineConfig
+from inhouse.engine import LLMEngine, SamplingParams
+from inhouse.errors import InhouseError
+from inhouse.governance.audit_log import AuditLog
+from inhouse.model import find_checkpoint, load_model, mxfp4_kernel
+from inhouse.model.digest import checkpoint_digest
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    record_id: str
+    identical: bool
+    num_logged: int
+    num_replayed: int
+    first_difference: int | None  # index of the first differing output token
+
+
+def _kernel() -> str:
+    if not mxfp4_kernel.available():
+        return "torch"
+    return "avx2" if mxfp4_kernel.uses_simd() else "portable"
+
+
+def replay(log: AuditLog, record_id: str, model_path: Path) -> ReplayReport:
+    leaves = log.get(record_id)
+    if not leaves:
+        raise InhouseError(f"no audit record {record_id}")
+    start = leaves[0]
+    done = next((l for l in leaves if l["kind"] == "completion"), None)
+    if done is None or done.get("finish_reason") in ("refused", "error"):
+        raise InhouseError(f"record {record_id} has no completed generation to replay")
+    content = start.get("content") or {}
+    if "prompt_ids" not in content or "output_ids" not in content:
+        raise InhouseError(f"record {record_id} kept no token ids (audit content 'none', or "
+                           "erased): replay needs them; serve with --audit-content full")
+    info = find_checkpoint(model_path)
+    digest = checkpoint_digest(info)
+    if digest != start["model_digest"]:
+        raise InhouseError(f"refusing to replay: the model at {model_path} has digest {digest}, "
+                           f"the record was produced by {start['model_digest']}")
+    engine_info = start.get("engine", {})
+    if engine_info.get("kernel") and engine_info["kernel"] != _kernel():
+        raise InhouseError(f"refusing to replay: the record ran the '{engine_info['kernel']}' "
+                           f"MXFP4 path, this machine runs '{_kernel()}' (different arithmetic)")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+        engine_info.get("dtype") or "bfloat16", torch.bfloat16)
+    params = dict(start["params"]) | {"seed": done["seed"],
+                                      "stop_token_ids": tuple(start["params"]["stop_token_ids"])}
+    engine = LLMEngine(load_model(info.root, dtype=dtype), EngineConfig(mode="reproducible"))
+    engine.add_request(record_id, content["prompt_ids"], SamplingParams(**params))
+    out: list[int] = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            out += o.new_token_ids
+    logged = list(content["output_ids"])
+    diff = next((i for i, (a, b) in enumerate(zip(out, logged)) if a != b),
+                None if len(out) == len(logged) else min(len(out), len(logged)))
+    return ReplayReport(record_id, diff is None, len(logged), len(out), diff)
