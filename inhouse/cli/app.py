@@ -14,6 +14,7 @@ from rich.table import Table
 
 from inhouse import __version__
 from inhouse.cli.audit import audit_app
+from inhouse.cli.keys import keys_app
 from inhouse.cli.common import DType, Effort, cli_errors, err, open_engine, out
 from inhouse.errors import InhouseError
 
@@ -22,6 +23,7 @@ app = typer.Typer(help="inhouse: run gpt-oss models on your own hardware, privat
 demo_app = typer.Typer(help="Demo checkpoints that need no download.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
 
 def _gib(n: int) -> str:
     if n >= 2**28:

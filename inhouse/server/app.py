@@ -11,12 +11,15 @@ from fastapi import FastAPI, Request
 from inhouse import __version__
 from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient
-from inhouse.server.deps import key_digest
+from inhouse.config import cache_root
+from inhouse.governance.keys import KeyStore
+from inhouse.server.deps import RateLimiter, key_digest
+from inhouse.server.store import default_url
 from inhouse.governance.audit_log import AuditLog
 from inhouse.server.audit import Auditor, open_audit_log
 from inhouse.server.errors import APIError, install_handlers
 from inhouse.server.metrics import Metrics
-from inhouse.server.routes import chat, responses, system
+from inhouse.server.routes import audit, chat, responses, system
 from inhouse.server.serving.chat import ChatCompletions
 from inhouse.server.serving.responses import Responses
 from inhouse.server.store import ResponseStore
@@ -25,7 +28,8 @@ log = logging.getLogger("inhouse.server")
 
 
 def build_app(client: EngineClient, settings: ServerSettings,
-              store: ResponseStore | None = None, audit_log: AuditLog | None = None) -> FastAPI:
+              store: ResponseStore | None = None, audit_log: AuditLog | None = None,
+              key_store: KeyStore | None = None) -> FastAPI:
     """The app around an engine client. `store` keeps stored Responses (default: opens
     `settings.database_url`, a SQLite file in the cache when empty); `audit_log` receives one
     record per request when `settings.audit` (default: opens `settings.audit_database_url`)."""
@@ -35,6 +39,9 @@ def build_app(client: EngineClient, settings: ServerSettings,
     app.state.client = client
     app.state.settings = settings
     app.state.key_digests = tuple(key_digest(k) for k in settings.api_keys)
+    app.state.key_store = key_store if key_store is not None else KeyStore(
+        settings.database_url or default_url(cache_root()))
+    app.state.rate_limiter = RateLimiter()
     app.state.metrics = Metrics(client)
     if settings.audit and audit_log is None:
         audit_log = open_audit_log(settings)
@@ -42,8 +49,6 @@ def build_app(client: EngineClient, settings: ServerSettings,
     auditor = Auditor(app.state.audit_log, settings)
     app.state.chat = ChatCompletions(client, settings, app.state.metrics, auditor)
     if store is None:
-        from inhouse.server.store import default_url
-        from inhouse.config import cache_root
         store = ResponseStore(settings.database_url or default_url(cache_root()))
     app.state.responses = Responses(client, settings, app.state.metrics, store, auditor)
     install_handlers(app)
@@ -73,4 +78,5 @@ def build_app(client: EngineClient, settings: ServerSettings,
     app.include_router(system.router)
     app.include_router(chat.router)
     app.include_router(responses.router)
+    app.include_router(audit.router)
     return app

@@ -43,11 +43,12 @@ class Auditor:
     def _hash(self, ids) -> str:
         return hashlib.sha256(self._salt + ",".join(map(str, ids)).encode()).hexdigest()
 
-    async def start(self, record_id: str, endpoint: str, subject: str | None, turn: ChatTurn) -> None:
+    async def start(self, record_id: str, endpoint: str, subject: str | None, turn: ChatTurn,
+                    key_id: str | None = None) -> None:
         if self.log is None:
             return
         params = dataclasses.asdict(turn.params)
-        record = {"endpoint": endpoint, "model": self.settings.model_name,
+        record = {"endpoint": endpoint, "api_key_id": key_id, "model": self.settings.model_name,
                   "model_digest": self.settings.model_digest, "adapter_digest": None,
                   "engine": {"version": __version__, "mode": self.settings.engine_mode,
                              "dtype": self.settings.model_dtype, "kernel": self.settings.kernel},

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from collections import deque
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient
+from inhouse.governance.keys import ApiKey
 from inhouse.server.errors import APIError
 from inhouse.server.metrics import Metrics
 
@@ -30,23 +33,70 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
-def require_api_key(request: Request) -> None:
-    """When the server has API keys, every /v1 request needs `Authorization: Bearer <key>`."""
+STATIC_KEY = ApiKey("static", "--api-key", "admin", "", None, 0.0, None)
+
+
+def require_api_key(request: Request) -> ApiKey | None:
+    """When the server has API keys (`--api-key`, or any active key in the key store), every /v1
+    request needs `Authorization: Bearer <key>`; per-key rate limits answer 429 + Retry-After."""
     digests: tuple[bytes, ...] = request.app.state.key_digests
-    if not digests:
-        return
+    store = request.app.state.key_store
+    if not digests and (store is None or not store.any_active()):
+        request.state.api_key = None
+        return None
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'",
                        "authentication_error", code="invalid_api_key")
-    given = key_digest(key.strip())
-    if not any(hmac.compare_digest(given, d) for d in digests):
-        raise APIError(401, "incorrect API key provided", "authentication_error",
+    key = key.strip()
+    found = STATIC_KEY if any(hmac.compare_digest(key_digest(key), d) for d in digests) else None
+    if found is None and store is not None:
+        found = store.authenticate(key)
+    if found is None:
+        raise APIError(401, "incorrect or revoked API key", "authentication_error",
                        code="invalid_api_key")
+    if found.rate_limit:
+        wait = request.app.state.rate_limiter.hit(found.id, found.rate_limit)
+        if wait:
+            raise APIError(429, f"rate limit of {found.rate_limit} requests per minute reached "
+                                f"for key {found.id}", "rate_limit_error", code="rate_limited",
+                           headers={"Retry-After": str(wait)})
+    request.state.api_key = found
+    return found
+
+
+def require_role(role: str):
+    def check(request: Request, key: ApiKey | None = Depends(require_api_key)) -> None:
+        if key is None:
+            raise APIError(403, f"this endpoint needs an API key with the '{role}' role; create "
+                                "one with `inhouse keys create`", "permission_error")
+        if not key.allows(role):
+            raise APIError(403, f"key {key.id} has the '{key.role}' role; this endpoint needs "
+                                f"'{role}'", "permission_error")
+    return Depends(check)
+
+
+class RateLimiter:
+    """Requests per key in the last 60 s (in memory, per server process)."""
+
+    def __init__(self) -> None:
+        self._hits: dict[str, deque[float]] = {}
+
+    def hit(self, key_id: str, per_minute: int) -> int:
+        """Record a request; 0 if allowed, else the seconds to wait."""
+        now = time.monotonic()
+        q = self._hits.setdefault(key_id, deque())
+        while q and now - q[0] >= 60:
+            q.popleft()
+        if len(q) >= per_minute:
+            return max(1, int(60 - (now - q[0])) + 1)
+        q.append(now)
+        return 0
 
 
 SettingsDep = Annotated[ServerSettings, Depends(_settings)]
 ClientDep = Annotated[EngineClient, Depends(_client)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 AuthDep = Depends(require_api_key)
+AuditorDep = require_role("auditor")

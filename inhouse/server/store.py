@@ -25,8 +25,9 @@ responses = Table(
 
 
 def default_url(cache_root: Path) -> str:
+    """The server's own SQLite file: stored responses and API keys."""
     cache_root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{cache_root / 'responses.db'}"
+    return f"sqlite:///{cache_root / 'server.db'}"
 
 
 class ResponseStore:

@@ -18,8 +18,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     request_id = new_id("chatcmpl")
     request.state.request_id = request_id
     subject = request.headers.get("x-subject-id") or body.user
+    key = getattr(request.state, "api_key", None)
+    key_id = key.id if key is not None else None
     if body.stream:
-        events = await service.stream(body, request_id, subject)
+        events = await service.stream(body, request_id, subject, key_id)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(await service.create(body, request_id, subject))
+    return JSONResponse(await service.create(body, request_id, subject, key_id))

@@ -15,11 +15,13 @@ router = APIRouter(dependencies=[AuthDep])
 async def create_response(body: ResponsesRequest, request: Request):
     service = request.app.state.responses
     subject = request.headers.get("x-subject-id") or body.user
+    key = getattr(request.state, "api_key", None)
+    key_id = key.id if key is not None else None
     if body.stream:
-        events = await service.stream(body, subject)
+        events = await service.stream(body, subject, key_id)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(await service.create(body, subject))
+    return JSONResponse(await service.create(body, subject, key_id))
 
 
 @router.get("/v1/responses/{response_id}")

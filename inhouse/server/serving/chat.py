@@ -119,14 +119,15 @@ class ChatCompletions:
                            param=f"messages[{i}].content")
         return ChatMessage(m.role, text)
 
-    async def _streams(self, req: ChatCompletionRequest, request_id: str, subject: str | None):
+    async def _streams(self, req: ChatCompletionRequest, request_id: str, subject: str | None,
+                       key_id: str | None = None):
         """(choices, started streams): refusals raise APIError here, before any output. Each
         choice's audit record is committed before its generation starts."""
         turns = self.turns(req, request_id)
         choices = [Choice(i, StopMatcher(self._stops(req)), request_id=t.request_id,
                           subject=subject) for i, t in enumerate(turns)]
         for t in turns:
-            await self.auditor.start(t.request_id, "/v1/chat/completions", subject, t)
+            await self.auditor.start(t.request_id, "/v1/chat/completions", subject, t, key_id)
         try:
             # rendering happens as each stream starts: a ConversationError surfaces as a 400
             return choices, await start_streams([stream_chat(self.client, t) for t in turns])
@@ -217,8 +218,8 @@ class ChatCompletions:
             await self.auditor.complete(c.request_id, c.subject, c.finished, c.content)
 
     async def create(self, req: ChatCompletionRequest, request_id: str,
-                     subject: str | None = None) -> dict:
-        choices, streams = await self._streams(req, request_id, subject)
+                     subject: str | None = None, key_id: str | None = None) -> dict:
+        choices, streams = await self._streams(req, request_id, subject, key_id)
         async for i, event in merge(streams):
             self._apply(choices[i], event, req.tool_choice)
             await self._stop_if_matched(choices[i])
@@ -258,8 +259,8 @@ class ChatCompletions:
 
     # ---- streaming -------------------------------------------------------------------------------
     async def stream(self, req: ChatCompletionRequest, request_id: str,
-                     subject: str | None = None) -> AsyncIterator[str]:
-        choices, streams = await self._streams(req, request_id, subject)  # raises before streaming
+                     subject: str | None = None, key_id: str | None = None) -> AsyncIterator[str]:
+        choices, streams = await self._streams(req, request_id, subject, key_id)  # may raise
         return self._sse(req, request_id, choices, streams)
 
     async def _sse(self, req, request_id, choices, streams) -> AsyncIterator[str]:

@@ -244,10 +244,10 @@ class Responses:
             "metadata": req.metadata or {},
         }
 
-    async def _start(self, req: ResponsesRequest, subject: str | None):
+    async def _start(self, req: ResponsesRequest, subject: str | None, key_id: str | None = None):
         response_id = new_id("resp")
         turn, items = await self._turn(req, response_id)
-        await self.auditor.start(response_id, "/v1/responses", subject, turn)
+        await self.auditor.start(response_id, "/v1/responses", subject, turn, key_id)
         try:
             (stream,) = await start_streams([stream_chat(self.client, turn)])
         except APIError as e:
@@ -267,8 +267,9 @@ class Responses:
         return events
 
     # ---- API ------------------------------------------------------------------------------------
-    async def create(self, req: ResponsesRequest, subject: str | None = None) -> dict:
-        builder, stream, items = await self._start(req, subject)
+    async def create(self, req: ResponsesRequest, subject: str | None = None,
+                     key_id: str | None = None) -> dict:
+        builder, stream, items = await self._start(req, subject, key_id)
         async for ev in stream:
             if isinstance(ev, Finished):
                 await self._finish(req, builder, items, ev, subject)
@@ -276,8 +277,9 @@ class Responses:
                 builder.on(ev)
         return builder.response
 
-    async def stream(self, req: ResponsesRequest, subject: str | None = None) -> AsyncIterator[str]:
-        builder, stream, items = await self._start(req, subject)  # refusals raise before streaming
+    async def stream(self, req: ResponsesRequest, subject: str | None = None,
+                     key_id: str | None = None) -> AsyncIterator[str]:
+        builder, stream, items = await self._start(req, subject, key_id)  # may raise
         return self._sse(req, builder, stream, items, subject)
 
     async def _sse(self, req, builder, stream, items, subject) -> AsyncIterator[str]:
