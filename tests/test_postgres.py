@@ -1,0 +1,72 @@
+"""The audit log, the key store and the server's stores on a real PostgreSQL server."""
+
+import threading
+import uuid
+
+import httpx
+from sqlalchemy import create_engine, text
+
+from inhouse.config import ServerSettings, cache_root
+from inhouse.governance.audit_log import AuditLog, load_signing_key
+from inhouse.governance.keys import KeyStore
+from inhouse.server import build_app
+from inhouse.server.store import ResponseStore
+from tests.postgres import postgres_url  # noqa: F401 - the fixture
+from tests.server_utils import ScriptedEngine, running_server
+from tests.test_audit_log import TAMPERS, rewrite
+from tests.test_server_chat import FINAL
+
+
+def fresh_db(postgres_url):
+    """A new database per test, so tests do not see each other's rows."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return postgres_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def test_audit_log_verifies_and_catches_tampering_on_postgres(postgres_url, tmp_path):
+    url = fresh_db(postgres_url)
+    key = load_signing_key(tmp_path / "k")
+    log = AuditLog(url, key, checkpoint_every=4)
+    for i in range(10):
+        log.append({"i": i}, content={"text": f"t{i}"}, subject="s")
+    log.checkpoint()
+    assert log.verify(key.public_key()).ok
+    rewrite(log, lambda rows: TAMPERS["swap two records"](rows, 2, 7))
+    report = log.verify(key.public_key())
+    assert not report.ok and report.first_bad_index <= 2
+
+
+def test_concurrent_writers_on_postgres(postgres_url, tmp_path):
+    url = fresh_db(postgres_url)
+    key = load_signing_key(tmp_path / "k")
+    logs = [AuditLog(url, key, checkpoint_every=50) for _ in range(3)]
+    threads = [threading.Thread(target=lambda lg=logs[t % 3], t=t: [lg.append({"t": t, "i": i})
+                                                                     for i in range(20)])
+               for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    logs[0].checkpoint()
+    report = logs[0].verify(key.public_key())
+    assert report.ok and report.num_records == 120
+
+
+def test_server_on_postgres(postgres_url):
+    url = fresh_db(postgres_url)
+    keys = KeyStore(url)
+    _, key = keys.create("app", "auditor")
+    audit = AuditLog(url, load_signing_key(cache_root() / "audit-signing.key"))
+    app = build_app(ScriptedEngine(FINAL), ServerSettings(model_name="m"), ResponseStore(url),
+                    audit, keys)
+    with running_server(app) as u:
+        h = {"Authorization": f"Bearer {key}"}
+        r = httpx.post(f"{u}/v1/responses", json={"model": "m", "input": "hi"}, headers=h)
+        assert r.status_code == 200
+        assert httpx.get(f"{u}/v1/responses/{r.json()['id']}", headers=h).status_code == 200
+        v = httpx.get(f"{u}/v1/audit/verify", headers=h).json()
+        assert v["ok"] and v["records"] == 2
