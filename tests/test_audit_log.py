@@ -148,3 +148,27 @@ def test_concurrent_writers_get_contiguous_indexes(tmp_path):
     logs[0].checkpoint()
     report = logs[0].verify(key.public_key())
     assert report.ok and report.num_records == 180
+
+
+def test_export_and_erase_a_subject_keep_the_log_valid(tmp_path):
+    log, pub = new_log(tmp_path)
+    exported = log.export("s1")
+    assert len(exported["records"]) == 4 and len(exported["content"]) == 4
+    assert all(r["subject"] == "s1" for r in exported["records"])
+    assert log.erase(subject="s1") == 4
+    assert log.export("s1")["content"] == {} and log.export("s0")["content"]
+    erasures = [r for r in log.list() if r["kind"] == "erasure"]
+    assert erasures[-1]["subject"] == "s1" and erasures[-1]["erased_records"] == 4
+    log.checkpoint()
+    assert log.verify(pub).ok
+
+
+def test_retention_erases_old_content_only(tmp_path):
+    import time as _time
+    log, pub = new_log(tmp_path, n=4)
+    cutoff = _time.time()
+    log.append({"late": True}, content={"prompt": "new"}, record_id="late")
+    assert log.erase(before=cutoff, reason="retention") == 4
+    assert log.content_of("late") == {"prompt": "new"}
+    log.checkpoint()
+    assert log.verify(pub).ok

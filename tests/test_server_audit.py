@@ -134,3 +134,24 @@ def test_replay_needs_the_token_ids(audited):
     res = CliRunner().invoke(cli, ["audit", "replay", rid, "--model", "/nonexistent",
                                    "--database-url", url])
     assert res.exit_code == 1 and "kept no token ids" in res.output
+
+
+def test_audit_cli_export_and_erase(audited):
+    log, url, key, settings = audited
+    with running_server(build_app(ScriptedEngine(FINAL), settings, audit_log=log)) as u:
+        httpx.post(f"{u}/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "my SIN is secret"}],
+            "user": "alice"})
+    runner = CliRunner()
+    exported = runner.invoke(cli, ["audit", "export", "--subject", "alice", "--database-url", url])
+    data = json.loads(exported.stdout)
+    assert exported.exit_code == 0 and "my SIN is secret" in json.dumps(data["content"])
+    erased = runner.invoke(cli, ["audit", "erase", "--subject", "alice", "--database-url", url])
+    assert erased.exit_code == 0 and "erased the content of 1 record" in erased.stdout
+    again = json.loads(runner.invoke(cli, ["audit", "export", "--subject", "alice",
+                                           "--database-url", url]).stdout)
+    assert again["content"] == {} and "my SIN is secret" not in json.dumps(again)
+    log.checkpoint()
+    assert runner.invoke(cli, ["audit", "verify", "--database-url", url]).exit_code == 0
+    nothing = runner.invoke(cli, ["audit", "erase", "--database-url", url])
+    assert nothing.exit_code == 1 and "say what to erase" in nothing.output

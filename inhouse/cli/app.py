@@ -214,12 +214,14 @@ def serve(
                                                      "stored responses (default: SQLite in the cache).")] = None,
     audit_content: Annotated[str, typer.Option(help="What the audit log keeps of prompts and answers: "
                                                "none (hashes) or full (in an erasable table).")] = "none",
+    retain_days: Annotated[float, typer.Option(min=0, help="Erase audit content older than this "
+                                               "many days (0: keep).")] = 0,
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
 
     run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies,
-               database_url or "", audit_content)
+               database_url or "", audit_content, retain_days)
 
 
 @app.command()

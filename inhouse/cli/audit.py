@@ -96,3 +96,30 @@ def replay(record_id: Annotated[str, typer.Argument(help="The record id to repla
     out.print(f"[red]DIFFERENT[/red]: first difference at output token {r.first_difference} "
               f"({r.num_logged} logged, {r.num_replayed} replayed)")
     raise typer.Exit(3)
+
+
+@audit_app.command()
+@cli_errors
+def export(subject: Annotated[str, typer.Option(help="The subject id (the request's user or "
+                                                "X-Subject-Id).")],
+           database_url: DbOpt = None, key: KeyOpt = None) -> None:
+    """Everything held about a person, as JSON (access requests: PIPEDA 4.9, GDPR 15)."""
+    log, _ = _open(database_url, key)
+    out.print_json(json.dumps(log.export(subject), ensure_ascii=False))
+
+
+@audit_app.command()
+@cli_errors
+def erase(subject: Annotated[str | None, typer.Option(help="Erase this subject's content.")] = None,
+          older_than_days: Annotated[float | None, typer.Option(help="Erase content older than "
+                                                                "this many days.")] = None,
+          database_url: DbOpt = None, key: KeyOpt = None) -> None:
+    """Delete stored prompts and answers (never the leaves: `verify` still passes); logged."""
+    from inhouse.errors import InhouseError
+
+    if subject is None and older_than_days is None:
+        raise InhouseError("say what to erase: --subject S and/or --older-than-days N")
+    log, _ = _open(database_url, key)
+    before = time.time() - older_than_days * 86400 if older_than_days is not None else None
+    n = log.erase(subject, before, "request" if subject else "retention")
+    out.print(f"erased the content of {n} record(s); the erasure is recorded in the log")

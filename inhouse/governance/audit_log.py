@@ -261,6 +261,41 @@ class AuditLog:
         sealed = previous.tree_size if previous is not None else 0
         return VerifyReport(True, n, len(cps), n - sealed)
 
+    # ---- privacy operations (PIPEDA 4.5, 4.7; GDPR 15, 17) --------------------------------------
+    def export(self, subject: str) -> dict:
+        """Everything held about a subject: every leaf, and the content still kept."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(leaves_t.c.record_id, leaves_t.c.record)
+                                .where(leaves_t.c.subject == subject).order_by(leaves_t.c.idx)).all()
+            ids = sorted({r.record_id for r in rows})
+            content = {c.record_id: json.loads(c.content) for c in conn.execute(
+                select(content_t).where(content_t.c.record_id.in_(ids)))} if ids else {}
+        return {"subject": subject, "exported_at": time.time(),
+                "records": [json.loads(r.record) for r in rows], "content": content}
+
+    def erase(self, subject: str | None = None, before: float | None = None,
+              reason: str = "request") -> int:
+        """Delete the content (not the leaves) of a subject's records, or of records older than
+        `before`; the leaves' hashes stay, so `verify` still passes. The erasure is itself logged.
+        Returns how many records' content was erased."""
+        if subject is None and before is None:
+            raise AuditError("erase needs a subject or a cut-off time")
+        q = select(leaves_t.c.record_id).distinct()
+        if subject is not None:
+            q = q.where(leaves_t.c.subject == subject)
+        if before is not None:
+            q = q.where(leaves_t.c.created_at < before)
+        with self._lock, self.engine.begin() as conn:
+            ids = [r.record_id for r in conn.execute(q)]
+            erased = 0
+            for i in range(0, len(ids), 500):
+                erased += conn.execute(content_t.delete().where(
+                    content_t.c.record_id.in_(ids[i:i + 500]))).rowcount
+        if erased or subject is not None:
+            self.append({"erased_records": erased, "reason": reason,
+                         "before": before}, kind="erasure", subject=subject)
+        return erased
+
     def add_content(self, record_id: str, extra: dict) -> None:
         """Merge `extra` into a record's erasable content."""
         with self._lock, self.engine.begin() as conn:

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import os
 import secrets
+import time
 
 from inhouse import __version__
 from inhouse.config import ServerSettings, cache_root
@@ -39,6 +40,15 @@ class Auditor:
     def __init__(self, log: AuditLog | None, settings: ServerSettings) -> None:
         self.log, self.settings = log, settings
         self._salt = _salt() if log is not None else b""
+        self._retention_checked = 0.0
+
+    async def _retention(self) -> None:
+        """Erase content older than `retain_days`, at most once an hour."""
+        days = self.settings.retain_days
+        if not days or time.time() - self._retention_checked < 3600:
+            return
+        self._retention_checked = time.time()
+        await asyncio.to_thread(self.log.erase, None, time.time() - days * 86400, "retention")
 
     def _hash(self, ids) -> str:
         return hashlib.sha256(self._salt + ",".join(map(str, ids)).encode()).hexdigest()
@@ -59,6 +69,7 @@ class Auditor:
         if self.settings.audit_content == "full":
             content = {"messages": [dataclasses.asdict(m) for m in turn.messages]}
         await asyncio.to_thread(self.log.append, record, content, record_id, "request", subject)
+        await self._retention()
 
     async def refused(self, record_id: str, subject: str | None, status: int) -> None:
         if self.log is not None:
