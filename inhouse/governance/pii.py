@@ -1,0 +1,160 @@
+"""Offline PII detection, redaction, masking (with restoration) for prompts and answers.
+
+Detectors: e-mail, phone numbers (`phonenumbers`), payment cards (Luhn + issuer prefixes),
+Canadian SIN, US SSN (`python-stdnum`), IBAN (`python-stdnum`, mod-97), IP addresses
+(`ipaddress`), Canadian postal codes, dates of birth in context, and custom patterns.
+Checksums reject near-misses: a 9-digit number that fails the SIN check is not a SIN.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+import phonenumbers
+from stdnum import iban as std_iban
+from stdnum import luhn
+from stdnum.ca import sin as std_sin
+from stdnum.us import ssn as std_ssn
+
+LABELS = ("EMAIL", "PHONE", "CARD", "SIN", "SSN", "IBAN", "IP", "POSTAL_CODE", "DOB")
+# where spans overlap, checksummed identifiers win over looser patterns (a card is not a phone)
+PRIORITY = {"EMAIL": 0, "IBAN": 1, "CARD": 2, "SSN": 3, "SIN": 4, "IP": 5, "POSTAL_CODE": 6,
+            "DOB": 7, "PHONE": 8}
+
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+_CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+_NINE = re.compile(r"(?<![\d-])\d{3}[ -]?\d{3}[ -]?\d{3}(?![\d-])")
+_SSN = re.compile(r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)")
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,4})?\b")
+_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\d|\.\d)")  # a final "." ends a sentence
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+_POSTAL = re.compile(r"\b[ABCEGHJ-NPRSTVXY]\d[ABCEGHJ-NPRSTV-Z] ?\d[ABCEGHJ-NPRSTV-Z]\d\b")
+_DATE = (r"(?:\d{4}-\d{2}-\d{2}|\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}|"
+         r"(?:\d{1,2} )?(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.? \d{1,2}?,? ?\d{4})")
+_DOB = re.compile(r"(?i)\b(?:born(?: on)?|date of birth|d\.?o\.?b\.?|birth ?date|birthday|"
+                  r"n[ée]e? le)\s*(?:is|was|:)?\s*(" + _DATE + r")")
+_CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2(?:2[2-9]|[3-6]\d|7[01]|720)|3[47]|6(?:011|5))")
+
+
+@dataclass(frozen=True)
+class Finding:
+    label: str
+    start: int
+    end: int
+    text: str
+
+
+@dataclass(frozen=True)
+class PiiConfig:
+    labels: tuple[str, ...] = LABELS
+    phone_region: str = "CA"  # numbers without a country code are read in this region
+    custom: tuple[tuple[str, str], ...] = ()  # (label, regex), e.g. ("PATIENT_ID", r"PT-\d{6}")
+
+    def __post_init__(self) -> None:
+        for label, pattern in self.custom:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"custom PII pattern {label!r} is not a valid regex: {e}") from None
+
+
+def _digits(s: str) -> str:
+    return re.sub(r"\D", "", s)
+
+
+def _candidates(text: str, cfg: PiiConfig):
+    want = set(cfg.labels)
+    if "EMAIL" in want:
+        for m in _EMAIL.finditer(text):
+            yield "EMAIL", m.start(), m.end()
+    if "IBAN" in want:
+        for m in _IBAN.finditer(text):
+            if std_iban.is_valid(m.group()):
+                yield "IBAN", m.start(), m.end()
+    if "CARD" in want:
+        for m in _CARD.finditer(text):
+            d = _digits(m.group())
+            if 13 <= len(d) <= 19 and _CARD_PREFIX.match(d) and luhn.is_valid(d):
+                yield "CARD", m.start(), m.end()
+    if "SSN" in want:
+        for m in _SSN.finditer(text):
+            if std_ssn.is_valid(m.group()):
+                yield "SSN", m.start(), m.end()
+    if "SIN" in want:
+        for m in _NINE.finditer(text):
+            if std_sin.is_valid(m.group()):
+                yield "SIN", m.start(), m.end()
+    if "IP" in want:
+        for rx in (_IPV4, _IPV6):
+            for m in rx.finditer(text):
+                try:
+                    ipaddress.ip_address(m.group())
+                except ValueError:
+                    continue
+                yield "IP", m.start(), m.end()
+    if "POSTAL_CODE" in want:
+        for m in _POSTAL.finditer(text):
+            yield "POSTAL_CODE", m.start(), m.end()
+    if "DOB" in want:
+        for m in _DOB.finditer(text):
+            yield "DOB", m.start(1), m.end(1)
+    if "PHONE" in want:
+        for m in phonenumbers.PhoneNumberMatcher(text, cfg.phone_region,
+                                                 leniency=phonenumbers.Leniency.VALID):
+            start = m.start
+            if m.raw_string.startswith("(") and ")" not in m.raw_string:
+                start += 1  # "(613-499 4855)": the parenthesis wraps the number, not its area code
+            yield "PHONE", start, m.end
+    for label, pattern in cfg.custom:
+        for m in re.finditer(pattern, text):
+            yield label, m.start(), m.end()
+
+
+def detect(text: str, cfg: PiiConfig = PiiConfig()) -> list[Finding]:
+    """Non-overlapping findings, in text order. Where spans overlap, PRIORITY decides, then the
+    longer span; custom patterns come last."""
+    found = sorted(_candidates(text, cfg), key=lambda f: (PRIORITY.get(f[0], 99), -(f[2] - f[1])))
+    taken: list[tuple[int, int]] = []
+    out = []
+    for label, s, e in found:
+        if any(s < te and ts < e for ts, te in taken):
+            continue
+        taken.append((s, e))
+        out.append(Finding(label, s, e, text[s:e]))
+    return sorted(out, key=lambda f: f.start)
+
+
+def redact(text: str, cfg: PiiConfig = PiiConfig()) -> tuple[str, list[Finding]]:
+    """Replace each finding with [LABEL]."""
+    findings = detect(text, cfg)
+    for f in reversed(findings):
+        text = text[:f.start] + f"[{f.label}]" + text[f.end:]
+    return text, findings
+
+
+@dataclass
+class Masker:
+    """Masks PII before the model with placeholders, and restores them in the answer. The same
+    value always gets the same placeholder within one conversation."""
+
+    cfg: PiiConfig = field(default_factory=PiiConfig)
+    mapping: dict[str, str] = field(default_factory=dict)  # placeholder -> original
+
+    def mask(self, text: str) -> str:
+        findings = detect(text, self.cfg)
+        reverse = {v: k for k, v in self.mapping.items()}
+        for f in reversed(findings):
+            ph = reverse.get(f.text)
+            if ph is None:
+                ph = f"<{f.label}_{sum(1 for k in self.mapping if k.startswith('<' + f.label)) + 1}>"
+                self.mapping[ph] = f.text
+                reverse[f.text] = ph
+            text = text[:f.start] + ph + text[f.end:]
+        return text
+
+    def restore(self, text: str) -> str:
+        for ph, original in self.mapping.items():
+            text = text.replace(ph, original)
+        return text
