@@ -426,7 +426,10 @@ class ServerSettings:
     # audit log: one record per request (see inhouse.governance.audit_log)
     audit: bool = True
     audit_database_url: str = ""  # "" -> sqlite file in the cache
-    audit_content: str = "none"  # "none": hashes only; "full": ids and text, in the erasable table
+    # "redacted": message and answer text with PII replaced by [LABEL]; "none": hashes only;
+    # "full": ids and text (what replay needs). Content sits in an erasable table.
+    audit_content: str = "redacted"
+    pii_mode: str = "off"  # "off" | "mask" (placeholders to the model, restored) | "block" (400)
     model_digest: str = ""  # sha256 over the checkpoint files
     engine_mode: str = ""
     model_dtype: str = ""  # "bfloat16" | "float32": replay needs the same arithmetic
@@ -439,9 +442,10 @@ class ServerSettings:
         for f in ("default_max_tokens", "max_n", "max_body_bytes"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"server setting '{f}' must be positive")
-        if self.audit_content not in ("none", "full"):
-            raise ConfigError("server setting 'audit_content' must be 'none' or 'full' "
-                              "('redacted' arrives with PII detection)")
+        if self.audit_content not in ("none", "redacted", "full"):
+            raise ConfigError("server setting 'audit_content' must be 'none', 'redacted' or 'full'")
+        if self.pii_mode not in ("off", "mask", "block"):
+            raise ConfigError("server setting 'pii_mode' must be 'off', 'mask' or 'block'")
 
 
 def cache_root() -> Path:

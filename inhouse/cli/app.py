@@ -213,7 +213,10 @@ def serve(
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL for the audit log and "
                                                      "stored responses (default: SQLite in the cache).")] = None,
     audit_content: Annotated[str, typer.Option(help="What the audit log keeps of prompts and answers: "
-                                               "none (hashes) or full (in an erasable table).")] = "none",
+                                               "redacted (PII replaced), none (hashes only) or "
+                                               "full (what replay needs); erasable.")] = "redacted",
+    pii: Annotated[str, typer.Option(help="PII in requests: off, mask (placeholders to the model, "
+                                     "restored in answers) or block (400).")] = "off",
     retain_days: Annotated[float, typer.Option(min=0, help="Erase audit content older than this "
                                                "many days (0: keep).")] = 0,
 ) -> None:
@@ -221,7 +224,7 @@ def serve(
     from inhouse.cli.serve import serve as run_server
 
     run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies,
-               database_url or "", audit_content, retain_days)
+               database_url or "", audit_content, retain_days, pii)
 
 
 @app.command()

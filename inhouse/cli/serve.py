@@ -48,7 +48,7 @@ def kernel_name() -> str:
 
 def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib: float,
           api_keys: list[str], dtype: DType, mode: str, log_bodies: bool, database_url: str = "",
-          audit_content: str = "none", retain_days: float = 0.0) -> None:
+          audit_content: str = "redacted", retain_days: float = 0.0, pii_mode: str = "off") -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -71,7 +71,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               database_url=database_url, audit_database_url=database_url,
                               audit_content=audit_content, model_digest=checkpoint_digest(info),
                               engine_mode=mode, model_dtype=dtype.value, kernel=kernel_name(),
-                              retain_days=retain_days)
+                              retain_days=retain_days, pii_mode=pii_mode)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     err.print(f"[dim]loading {path} ...[/dim]")
     client = AsyncEngine(LLMEngine(load_model(path, dtype=dtype.torch), engine_cfg))

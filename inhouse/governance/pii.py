@@ -158,3 +158,27 @@ class Masker:
         for ph, original in self.mapping.items():
             text = text.replace(ph, original)
         return text
+
+
+class Restorer:
+    """Restores placeholders in a stream of text deltas: holds back a possible partial
+    placeholder ("<EMA") until it is complete or clearly is not one."""
+
+    def __init__(self, masker: Masker) -> None:
+        self.masker, self.buffer = masker, ""
+        self.hold = max((len(k) for k in masker.mapping), default=0)
+
+    def feed(self, delta: str) -> str:
+        if not self.masker.mapping:
+            return delta
+        self.buffer += delta
+        cut = self.buffer.rfind("<")
+        if cut >= 0 and ">" not in self.buffer[cut:] and len(self.buffer) - cut < self.hold:
+            out, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        else:
+            out, self.buffer = self.buffer, ""
+        return self.masker.restore(out)
+
+    def flush(self) -> str:
+        out, self.buffer = self.masker.restore(self.buffer), ""
+        return out

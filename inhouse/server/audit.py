@@ -15,6 +15,7 @@ import time
 from inhouse import __version__
 from inhouse.config import ServerSettings, cache_root
 from inhouse.governance.audit_log import AuditLog, load_signing_key
+from inhouse.governance.pii import redact
 from inhouse.pipeline import ChatTurn, Finished
 
 
@@ -36,6 +37,14 @@ def open_audit_log(settings: ServerSettings) -> AuditLog:
     return AuditLog(url, load_signing_key(cache_root() / "audit-signing.key"))
 
 
+def _redacted(m) -> dict:
+    d = dataclasses.asdict(m)
+    d["content"] = redact(m.content)[0]
+    if m.reasoning:
+        d["reasoning"] = redact(m.reasoning)[0]
+    return d
+
+
 class Auditor:
     def __init__(self, log: AuditLog | None, settings: ServerSettings) -> None:
         self.log, self.settings = log, settings
@@ -54,7 +63,7 @@ class Auditor:
         return hashlib.sha256(self._salt + ",".join(map(str, ids)).encode()).hexdigest()
 
     async def start(self, record_id: str, endpoint: str, subject: str | None, turn: ChatTurn,
-                    key_id: str | None = None) -> None:
+                    key_id: str | None = None, pii_labels: frozenset[str] = frozenset()) -> None:
         if self.log is None:
             return
         params = dataclasses.asdict(turn.params)
@@ -65,9 +74,12 @@ class Auditor:
                   "params": params, "reasoning_effort": turn.options.reasoning_effort,
                   "num_messages": len(turn.messages),
                   "tools": [t.name for t in turn.options.tools], "content_mode": self.settings.audit_content}
+        record["pii"] = {"mode": self.settings.pii_mode, "labels": sorted(pii_labels)}
         content = None
         if self.settings.audit_content == "full":
             content = {"messages": [dataclasses.asdict(m) for m in turn.messages]}
+        elif self.settings.audit_content == "redacted":
+            content = {"messages": [_redacted(m) for m in turn.messages]}
         await asyncio.to_thread(self.log.append, record, content, record_id, "request", subject)
         await self._retention()
 
@@ -92,3 +104,6 @@ class Auditor:
             await asyncio.to_thread(self.log.add_content, record_id,
                                     {"prompt_ids": list(f.prompt_ids), "output_ids": list(f.output_ids),
                                      "answer": answer})
+        elif self.settings.audit_content == "redacted":  # no ids: they would decode to the PII
+            await asyncio.to_thread(self.log.add_content, record_id,
+                                    {"answer": redact(answer or "")[0]})

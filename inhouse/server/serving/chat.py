@@ -16,7 +16,9 @@ from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, Funct
                              ToolCallDone, decode, tool_call_prefix)
 from inhouse.pipeline import ChatTurn, Finished, TokenEvent, stream_chat
 from inhouse.server.errors import APIError
+from inhouse.governance.pii import Masker, Restorer
 from inhouse.server.audit import Auditor
+from inhouse.server.pii import apply_pii_policy
 from inhouse.server.metrics import Metrics
 from inhouse.server.protocol.chat import ChatCompletionRequest, NamedToolChoice
 from inhouse.server.serving.common import (EFFORT, StopMatcher, check_model, max_tokens_for,
@@ -42,6 +44,9 @@ class Choice:
     request_id: str = ""
     abort_sent: bool = False
     subject: str | None = None
+    restore_content: Restorer | None = None
+    restore_reasoning: Restorer | None = None
+    masker: Masker | None = None
 
 
 class ChatCompletions:
@@ -50,11 +55,14 @@ class ChatCompletions:
         self.client, self.settings, self.metrics, self.auditor = client, settings, metrics, auditor
 
     # ---- request -> turns ----------------------------------------------------------------
-    def turns(self, req: ChatCompletionRequest, request_id: str) -> list[ChatTurn]:
+    def turns(self, req: ChatCompletionRequest,
+              request_id: str) -> tuple[list[ChatTurn], Masker | None, frozenset[str]]:
+        """The n turns to run, the PII masker to restore answers with (mask mode), PII labels."""
         check_model(req.model, self.settings)
         if req.n > self.settings.max_n:
             raise APIError(400, f"'n' is {req.n}; at most {self.settings.max_n}", param="n")
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
+        messages, masker, labels = apply_pii_policy(self.settings.pii_mode, messages)
         tools = tuple(FunctionTool(t.function.name, t.function.description or "",
                                    t.function.parameters) for t in (req.tools or []))
         choice = req.tool_choice
@@ -93,7 +101,7 @@ class ChatCompletions:
                 logprobs=(req.top_logprobs or 0) if req.logprobs else None)
             turns.append(ChatTurn(tuple(messages), options, params, f"{request_id}-{i}",
                                   tuple(prefix)))
-        return turns
+        return turns, masker, labels
 
     @staticmethod
     def _message(i: int, m) -> ChatMessage:
@@ -123,11 +131,15 @@ class ChatCompletions:
                        key_id: str | None = None):
         """(choices, started streams): refusals raise APIError here, before any output. Each
         choice's audit record is committed before its generation starts."""
-        turns = self.turns(req, request_id)
+        turns, masker, labels = self.turns(req, request_id)
         choices = [Choice(i, StopMatcher(self._stops(req)), request_id=t.request_id,
-                          subject=subject) for i, t in enumerate(turns)]
+                          subject=subject, masker=masker,
+                          restore_content=Restorer(masker) if masker else None,
+                          restore_reasoning=Restorer(masker) if masker else None)
+                   for i, t in enumerate(turns)]
         for t in turns:
-            await self.auditor.start(t.request_id, "/v1/chat/completions", subject, t, key_id)
+            await self.auditor.start(t.request_id, "/v1/chat/completions", subject, t, key_id,
+                                     labels)
         try:
             # rendering happens as each stream starts: a ConversationError surfaces as a 400
             return choices, await start_streams([stream_chat(self.client, t) for t in turns])
@@ -145,15 +157,22 @@ class ChatCompletions:
         if isinstance(event, Finished):
             c.finished = event
             tail = c.stop.flush()
+            if c.restore_content:
+                tail = c.restore_content.feed(tail) + c.restore_content.flush()
             if tail:
                 c.content += tail
                 return {"content": tail}
             return None
         if isinstance(event, ReasoningDelta):
-            c.reasoning += event.text
-            return {"reasoning": event.text, "reasoning_content": event.text}
+            text = c.restore_reasoning.feed(event.text) if c.restore_reasoning else event.text
+            if not text:
+                return None
+            c.reasoning += text
+            return {"reasoning": text, "reasoning_content": text}
         if isinstance(event, ContentDelta):
             text = c.stop.feed(event.text)
+            if c.restore_content and text:
+                text = c.restore_content.feed(text)
             if c.stop.stopped:
                 c.stopped_by_string = True
             self._logprob(c)
@@ -174,7 +193,8 @@ class ChatCompletions:
             return {"tool_calls": [{"index": len(c.tool_calls) - 1,
                                     "function": {"arguments": event.arguments}}]}
         if isinstance(event, ToolCallDone) and tool_choice != "none" and c.tool_calls:
-            c.tool_calls[-1]["function"]["arguments"] = event.arguments
+            c.tool_calls[-1]["function"]["arguments"] = (
+                c.masker.restore(event.arguments) if c.masker else event.arguments)
         if isinstance(event, ParseWarning):
             c.warnings.append(event.message)
         return None

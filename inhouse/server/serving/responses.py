@@ -16,6 +16,7 @@ from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, Funct
 from inhouse.pipeline import ChatTurn, Finished, TokenEvent, stream_chat
 from inhouse.server.errors import APIError
 from inhouse.server.audit import Auditor
+from inhouse.server.pii import apply_pii_policy
 from inhouse.server.metrics import Metrics
 from inhouse.server.protocol.responses import (FunctionCallItem, FunctionCallOutputItem,
                                                MessageItem, NamedFunction, ReasoningItem,
@@ -193,7 +194,7 @@ class Responses:
                 msgs.append(ChatMessage("tool", o.output, name=names[o.call_id], tool_call_id=o.call_id))
         return msgs
 
-    async def _turn(self, req: ResponsesRequest, response_id: str) -> tuple[ChatTurn, list[dict]]:
+    async def _turn(self, req: ResponsesRequest, response_id: str):
         check_model(req.model, self.settings)
         if req.background:
             raise APIError(400, "background responses are not supported", param="background")
@@ -223,7 +224,10 @@ class Responses:
             options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
         except ConversationError as e:
             raise APIError(400, str(e), param="input") from None
-        return ChatTurn(tuple(messages), options, params, response_id, tuple(prefix)), items
+        # NOTE: mask mode is a Chat Completions feature for now; here PII is blocked or passed
+        mode = "block" if self.settings.pii_mode == "block" else "off"
+        messages, _, labels = apply_pii_policy(mode, messages)
+        return ChatTurn(tuple(messages), options, params, response_id, tuple(prefix)), items, labels
 
     def _skeleton(self, req: ResponsesRequest, response_id: str) -> dict:
         effort = (req.reasoning.effort if req.reasoning else None) or "medium"
@@ -246,8 +250,8 @@ class Responses:
 
     async def _start(self, req: ResponsesRequest, subject: str | None, key_id: str | None = None):
         response_id = new_id("resp")
-        turn, items = await self._turn(req, response_id)
-        await self.auditor.start(response_id, "/v1/responses", subject, turn, key_id)
+        turn, items, labels = await self._turn(req, response_id)
+        await self.auditor.start(response_id, "/v1/responses", subject, turn, key_id, labels)
         try:
             (stream,) = await start_streams([stream_chat(self.client, turn)])
         except APIError as e:
