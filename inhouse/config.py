@@ -430,6 +430,7 @@ class ServerSettings:
     # "full": ids and text (what replay needs). Content sits in an erasable table.
     audit_content: str = "redacted"
     pii_mode: str = "off"  # "off" | "mask" (placeholders to the model, restored) | "block" (400)
+    pii_patterns: tuple[tuple[str, str], ...] = ()  # custom (LABEL, regex) detectors
     model_digest: str = ""  # sha256 over the checkpoint files
     engine_mode: str = ""
     model_dtype: str = ""  # "bfloat16" | "float32": replay needs the same arithmetic

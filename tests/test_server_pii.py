@@ -59,3 +59,19 @@ def test_redacted_audit_content_is_the_default(tmp_path):
     content = log.get(log.list()[0]["record_id"])[0]["content"]
     assert content["messages"][0]["content"] == "My SIN is [SIN], mail [EMAIL]"
     assert content["answer"] == "Call [PHONE]." and "prompt_ids" not in content
+
+
+def test_responses_mask_mode_and_custom_patterns(tmp_path):
+    engine = ScriptedEngine("<|channel|>final<|message|>File <PATIENT_1> for <EMAIL_1>.<|return|>")
+    settings = ServerSettings(model_name=MODEL, pii_mode="mask",
+                              pii_patterns=(("PATIENT", r"PT-\d{6}"),))
+    app = build_app(engine, settings, audit_log=AuditLog(f"sqlite:///{tmp_path / 'a.db'}"))
+    with running_server(app) as u:
+        c = OpenAI(base_url=f"{u}/v1", api_key="x", max_retries=0)
+        r = c.responses.create(model=MODEL, input="Patient PT-004211, mail jane@x.org")
+        events = list(c.responses.create(model=MODEL, input="Patient PT-004211, mail jane@x.org",
+                                         stream=True))
+    assert "PT-004211" not in engine.prompt_text(0) and "<PATIENT_1>" in engine.prompt_text(0)
+    assert r.output_text == "File PT-004211 for jane@x.org."
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == \
+        "File PT-004211 for jane@x.org."

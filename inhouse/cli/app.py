@@ -217,6 +217,8 @@ def serve(
                                                "full (what replay needs); erasable.")] = "redacted",
     pii: Annotated[str, typer.Option(help="PII in requests: off, mask (placeholders to the model, "
                                      "restored in answers) or block (400).")] = "off",
+    pii_pattern: Annotated[list[str] | None, typer.Option(help="Custom PII detector LABEL=REGEX "
+                                                          "(repeatable).")] = None,
     retain_days: Annotated[float, typer.Option(min=0, help="Erase audit content older than this "
                                                "many days (0: keep).")] = 0,
 ) -> None:
@@ -224,7 +226,7 @@ def serve(
     from inhouse.cli.serve import serve as run_server
 
     run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies,
-               database_url or "", audit_content, retain_days, pii)
+               database_url or "", audit_content, retain_days, pii, pii_pattern or [])
 
 
 @app.command()

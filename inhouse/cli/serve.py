@@ -48,7 +48,8 @@ def kernel_name() -> str:
 
 def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib: float,
           api_keys: list[str], dtype: DType, mode: str, log_bodies: bool, database_url: str = "",
-          audit_content: str = "redacted", retain_days: float = 0.0, pii_mode: str = "off") -> None:
+          audit_content: str = "redacted", retain_days: float = 0.0, pii_mode: str = "off",
+          pii_patterns: list[str] | None = None) -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -59,6 +60,16 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
 
     from inhouse.model.digest import checkpoint_digest
 
+    patterns = []
+    for spec in pii_patterns or []:
+        label, sep, regex = spec.partition("=")
+        if not sep or not label or not regex:
+            raise InhouseError(f"--pii-pattern {spec!r}: expected LABEL=REGEX")
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise InhouseError(f"--pii-pattern {label}: not a valid regex ({e})") from None
+        patterns.append((label, regex))
     path, name, demo = resolve_model(model)
     info = find_checkpoint(path)
     if demo:
@@ -71,7 +82,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               database_url=database_url, audit_database_url=database_url,
                               audit_content=audit_content, model_digest=checkpoint_digest(info),
                               engine_mode=mode, model_dtype=dtype.value, kernel=kernel_name(),
-                              retain_days=retain_days, pii_mode=pii_mode)
+                              retain_days=retain_days, pii_mode=pii_mode,
+                              pii_patterns=tuple(patterns))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     err.print(f"[dim]loading {path} ...[/dim]")
     client = AsyncEngine(LLMEngine(load_model(path, dtype=dtype.torch), engine_cfg))

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 
-from inhouse.governance.pii import Masker, detect
-from inhouse.harmony import ChatMessage, ToolCall
+from inhouse.config import ServerSettings
+from inhouse.governance.pii import Masker, PiiConfig, Restorer, detect
+from inhouse.harmony import (ChatMessage, ContentDelta, MessageDone, ReasoningDelta, ToolCall,
+                             ToolCallDelta, ToolCallDone)
 from inhouse.server.errors import APIError
 
 
-def apply_pii_policy(mode: str, messages: list[ChatMessage]) -> tuple[list[ChatMessage],
-                                                                      Masker | None, frozenset[str]]:
+def apply_pii_policy(settings: ServerSettings, messages: list[ChatMessage]
+                     ) -> tuple[list[ChatMessage], Masker | None, frozenset[str]]:
     """(messages to render, the masker to restore answers with, labels found)."""
-    labels = frozenset(f.label for m in messages for text in _texts(m) for f in detect(text))
+    mode = settings.pii_mode
+    try:
+        cfg = PiiConfig(custom=settings.pii_patterns)
+    except ValueError as e:
+        raise APIError(500, f"the server's PII configuration is invalid: {e}", "server_error") from None
+    labels = frozenset(f.label for m in messages for text in _texts(m) for f in detect(text, cfg))
     if mode == "off" or not labels:
         return messages, None, labels
     if mode == "block":
         raise APIError(400, "the request contains personal information ("
                             f"{', '.join(sorted(labels))}); this server is set to refuse it",
                        param="messages", code="pii_blocked")
-    masker = Masker()
+    masker = Masker(cfg)
     masked = [dataclasses.replace(
         m, content=masker.mask(m.content),
         reasoning=masker.mask(m.reasoning) if m.reasoning else m.reasoning,
@@ -34,3 +41,33 @@ def _texts(m: ChatMessage):
         yield m.reasoning
     for c in m.tool_calls:
         yield c.arguments
+
+
+class EventRestorer:
+    """Puts the masked values back into the model's events (answer, reasoning, tool arguments),
+    holding back partial placeholders until they complete; flushes at each message end."""
+
+    def __init__(self, masker: Masker | None) -> None:
+        self.masker = masker
+        self.text = {ContentDelta: Restorer(masker), ReasoningDelta: Restorer(masker)} if masker else {}
+        self.args = Restorer(masker) if masker else None
+        self.call: ToolCallDelta | None = None
+
+    def __call__(self, ev) -> list:
+        if self.masker is None:
+            return [ev]
+        if isinstance(ev, (ContentDelta, ReasoningDelta)):
+            text = self.text[type(ev)].feed(ev.text)
+            return [type(ev)(text)] if text else []
+        if isinstance(ev, ToolCallDelta):
+            self.call = ev if ev.name is not None else self.call
+            text = self.args.feed(ev.arguments)
+            return [dataclasses.replace(ev, arguments=text)] if text or ev.name else []
+        if isinstance(ev, ToolCallDone):
+            tail = self.args.flush()
+            out = [ToolCallDelta(ev.index, None, tail)] if tail else []
+            return out + [dataclasses.replace(ev, arguments=self.masker.restore(ev.arguments))]
+        if isinstance(ev, MessageDone):
+            out = [kind(tail) for kind, r in self.text.items() if (tail := r.flush())]
+            return out + [ev]
+        return [ev]

@@ -16,9 +16,9 @@ from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, Funct
                              ToolCallDone, decode, tool_call_prefix)
 from inhouse.pipeline import ChatTurn, Finished, TokenEvent, stream_chat
 from inhouse.server.errors import APIError
-from inhouse.governance.pii import Masker, Restorer
+from inhouse.governance.pii import Masker
 from inhouse.server.audit import Auditor
-from inhouse.server.pii import apply_pii_policy
+from inhouse.server.pii import EventRestorer, apply_pii_policy
 from inhouse.server.metrics import Metrics
 from inhouse.server.protocol.chat import ChatCompletionRequest, NamedToolChoice
 from inhouse.server.serving.common import (EFFORT, StopMatcher, check_model, max_tokens_for,
@@ -44,9 +44,7 @@ class Choice:
     request_id: str = ""
     abort_sent: bool = False
     subject: str | None = None
-    restore_content: Restorer | None = None
-    restore_reasoning: Restorer | None = None
-    masker: Masker | None = None
+    unmask: EventRestorer | None = None
 
 
 class ChatCompletions:
@@ -62,7 +60,7 @@ class ChatCompletions:
         if req.n > self.settings.max_n:
             raise APIError(400, f"'n' is {req.n}; at most {self.settings.max_n}", param="n")
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
-        messages, masker, labels = apply_pii_policy(self.settings.pii_mode, messages)
+        messages, masker, labels = apply_pii_policy(self.settings, messages)
         tools = tuple(FunctionTool(t.function.name, t.function.description or "",
                                    t.function.parameters) for t in (req.tools or []))
         choice = req.tool_choice
@@ -133,9 +131,7 @@ class ChatCompletions:
         choice's audit record is committed before its generation starts."""
         turns, masker, labels = self.turns(req, request_id)
         choices = [Choice(i, StopMatcher(self._stops(req)), request_id=t.request_id,
-                          subject=subject, masker=masker,
-                          restore_content=Restorer(masker) if masker else None,
-                          restore_reasoning=Restorer(masker) if masker else None)
+                          subject=subject, unmask=EventRestorer(masker))
                    for i, t in enumerate(turns)]
         for t in turns:
             await self.auditor.start(t.request_id, "/v1/chat/completions", subject, t, key_id,
@@ -157,22 +153,15 @@ class ChatCompletions:
         if isinstance(event, Finished):
             c.finished = event
             tail = c.stop.flush()
-            if c.restore_content:
-                tail = c.restore_content.feed(tail) + c.restore_content.flush()
             if tail:
                 c.content += tail
                 return {"content": tail}
             return None
         if isinstance(event, ReasoningDelta):
-            text = c.restore_reasoning.feed(event.text) if c.restore_reasoning else event.text
-            if not text:
-                return None
-            c.reasoning += text
-            return {"reasoning": text, "reasoning_content": text}
+            c.reasoning += event.text
+            return {"reasoning": event.text, "reasoning_content": event.text}
         if isinstance(event, ContentDelta):
             text = c.stop.feed(event.text)
-            if c.restore_content and text:
-                text = c.restore_content.feed(text)
             if c.stop.stopped:
                 c.stopped_by_string = True
             self._logprob(c)
@@ -193,8 +182,7 @@ class ChatCompletions:
             return {"tool_calls": [{"index": len(c.tool_calls) - 1,
                                     "function": {"arguments": event.arguments}}]}
         if isinstance(event, ToolCallDone) and tool_choice != "none" and c.tool_calls:
-            c.tool_calls[-1]["function"]["arguments"] = (
-                c.masker.restore(event.arguments) if c.masker else event.arguments)
+            c.tool_calls[-1]["function"]["arguments"] = event.arguments
         if isinstance(event, ParseWarning):
             c.warnings.append(event.message)
         return None
@@ -240,11 +228,12 @@ class ChatCompletions:
     async def create(self, req: ChatCompletionRequest, request_id: str,
                      subject: str | None = None, key_id: str | None = None) -> dict:
         choices, streams = await self._streams(req, request_id, subject, key_id)
-        async for i, event in merge(streams):
-            self._apply(choices[i], event, req.tool_choice)
-            await self._stop_if_matched(choices[i])
-            if isinstance(event, Finished):
-                await self._audit(choices[i])
+        async for i, raw in merge(streams):
+            for event in choices[i].unmask(raw):
+                self._apply(choices[i], event, req.tool_choice)
+                await self._stop_if_matched(choices[i])
+                if isinstance(event, Finished):
+                    await self._audit(choices[i])
         self._record(choices)
         return {
             "id": request_id, "object": "chat.completion", "created": int(time.time()),
@@ -283,6 +272,23 @@ class ChatCompletions:
         choices, streams = await self._streams(req, request_id, subject, key_id)  # may raise
         return self._sse(req, request_id, choices, streams)
 
+    async def _sse_event(self, c: Choice, event, req, chunk) -> AsyncIterator[str]:
+        """The SSE lines one (unmasked) event produces for choice c."""
+        seen = len(c.logprobs)
+        delta = self._apply(c, event, req.tool_choice)
+        await self._stop_if_matched(c)
+        if delta is not None:
+            lp = {"content": c.logprobs[seen:]} if req.logprobs and "content" in delta else None
+            yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
+        if isinstance(event, Finished):
+            await self._audit(c)
+            try:
+                reason = self._finish_reason(c)
+            except APIError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
+                reason = "stop"
+            yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+
     async def _sse(self, req, request_id, choices, streams) -> AsyncIterator[str]:
         created, model = int(time.time()), self.settings.model_name
 
@@ -296,22 +302,10 @@ class ChatCompletions:
             yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
         try:
-            async for i, event in merge(streams):
-                c = choices[i]
-                seen = len(c.logprobs)
-                delta = self._apply(c, event, req.tool_choice)
-                await self._stop_if_matched(c)
-                if delta is not None:
-                    lp = {"content": c.logprobs[seen:]} if req.logprobs and "content" in delta else None
-                    yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
-                if isinstance(event, Finished):
-                    await self._audit(c)
-                    try:
-                        reason = self._finish_reason(c)
-                    except APIError as e:
-                        yield f"data: {json.dumps(e.body())}\n\n"
-                        reason = "stop"
-                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+            async for i, raw in merge(streams):
+                for event in choices[i].unmask(raw):
+                    async for line in self._sse_event(choices[i], event, req, chunk):
+                        yield line
         finally:
             self._record(choices)
         if req.stream_options and req.stream_options.include_usage:

@@ -16,7 +16,7 @@ from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, Funct
 from inhouse.pipeline import ChatTurn, Finished, TokenEvent, stream_chat
 from inhouse.server.errors import APIError
 from inhouse.server.audit import Auditor
-from inhouse.server.pii import apply_pii_policy
+from inhouse.server.pii import EventRestorer, apply_pii_policy
 from inhouse.server.metrics import Metrics
 from inhouse.server.protocol.responses import (FunctionCallItem, FunctionCallOutputItem,
                                                MessageItem, NamedFunction, ReasoningItem,
@@ -145,6 +145,15 @@ class ResponseBuilder:
         return events + [self.event(kind, response=json.loads(json.dumps(r)))]
 
 
+async def _unmasked(stream, unmask: EventRestorer):
+    try:
+        async for raw in stream:
+            for ev in unmask(raw):
+                yield ev
+    finally:
+        await stream.aclose()
+
+
 class Responses:
     def __init__(self, client: EngineClient, settings: ServerSettings, metrics: Metrics,
                  store: ResponseStore, auditor: Auditor) -> None:
@@ -224,10 +233,9 @@ class Responses:
             options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
         except ConversationError as e:
             raise APIError(400, str(e), param="input") from None
-        # NOTE: mask mode is a Chat Completions feature for now; here PII is blocked or passed
-        mode = "block" if self.settings.pii_mode == "block" else "off"
-        messages, _, labels = apply_pii_policy(mode, messages)
-        return ChatTurn(tuple(messages), options, params, response_id, tuple(prefix)), items, labels
+        messages, masker, labels = apply_pii_policy(self.settings, messages)
+        turn = ChatTurn(tuple(messages), options, params, response_id, tuple(prefix))
+        return turn, items, labels, EventRestorer(masker)
 
     def _skeleton(self, req: ResponsesRequest, response_id: str) -> dict:
         effort = (req.reasoning.effort if req.reasoning else None) or "medium"
@@ -250,14 +258,14 @@ class Responses:
 
     async def _start(self, req: ResponsesRequest, subject: str | None, key_id: str | None = None):
         response_id = new_id("resp")
-        turn, items, labels = await self._turn(req, response_id)
+        turn, items, labels, unmask = await self._turn(req, response_id)
         await self.auditor.start(response_id, "/v1/responses", subject, turn, key_id, labels)
         try:
             (stream,) = await start_streams([stream_chat(self.client, turn)])
         except APIError as e:
             await self.auditor.refused(response_id, subject, e.status)
             raise
-        return ResponseBuilder(self._skeleton(req, response_id)), stream, items
+        return ResponseBuilder(self._skeleton(req, response_id)), _unmasked(stream, unmask), items
 
     async def _finish(self, req, builder: ResponseBuilder, items, f: Finished,
                       subject: str | None) -> list[dict]:
