@@ -15,6 +15,11 @@ SEED = 1234
 
 
 def pytest_configure(config):
+    # CI runs a fixed set of examples (reproducible runs); local runs keep exploring at random.
+    from hypothesis import settings
+    settings.register_profile("ci", derandomize=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
     # A fresh cache per session, like a fresh machine (the tokenizer vocabulary is set up from the
     # bpe-openai wheel into it); an explicit INHOUSE_CACHE wins.
     if "INHOUSE_CACHE" not in os.environ:

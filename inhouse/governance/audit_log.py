@@ -241,9 +241,10 @@ class AuditLog:
             except (InvalidSignature, ValueError):
                 return VerifyReport(False, n, len(cps), 0, start,
                                     f"checkpoint at size {cp.tree_size} has a bad signature")
-            if cp.tree_size > n:
-                return VerifyReport(False, n, len(cps), 0, n, f"checkpoint at size {cp.tree_size} "
-                                    f"covers records that are gone (only {n} remain)")
+            if cp.tree_size > n:  # the interval lost records: somewhere from `start` on
+                return VerifyReport(False, n, len(cps), 0, start,
+                                    f"records {start}..{cp.tree_size - 1}: the checkpoint at size "
+                                    f"{cp.tree_size} covers records that are gone (only {n} remain)")
             if merkle.root(hashes[:cp.tree_size]).hex() != cp.root:
                 return VerifyReport(False, n, len(cps), 0, start,
                                     f"records {start}..{cp.tree_size - 1} do not match the "
