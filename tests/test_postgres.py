@@ -1,6 +1,5 @@
 """The audit log, the key store and the server's stores on a real PostgreSQL server."""
 
-import threading
 import uuid
 
 import httpx
@@ -13,7 +12,7 @@ from inhouse.server import build_app
 from inhouse.server.store import ResponseStore
 from tests.postgres import postgres_url  # noqa: F401 - the fixture
 from tests.server_utils import ScriptedEngine, running_server
-from tests.test_audit_log import TAMPERS, rewrite
+from tests.test_audit_log import TAMPERS, check_concurrent_writers, rewrite
 from tests.test_server_chat import FINAL
 
 
@@ -41,19 +40,7 @@ def test_audit_log_verifies_and_catches_tampering_on_postgres(postgres_url, tmp_
 
 
 def test_concurrent_writers_on_postgres(postgres_url, tmp_path):
-    url = fresh_db(postgres_url)
-    key = load_signing_key(tmp_path / "k")
-    logs = [AuditLog(url, key, checkpoint_every=50) for _ in range(3)]
-    threads = [threading.Thread(target=lambda lg=logs[t % 3], t=t: [lg.append({"t": t, "i": i})
-                                                                     for i in range(20)])
-               for t in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    logs[0].checkpoint()
-    report = logs[0].verify(key.public_key())
-    assert report.ok and report.num_records == 120
+    check_concurrent_writers(fresh_db(postgres_url), load_signing_key(tmp_path / "k"), 20)
 
 
 def test_server_on_postgres(postgres_url):
