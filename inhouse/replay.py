@@ -25,12 +25,6 @@ class ReplayReport:
     first_difference: int | None  # index of the first differing output token
 
 
-def _kernel() -> str:
-    if not mxfp4_kernel.available():
-        return "torch"
-    return "avx2" if mxfp4_kernel.uses_simd() else "portable"
-
-
 def replay(log: AuditLog, record_id: str, model_path: Path) -> ReplayReport:
     leaves = log.get(record_id)
     if not leaves:
@@ -49,9 +43,10 @@ def replay(log: AuditLog, record_id: str, model_path: Path) -> ReplayReport:
         raise InhouseError(f"refusing to replay: the model at {model_path} has digest {digest}, "
                            f"the record was produced by {start['model_digest']}")
     engine_info = start.get("engine", {})
-    if engine_info.get("kernel") and engine_info["kernel"] != _kernel():
+    if engine_info.get("kernel") and engine_info["kernel"] != mxfp4_kernel.path_name():
         raise InhouseError(f"refusing to replay: the record ran the '{engine_info['kernel']}' "
-                           f"MXFP4 path, this machine runs '{_kernel()}' (different arithmetic)")
+                           f"MXFP4 path, this machine runs '{mxfp4_kernel.path_name()}' (different "
+                           "arithmetic)")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
         engine_info.get("dtype") or "bfloat16", torch.bfloat16)
     params = dict(start["params"]) | {"seed": done["seed"],

@@ -21,14 +21,14 @@ KeyOpt = Annotated[Path | None, typer.Option("--key", help="Ed25519 signing key 
 
 
 def _open(database_url: str | None, key: Path | None):
-    from inhouse.config import cache_root
     from inhouse.errors import InhouseError
-    from inhouse.governance.audit_log import AuditLog, load_signing_key
+    from inhouse.governance.audit_log import (AuditLog, default_key_path, default_url,
+                                              load_signing_key)
 
-    url = database_url or f"sqlite:///{cache_root() / 'audit.db'}"
+    url = database_url or default_url()
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise InhouseError(f"no audit database at {url}")
-    key_path = key or cache_root() / "audit-signing.key"
+    key_path = key or default_key_path()
     if not key_path.is_file():
         raise InhouseError(f"no signing key at {key_path}; pass --key")
     return AuditLog(url, load_signing_key(key_path)), load_signing_key(key_path).public_key()

@@ -39,13 +39,6 @@ def resolve_model(model: str | None) -> tuple[Path, str, bool]:
     return Path(local), model.split("/")[-1], False
 
 
-def kernel_name() -> str:
-    from inhouse.model import mxfp4_kernel
-    if not mxfp4_kernel.available():
-        return "torch"
-    return "avx2" if mxfp4_kernel.uses_simd() else "portable"
-
-
 def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib: float,
           api_keys: list[str], dtype: DType, mode: str, log_bodies: bool, database_url: str = "",
           audit_content: str = "redacted", retain_days: float = 0.0, pii_mode: str = "off",
@@ -58,6 +51,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     from inhouse.model import find_checkpoint, load_model
     from inhouse.server import build_app
 
+    from inhouse.model import mxfp4_kernel
     from inhouse.model.digest import checkpoint_digest
 
     patterns = []
@@ -81,7 +75,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               is_demo=demo, api_keys=tuple(api_keys), log_bodies=log_bodies,
                               database_url=database_url, audit_database_url=database_url,
                               audit_content=audit_content, model_digest=checkpoint_digest(info),
-                              engine_mode=mode, model_dtype=dtype.value, kernel=kernel_name(),
+                              engine_mode=mode, model_dtype=dtype.value, kernel=mxfp4_kernel.path_name(),
                               retain_days=retain_days, pii_mode=pii_mode,
                               pii_patterns=tuple(patterns))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -9,8 +9,9 @@ from inhouse.engine.async_engine import AsyncEngine
 from inhouse.engine.engine import EngineStats, LLMEngine
 from inhouse.engine.protocol import EngineClient
 from inhouse.engine.request import RequestOutput
-from inhouse.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob
+from inhouse.engine.sampling import (InvalidRequest, SamplingParams, TokenLogprob,
+                                     check_prompt_length)
 from inhouse.engine.scheduler import QueueFull
 
 __all__ = ["AsyncEngine", "EngineClient", "EngineStats", "InvalidRequest", "LLMEngine",
-           "QueueFull", "RequestOutput", "SamplingParams", "TokenLogprob"]
+           "QueueFull", "RequestOutput", "SamplingParams", "TokenLogprob", "check_prompt_length"]

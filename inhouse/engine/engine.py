@@ -12,7 +12,8 @@ from inhouse.config import EngineConfig
 from inhouse.engine.kv_manager import KVBlockManager, KVLayout
 from inhouse.engine.request import RequestOutput, Sequence, Status
 from inhouse.engine.runner import ModelRunner
-from inhouse.engine.sampling import InvalidRequest, SamplingParams, sample
+from inhouse.engine.sampling import (InvalidRequest, SamplingParams, check_prompt_length,
+                                     sample)
 from inhouse.engine.scheduler import Scheduler
 from inhouse.model import Transformer
 
@@ -54,9 +55,7 @@ class LLMEngine:
             raise InvalidRequest("the prompt is empty", "prompt")
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if len(prompt_ids) >= context:
-            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; the context window is "
-                                 f"{context} (over by {len(prompt_ids) - context + 1})", "messages")
+        check_prompt_length(len(prompt_ids), context)
         reserve = min(len(prompt_ids) + params.max_tokens, context)
         if not self.kv.fits_at_all(reserve):
             raise InvalidRequest(f"the request needs KV memory for {reserve} tokens, more than the "

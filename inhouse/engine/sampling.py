@@ -23,6 +23,13 @@ class InvalidRequest(InhouseError):
         self.param = param
 
 
+def check_prompt_length(num_tokens: int, context: int) -> None:
+    """A prompt must leave room for at least one generated token."""
+    if num_tokens >= context:
+        raise InvalidRequest(f"the prompt has {num_tokens} tokens; the context window is "
+                             f"{context} (over by {num_tokens - context + 1})", "messages")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine,
                         event, insert, select, update)
 
+from inhouse.config import cache_root
 from inhouse.errors import InhouseError
 from inhouse.governance import merkle
 
@@ -63,6 +64,17 @@ head_t = Table(  # one row: serialises writers (a row lock on PostgreSQL, BEGIN 
 
 class AuditError(InhouseError):
     """The audit log cannot be opened or written (bad URL, unreadable key, ...)."""
+
+
+def default_url() -> str:
+    """The audit database when none is given: a SQLite file in inhouse's cache."""
+    cache_root().mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{cache_root() / 'audit.db'}"
+
+
+def default_key_path() -> Path:
+    """The checkpoint signing key when none is given: in the cache, outside the database."""
+    return cache_root() / "audit-signing.key"
 
 
 def canonical(obj: dict) -> bytes:

@@ -155,7 +155,7 @@ class OutputParser:
         state = self._parser.state.value
         if state == "Content":
             events.append(ParseWarning("output ended inside a message (truncated)"))
-            events += self._close_message(truncated=True)
+            events += self._close_message()
         else:
             events += self._salvage("output ended inside a message header")
         return events
@@ -186,7 +186,7 @@ class OutputParser:
             events.append(ContentDelta(delta))
         return events
 
-    def _close_message(self, truncated: bool = False) -> list[Event]:
+    def _close_message(self) -> list[Event]:
         events: list[Event] = []
         channel, recipient = self._last_header()
         full = self._last_content()
@@ -197,7 +197,7 @@ class OutputParser:
             events += self._route(full[len(self._emitted):])
         if self._call_index is not None or (recipient or "").startswith("functions."):
             name = (recipient or "").removeprefix("functions.")
-            args = self._last_content()
+            args = full
             if self._call_index is None:  # a call with empty arguments
                 self._call_index = self._num_calls
                 self._num_calls += 1

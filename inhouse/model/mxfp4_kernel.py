@@ -44,6 +44,14 @@ def uses_simd() -> bool:
         os.environ.get("INHOUSE_MXFP4_KERNEL", "1") != "portable"
 
 
+def path_name() -> str:
+    """Which MXFP4 arithmetic this process runs: "avx2", "portable" or "torch" (no kernel).
+    Audit records carry it; replay refuses a record made on another path."""
+    if not available():
+        return "torch"
+    return "avx2" if uses_simd() else "portable"
+
+
 def matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (M, in), blocks (O, in/32, 16) uint8, scales (O, in/32) uint8 -> (M, O) in x's dtype.
     Accumulates in fp32; each row's result is independent of M and of the thread count."""

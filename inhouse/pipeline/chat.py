@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from inhouse.engine import EngineClient, InvalidRequest, SamplingParams, TokenLogprob
+from inhouse.engine import EngineClient, SamplingParams, TokenLogprob, check_prompt_length
 from inhouse.harmony import (ChatMessage, Event, OutputParser, ParsedOutput, PromptOptions,
                              render_prompt, stop_token_ids)
 from inhouse.harmony.parser import CALL
@@ -52,10 +52,7 @@ async def stream_chat(client: EngineClient,
                       turn: ChatTurn) -> AsyncIterator[Event | TokenEvent | Finished]:
     """Harmony events as the model produces them, then one `Finished`."""
     prompt_ids = render_prompt(list(turn.messages), turn.options) + list(turn.assistant_prefix)
-    context = client.model_config.max_position_embeddings
-    if len(prompt_ids) >= context:
-        raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; the context window is "
-                             f"{context} (over by {len(prompt_ids) - context + 1})", "messages")
+    check_prompt_length(len(prompt_ids), client.model_config.max_position_embeddings)
     params = replace(turn.params, stop_token_ids=tuple(stop_token_ids()))
     parser = OutputParser()
     for token in turn.assistant_prefix:

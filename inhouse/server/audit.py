@@ -14,7 +14,8 @@ import time
 
 from inhouse import __version__
 from inhouse.config import ServerSettings, cache_root
-from inhouse.governance.audit_log import AuditLog, load_signing_key
+from inhouse.governance.audit_log import (AuditLog, default_key_path, default_url,
+                                          load_signing_key)
 from inhouse.governance.pii import redact
 from inhouse.pipeline import ChatTurn, Finished
 
@@ -31,10 +32,8 @@ def _salt() -> bytes:
 
 
 def open_audit_log(settings: ServerSettings) -> AuditLog:
-    url = settings.audit_database_url or f"sqlite:///{cache_root() / 'audit.db'}"
-    if url.startswith("sqlite:///"):
-        cache_root().mkdir(parents=True, exist_ok=True)
-    return AuditLog(url, load_signing_key(cache_root() / "audit-signing.key"))
+    return AuditLog(settings.audit_database_url or default_url(),
+                    load_signing_key(default_key_path()))
 
 
 def _redacted(m) -> dict:

@@ -81,8 +81,7 @@ class ChatCompletions:
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = max_tokens_for(req.max_completion_tokens or req.max_tokens, self.client,
                                     self.settings, param)
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > 4:
+        if len(self._stops(req)) > 4:
             raise APIError(400, "'stop' takes at most 4 sequences", param="stop")
         try:
             options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
