@@ -20,9 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import cache_dir, ensure_random_checkpoint, machine, memory, report  # noqa: E402
-from inhouse.config import EngineConfig  # noqa: E402
+from inhouse.config import EngineConfig, preset  # noqa: E402
+from inhouse.convert.random_init import random_tensors  # noqa: E402
 from inhouse.engine import LLMEngine, SamplingParams  # noqa: E402
 from inhouse.model import load_model  # noqa: E402
+from inhouse.model.loader import build_model  # noqa: E402
+from inhouse.model.weights import CheckpointInfo  # noqa: E402
 
 
 def run(model, mode: str, concurrency: int, tokens: int, prompt_tokens: int) -> dict:
@@ -54,6 +57,13 @@ def run(model, mode: str, concurrency: int, tokens: int, prompt_tokens: int) -> 
             "wall_s": time.perf_counter() - t_start}
 
 
+def random_model(name: str, device: str, dtype: torch.dtype):
+    """A random model of preset `name` built on `device` without writing a checkpoint."""
+    cfg = preset(name)
+    info = CheckpointInfo(Path("."), "hf", "mxfp4", cfg, (), {})
+    return build_model(info, dict(random_tensors(cfg, seed=0, device=device)), device, dtype)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,gpt-oss-20b")
@@ -62,13 +72,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="tokens per request (tiny model)")
     ap.add_argument("--tokens-20b", type=int, default=3, help="tokens per request (20b shape)")
     ap.add_argument("--prompt-tokens", type=int, default=8)
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, or cuda: random weights drawn straight into GPU memory (no files)")
     args = ap.parse_args()
     results, rows = [], []
     for name in args.models.split(","):
-        path = cache_dir() / f"{name}-random-hf-sharded"
-        ensure_random_checkpoint(path, name, "hf-sharded")
         dtype = torch.float32 if name == "tiny" else torch.bfloat16
-        model = load_model(path, dtype=dtype)
+        if args.device == "cpu":
+            path = cache_dir() / f"{name}-random-hf-sharded"
+            ensure_random_checkpoint(path, name, "hf-sharded")
+            model = load_model(path, dtype=dtype)
+        else:
+            model = random_model(name, args.device, dtype)
         tokens = args.tokens if name == "tiny" else args.tokens_20b
         run(model, "reproducible", 1, 2, args.prompt_tokens)  # warm-up
         for conc in map(int, args.concurrency.split(",")):
@@ -87,8 +102,10 @@ def main() -> None:
                 if a and b:
                     rows.append((f"{name} x{conc} reproducible / batched", f"{a / b:.2f}"))
     data = {"results": results, "peak_rss": memory()["VmHWM"], "machine": machine(),
-            "threads": torch.get_num_threads()}
-    report("decode throughput (aggregate over concurrent requests)", rows, data, "decode")
+            "threads": torch.get_num_threads(), "device": args.device,
+            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+    name = "decode" if args.device == "cpu" else f"decode-{args.device.split(':')[0]}"
+    report("decode throughput (aggregate over concurrent requests)", rows, data, name)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,19 @@ from inhouse.convert import LAYOUTS, write_random_checkpoint
 SEED = 1234
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="torch device for the oracle tests (ours and the oracles): cpu or cuda")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    name = request.config.getoption("--device")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("--device cuda, but no CUDA device is available")
+    return name
+
+
 def pytest_configure(config):
     # CI runs a fixed set of examples (reproducible runs); local runs keep exploring at random.
     from hypothesis import settings

@@ -20,24 +20,27 @@ from inhouse.model.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK
 _FP4_RMS = math.sqrt(sum(v * v for v in (0, .5, 1, 1.5, 2, 3, 4, 6)) / 8)  # rms of a random code
 
 
-def random_tensors(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs in checkpoint order; floats bf16, MXFP4 parts uint8."""
-    g = torch.Generator().manual_seed(seed)
+def random_tensors(config: ModelConfig, seed: int = 0,
+                   device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs in checkpoint order; floats bf16, MXFP4 parts uint8. Made on
+    `device` (another device's generator draws other numbers: same seed, same device, same weights)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     E, H, I, V = config.num_experts, config.hidden_size, config.intermediate_size, config.vocab_size
     Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
     def normal(*shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * std + mean).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=g, device=device) * std + mean).to(torch.bfloat16)
 
     def linear(out: int, fan_in: int) -> torch.Tensor:
         return normal(out, fan_in, std=fan_in ** -0.5)
 
     def mxfp4(out: int, fan_in: int) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = torch.randint(0, 256, (E, out, fan_in // BLOCK_SIZE, BYTES_PER_BLOCK),
-                               generator=g, dtype=torch.uint8)
+                               generator=g, dtype=torch.uint8, device=device)
         # scale so that a weight's rms is about fan_in ** -0.5, jittered by one binade per block
         base = 127 + round(math.log2(fan_in ** -0.5 / _FP4_RMS))
-        scales = (base + torch.randint(-1, 2, (E, out, fan_in // BLOCK_SIZE), generator=g)).to(torch.uint8)
+        scales = (base + torch.randint(-1, 2, (E, out, fan_in // BLOCK_SIZE), generator=g,
+                                             device=device)).to(torch.uint8)
         return blocks, scales
 
     yield "model.embed_tokens.weight", normal(V, H, std=1.0)

@@ -16,7 +16,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: tuple[ScheduledChunk, ...]) -> list[torch.Tensor]:
         """Feed each chunk to its sequence's cache; return the logits (V,) after each chunk's
-        last token (used only where the chunk completes the sequence's pending tokens)."""
+        last token (used only where the chunk completes the sequence's pending tokens).
+        Logits come back as fp32 on the CPU, where seeded sampling runs on any device."""
         feeds = []
         for c in chunks:
             seq = c.seq
@@ -26,7 +27,7 @@ class ModelRunner:
             feeds.append((ids, seq.cache))
         if len(feeds) == 1:
             ids, cache = feeds[0]
-            return [self.model(ids, cache=cache, last_only=True)[0].float()]
+            return [self.model(ids, cache=cache, last_only=True)[0].float().cpu()]
         # reproducible: row-wise ops per sequence, so numerics never depend on the batch
         logits = self.model.forward_batch(feeds, independent=self.mode == "reproducible")
-        return list(logits.float())
+        return list(logits.float().cpu())
