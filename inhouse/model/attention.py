@@ -53,8 +53,12 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
               q_start: int, k_start: int, window: int | None, scale: float) -> torch.Tensor:
-    """Same contract as `attention_reference`; memory O(chunk x keys), not O(T x S)."""
-    if q.device.type != "cpu" or not _has_cpu_flash():
+    """Same contract as `attention_reference`; memory O(chunk x keys), not O(T x S).
+    NOTE: gradients (training) take the reference: the flash op's log-sum-exp output, which
+    carries the sinks, has no derivative."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                              or v.requires_grad or sinks.requires_grad)
+    if q.device.type != "cpu" or not _has_cpu_flash() or needs_grad:
         return _chunked(attention_reference, q, k, v, sinks, q_start, k_start, window, scale)
     return _chunked(_flash_with_sinks, q, k, v, sinks, q_start, k_start, window, scale)
 

@@ -48,6 +48,7 @@ class Experts(nn.Module):
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I))
         self.down_proj_bias = nn.Parameter(torch.empty(E, H))
+        self.lora = None  # an ExpertsLoRA once adapters are attached (lora.attach)
 
     def expert(self, e: int, dtype: torch.dtype) -> "ExpertProjections":
         """Expert e's two projections, for rows of `dtype`."""
@@ -73,6 +74,7 @@ class Experts(nn.Module):
             plans.append((g.start, torch.argsort(flat, stable=True), counts, offsets,
                           weights[g].reshape(-1)))
         out = torch.zeros_like(x)
+        lora = self.lora if self.lora is not None and self.lora.begin(N) else None
         for e in range(self.num_experts):
             if not any(p[2][e] for p in plans):
                 continue
@@ -88,9 +90,14 @@ class Experts(nn.Module):
             if len(shared) > 1:
                 shared = [(torch.cat([r for r, _ in shared]), torch.cat([w for _, w in shared]))]
             for (rows, w), fused in [(j, True) for j in shared] + [(j, False) for j in apart]:
-                h = proj.gate_up(x[rows], fused) + self.gate_up_proj_bias[e]  # (n, 2I)
+                xr = x[rows]
+                h = proj.gate_up(xr, fused) + self.gate_up_proj_bias[e]  # (n, 2I)
+                if lora is not None:
+                    h = lora.delta("gate_up_proj", e, rows, xr, h)
                 h = swiglu(h, self.alpha, self.limit)  # (n, I)
                 y = proj.down(h, fused) + self.down_proj_bias[e]  # (n, H)
+                if lora is not None:
+                    y = lora.delta("down_proj", e, rows, h, y)
                 out.index_add_(0, rows, y * w[:, None])
         return out
 
@@ -160,8 +167,10 @@ class PackedExpert(ExpertProjections):
         self._dense: DenseExpert | None = None
 
     def rows_independent(self, n: int) -> bool:
-        # the kernel computes every row the same way whatever the batch (tested bit for bit)
-        return n <= KERNEL_MAX_ROWS and self.b1.device.type == "cpu" and mxfp4_kernel.available()
+        # the kernel computes every row the same way whatever the batch (tested bit for bit);
+        # it has no backward, so training (grad enabled) multiplies by the decoded weights
+        return (n <= KERNEL_MAX_ROWS and self.b1.device.type == "cpu" and mxfp4_kernel.available()
+                and not torch.is_grad_enabled())
 
     def _decoded(self) -> DenseExpert:
         if self._dense is None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from inhouse.config import ModelConfig
 from inhouse.errors import InhouseError
@@ -25,6 +26,7 @@ class Segment:
     num_tokens: int
     start: int
     cache: KVCache | None
+    adapter: str | None = None  # LoRA adapter name (see lora.py), None for the base model
 
 
 def by_rows(fn, x: torch.Tensor, groups: list[slice] | None) -> torch.Tensor:
@@ -48,6 +50,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.num_kv_heads * D)
         self.o_proj = nn.Linear(self.num_heads * D, H)
         self.sinks = nn.Parameter(torch.empty(self.num_heads))
+        self.lora = None  # an AttentionLoRA once adapters are attached (lora.attach)
+
+    def _proj(self, name: str, x: torch.Tensor, groups: list[slice] | None) -> torch.Tensor:
+        y = by_rows(getattr(self, name), x, groups)
+        return y if self.lora is None else self.lora.delta(name, x, y)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 segments: list[Segment], groups: list[slice] | None = None) -> torch.Tensor:
@@ -55,9 +62,9 @@ class Attention(nn.Module):
         Projections run over all rows at once (or per group); attention runs per segment against
         its own cache."""
         N = x.shape[0]
-        q = by_rows(self.q_proj, x, groups).view(N, self.num_heads, self.head_dim)
-        k = by_rows(self.k_proj, x, groups).view(N, self.num_kv_heads, self.head_dim)
-        v = by_rows(self.v_proj, x, groups).view(N, self.num_kv_heads, self.head_dim)
+        q = self._proj("q_proj", x, groups).view(N, self.num_heads, self.head_dim)
+        k = self._proj("k_proj", x, groups).view(N, self.num_kv_heads, self.head_dim)
+        v = self._proj("v_proj", x, groups).view(N, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         outs = []
         for seg in segments:
@@ -68,7 +75,7 @@ class Attention(nn.Module):
                 ks, vs, k_start = seg.cache.layers[layer].extend(ks, vs)
             outs.append(attention(q[rows], ks, vs, self.sinks, seg.start, k_start, self.window,
                                   self.scale))  # (T, Hq*D)
-        return by_rows(self.o_proj, outs[0] if len(outs) == 1 else torch.cat(outs), groups)
+        return self._proj("o_proj", outs[0] if len(outs) == 1 else torch.cat(outs), groups)
 
 
 class DecoderLayer(nn.Module):
@@ -113,6 +120,8 @@ class Transformer(nn.Module):
         self.dtype = dtype
         self.model = GptOssModel(config, experts_format)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lora_routing = None  # set by lora.attach
+        self.gradient_checkpointing = False  # recompute each layer in backward (training)
         with torch.device("cpu"):  # NOTE: not on meta even when the rest is built there
             self.rotary = RotaryEmbedding(config)
 
@@ -124,19 +133,27 @@ class Transformer(nn.Module):
         return KVCache(self.config, self.dtype, self.device, max_tokens)
 
     def forward(self, token_ids: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, adapter: str | None = None) -> torch.Tensor:
         if token_ids.dim() != 1:
             raise InhouseError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
         start = cache.num_tokens if cache is not None else 0
-        x = self._hidden(token_ids, [Segment(0, token_ids.shape[0], start, cache)])
+        x = self._hidden(token_ids, [Segment(0, token_ids.shape[0], start, cache, adapter)])
         if last_only:
             x = x[-1:]
         return self.lm_head(self.model.norm(x))  # (T, V)
 
+    def hidden_states(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (T, H) of a fresh sequence: training applies `lm_head` only
+        at the positions it scores, not over the whole vocabulary at every position."""
+        x = self._hidden(token_ids, [Segment(0, token_ids.shape[0], 0, None)])
+        return self.model.norm(x)
+
     def forward_batch(self, batch: list[tuple[torch.Tensor, KVCache]],
-                      independent: bool = False) -> torch.Tensor:
-        """Several sequences in one pass: each (ids (T_i,), cache) continues its cached sequence.
-        Returns the logits of each sequence's last new position, (len(batch), V).
+                      independent: bool = False,
+                      adapters: list[str | None] | None = None) -> torch.Tensor:
+        """Several sequences in one pass: each (ids (T_i,), cache) continues its cached sequence,
+        with LoRA adapter adapters[i] (None: the base model). Returns the logits of each
+        sequence's last new position, (len(batch), V).
 
         independent=False: row-wise ops run over all rows at once (fastest; a row's numerics may
         depend on the batch). independent=True: they run sequence by sequence, so each result is
@@ -144,8 +161,9 @@ class Transformer(nn.Module):
         the whole batch (on CPU, most of a step's cost).
         """
         segments, row = [], 0
-        for ids, cache in batch:
-            segments.append(Segment(row, ids.shape[0], cache.num_tokens, cache))
+        adapters = adapters or [None] * len(batch)
+        for (ids, cache), adapter in zip(batch, adapters, strict=True):
+            segments.append(Segment(row, ids.shape[0], cache.num_tokens, cache, adapter))
             row += ids.shape[0]
         groups = [slice(s.row0, s.row0 + s.num_tokens) for s in segments] if independent else None
         x = self._hidden(torch.cat([ids for ids, _ in batch]), segments, groups)
@@ -163,8 +181,19 @@ class Transformer(nn.Module):
         positions = torch.cat([torch.arange(s.start, s.start + s.num_tokens) for s in segments])
         cos, sin = self.rotary.cos_sin(positions.to(self.device))
         x = self.model.embed_tokens(token_ids.to(self.device)).to(self.dtype)  # (N, H)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, segments, groups)
+        routing = self.lora_routing
+        if routing is not None and any(s.adapter for s in segments):
+            routing.assignment = [(slice(s.row0, s.row0 + s.num_tokens), s.adapter)
+                                  for s in segments]
+        try:
+            for i, layer in enumerate(self.model.layers):
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(layer, x, cos, sin, i, segments, groups, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, i, segments, groups)
+        finally:
+            if routing is not None:
+                routing.assignment = None
         for seg in segments:
             if seg.cache is not None:
                 seg.cache.num_tokens += seg.num_tokens
