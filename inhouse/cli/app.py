@@ -14,6 +14,7 @@ from rich.table import Table
 
 from inhouse import __version__
 from inhouse.cli.audit import audit_app
+from inhouse.cli.finetune import finetune
 from inhouse.cli.keys import keys_app
 from inhouse.cli.common import DType, Effort, cli_errors, err, open_engine, out
 from inhouse.errors import InhouseError
@@ -24,6 +25,7 @@ demo_app = typer.Typer(help="Demo checkpoints that need no download.", no_args_i
 app.add_typer(demo_app, name="demo")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
+app.command()(finetune)
 
 def _gib(n: int) -> str:
     if n >= 2**28:
@@ -221,12 +223,16 @@ def serve(
                                                           "(repeatable).")] = None,
     retain_days: Annotated[float, typer.Option(min=0, help="Erase audit content older than this "
                                                "many days (0: keep).")] = 0,
+    adapter: Annotated[list[str] | None, typer.Option(help="LoRA adapter NAME=DIR (PEFT format; "
+                                                      "repeatable); requests pick it with "
+                                                      "model \"MODEL:NAME\".")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
 
     run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies,
-               database_url or "", audit_content, retain_days, pii, pii_pattern or [])
+               database_url or "", audit_content, retain_days, pii, pii_pattern or [],
+               adapter or [])
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -42,7 +43,7 @@ def resolve_model(model: str | None) -> tuple[Path, str, bool]:
 def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib: float,
           api_keys: list[str], dtype: DType, mode: str, log_bodies: bool, database_url: str = "",
           audit_content: str = "redacted", retain_days: float = 0.0, pii_mode: str = "off",
-          pii_patterns: list[str] | None = None) -> None:
+          pii_patterns: list[str] | None = None, adapters: list[str] | None = None) -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -64,6 +65,13 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
         except re.error as e:
             raise InhouseError(f"--pii-pattern {label}: not a valid regex ({e})") from None
         patterns.append((label, regex))
+    from inhouse.model.peft_format import attach_adapter, load_adapter, parse_adapter_option
+
+    wanted = [parse_adapter_option(a) for a in adapters or []]
+    if len({n for n, _ in wanted}) != len(wanted):
+        raise InhouseError("--adapter: two adapters have the same name")
+    for _, adapter_dir in wanted:
+        load_adapter(adapter_dir)  # a bad adapter fails here, before the model loads
     path, name, demo = resolve_model(model)
     info = find_checkpoint(path)
     if demo:
@@ -80,12 +88,17 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               pii_patterns=tuple(patterns))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     err.print(f"[dim]loading {path} ...[/dim]")
-    client = AsyncEngine(LLMEngine(load_model(path, dtype=dtype.torch), engine_cfg))
+    loaded = load_model(path, dtype=dtype.torch)
+    digests = tuple((n, attach_adapter(loaded, n, d)) for n, d in wanted)
+    settings = dataclasses.replace(settings, adapters=digests)
+    client = AsyncEngine(LLMEngine(loaded, engine_cfg))
     app = build_app(client, settings)
     banner = f"inhouse serving '{name}' on http://{host}:{port}/v1"
     if demo:
         banner += f"  [yellow]DEMO MODEL: {DEMO_LABEL}[/yellow]"
     out.print(banner)
+    for n, d in digests:
+        out.print(f"[dim]adapter '{name}:{n}' ({d[:19]})[/dim]")
     if api_keys:
         out.print(f"[dim]{len(api_keys)} API key(s) required[/dim]")
     try:

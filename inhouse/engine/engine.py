@@ -16,6 +16,7 @@ from inhouse.engine.sampling import (InvalidRequest, SamplingParams, check_promp
                                      sample)
 from inhouse.engine.scheduler import Scheduler
 from inhouse.model import Transformer
+from inhouse.model.lora import adapter_names
 
 log = logging.getLogger("inhouse.engine")
 
@@ -56,6 +57,8 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
         check_prompt_length(len(prompt_ids), context)
+        if params.adapter is not None and params.adapter not in adapter_names(self.model):
+            raise InvalidRequest(f"no adapter named {params.adapter!r} is loaded", "model")
         reserve = min(len(prompt_ids) + params.max_tokens, context)
         if not self.kv.fits_at_all(reserve):
             raise InvalidRequest(f"the request needs KV memory for {reserve} tokens, more than the "

@@ -27,7 +27,9 @@ class ModelRunner:
             feeds.append((ids, seq.cache))
         if len(feeds) == 1:
             ids, cache = feeds[0]
-            return [self.model(ids, cache=cache, last_only=True)[0].float().cpu()]
+            return [self.model(ids, cache=cache, last_only=True,
+                               adapter=chunks[0].seq.params.adapter)[0].float().cpu()]
         # reproducible: row-wise ops per sequence, so numerics never depend on the batch
-        logits = self.model.forward_batch(feeds, independent=self.mode == "reproducible")
+        logits = self.model.forward_batch(feeds, independent=self.mode == "reproducible",
+                                          adapters=[c.seq.params.adapter for c in chunks])
         return list(logits.float().cpu())

@@ -42,6 +42,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: none; n: the sampled token's logprob and the top n
+    adapter: str | None = None  # the LoRA adapter that generates (None: the base model)
 
     def __post_init__(self) -> None:
         checks = [

@@ -108,6 +108,32 @@ def load_adapter(path: str | Path) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
     return spec, tensors
 
 
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
+
+
+def parse_adapter_option(option: str) -> tuple[str, Path]:
+    """"NAME=DIR" (the serve option) -> (name, dir); the name becomes part of "MODEL:NAME"."""
+    name, sep, path = option.partition("=")
+    if not sep or not path:
+        raise AdapterError(f"--adapter {option!r}: expected NAME=DIR")
+    if not ADAPTER_NAME.match(name):
+        raise AdapterError(f"--adapter {option!r}: the name must be letters, digits, '_', '.' or "
+                           "'-' (no ':'), at most 64 characters")
+    return name, Path(path)
+
+
+def attach_adapter(model, name: str, path: str | Path) -> str:
+    """Load the adapter at `path` into `model` under `name`; returns its digest."""
+    from inhouse.model.lora import add_adapter
+
+    spec, tensors = load_adapter(path)
+    try:
+        add_adapter(model, name, spec, tensors)
+    except (KeyError, ValueError) as e:
+        raise AdapterError(f"{path}: the adapter does not fit this model ({e})") from None
+    return adapter_digest(path)
+
+
 def adapter_digest(path: str | Path) -> str:
     """sha256 over the adapter's config and weights files: names the adapter in audit records."""
     h = hashlib.sha256()

@@ -66,8 +66,10 @@ class Auditor:
         if self.log is None:
             return
         params = dataclasses.asdict(turn.params)
+        adapter = turn.params.adapter
         record = {"endpoint": endpoint, "api_key_id": key_id, "model": self.settings.model_name,
-                  "model_digest": self.settings.model_digest, "adapter_digest": None,
+                  "model_digest": self.settings.model_digest, "adapter": adapter,
+                  "adapter_digest": dict(self.settings.adapters).get(adapter) if adapter else None,
                   "engine": {"version": __version__, "mode": self.settings.engine_mode,
                              "dtype": self.settings.model_dtype, "kernel": self.settings.kernel},
                   "params": params, "reasoning_effort": turn.options.reasoning_effort,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from inhouse.errors import ConfigError
 from inhouse.harmony.training import TrainingSequence
 from inhouse.model import load_model
 from inhouse.model import lora
@@ -53,14 +54,17 @@ class TrainConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        lora.LoraSpec(self.rank, self.alpha, self.targets)  # validates rank and targets
+        try:
+            lora.LoraSpec(self.rank, self.alpha, self.targets)  # validates rank and targets
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         checks = [(self.lr > 0, "--lr must be positive"), (self.epochs >= 1, "--epochs must be >= 1"),
                   (self.batch_tokens >= 1, "--batch-tokens must be >= 1"),
                   (self.max_len >= 2, "--max-len must be >= 2"),
                   (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16")]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
 
     @property
     def spec(self) -> lora.LoraSpec:

@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from inhouse.server.deps import AuthDep, ClientDep, MetricsDep, SettingsDep
 from inhouse.server.errors import APIError
+from inhouse.server.serving.common import model_ids
 
 router = APIRouter()
 
@@ -27,23 +28,26 @@ async def metrics(m: MetricsDep) -> Response:
     return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _model_card(request: Request, settings) -> dict:
-    card = {"id": settings.model_name, "object": "model", "created": request.app.state.started_at,
+def _model_card(request: Request, settings, model_id: str) -> dict:
+    card = {"id": model_id, "object": "model", "created": request.app.state.started_at,
             "owned_by": "inhouse"}
     if settings.is_demo or settings.model_label:
         card["description"] = settings.model_label
     card["demo"] = settings.is_demo
+    base, _, adapter = model_id.partition(":")
+    if adapter:  # a LoRA adapter on the base model, named by the digest of its files
+        card |= {"parent": base, "root": base, "adapter_digest": dict(settings.adapters)[adapter]}
     return card
 
 
 @router.get("/v1/models", dependencies=[AuthDep])
 async def list_models(request: Request, settings: SettingsDep) -> dict:
-    return {"object": "list", "data": [_model_card(request, settings)]}
+    return {"object": "list", "data": [_model_card(request, settings, m) for m in model_ids(settings)]}
 
 
 @router.get("/v1/models/{model_id:path}", dependencies=[AuthDep])
 async def get_model(model_id: str, request: Request, settings: SettingsDep) -> dict:
-    if model_id != settings.model_name:
+    if model_id not in model_ids(settings):
         raise APIError(404, f"the model '{model_id}' does not exist", param="model",
                        code="model_not_found")
-    return _model_card(request, settings)
+    return _model_card(request, settings, model_id)

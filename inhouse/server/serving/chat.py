@@ -56,7 +56,7 @@ class ChatCompletions:
     def turns(self, req: ChatCompletionRequest,
               request_id: str) -> tuple[list[ChatTurn], Masker | None, frozenset[str]]:
         """The n turns to run, the PII masker to restore answers with (mask mode), PII labels."""
-        check_model(req.model, self.settings)
+        adapter = check_model(req.model, self.settings)
         if req.n > self.settings.max_n:
             raise APIError(400, f"'n' is {req.n}; at most {self.settings.max_n}", param="n")
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
@@ -95,7 +95,7 @@ class ChatCompletions:
                 top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
                 min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0, seed=seed_for(req.seed, i),
-                logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                logprobs=(req.top_logprobs or 0) if req.logprobs else None, adapter=adapter)
             turns.append(ChatTurn(tuple(messages), options, params, f"{request_id}-{i}",
                                   tuple(prefix)))
         return turns, masker, labels
@@ -236,7 +236,7 @@ class ChatCompletions:
         self._record(choices)
         return {
             "id": request_id, "object": "chat.completion", "created": int(time.time()),
-            "model": self.settings.model_name, "system_fingerprint": self._fingerprint(),
+            "model": req.model, "system_fingerprint": self._fingerprint(),
             "choices": [self._choice_body(c, req) for c in choices],
             "usage": usage([c.finished for c in choices if c.finished]),
         }
@@ -289,7 +289,7 @@ class ChatCompletions:
             yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
 
     async def _sse(self, req, request_id, choices, streams) -> AsyncIterator[str]:
-        created, model = int(time.time()), self.settings.model_name
+        created, model = int(time.time()), req.model  # the base or "BASE:ADAPTER", as asked
 
         def chunk(choice_list: list[dict], **extra) -> str:
             body = {"id": request_id, "object": "chat.completion.chunk", "created": created,

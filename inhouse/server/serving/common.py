@@ -18,10 +18,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def check_model(requested: str, settings: ServerSettings) -> None:
-    if requested != settings.model_name:
-        raise APIError(404, f"the model '{requested}' does not exist; this server serves "
-                            f"'{settings.model_name}'", param="model", code="model_not_found")
+def check_model(requested: str, settings: ServerSettings) -> str | None:
+    """The adapter a request's `model` names: "BASE" -> None, "BASE:NAME" -> NAME."""
+    base, _, adapter = requested.partition(":")
+    if base == settings.model_name and (not adapter or adapter in dict(settings.adapters)):
+        return adapter or None
+    served = ", ".join(f"'{m}'" for m in model_ids(settings))
+    raise APIError(404, f"the model '{requested}' does not exist; this server serves {served}",
+                   param="model", code="model_not_found")
+
+
+def model_ids(settings: ServerSettings) -> list[str]:
+    return [settings.model_name] + [f"{settings.model_name}:{n}" for n, _ in settings.adapters]
 
 
 def max_tokens_for(requested: int | None, client: EngineClient, settings: ServerSettings,

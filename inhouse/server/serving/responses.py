@@ -204,7 +204,7 @@ class Responses:
         return msgs
 
     async def _turn(self, req: ResponsesRequest, response_id: str):
-        check_model(req.model, self.settings)
+        adapter = check_model(req.model, self.settings)
         if req.background:
             raise APIError(400, "background responses are not supported", param="background")
         items = await self._history(req)
@@ -227,7 +227,8 @@ class Responses:
             max_tokens=max_tokens_for(req.max_output_tokens, self.client, self.settings,
                                       "max_output_tokens"),
             temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, seed=seed_for(req.seed, 0))
+            top_p=1.0 if req.top_p is None else req.top_p, seed=seed_for(req.seed, 0),
+            adapter=adapter)
         try:
             messages = self._messages(items, req.instructions)
             options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
@@ -245,7 +246,7 @@ class Responses:
             "id": response_id, "object": "response", "created_at": time.time(),
             "status": "in_progress", "completed_at": None, "error": None,
             "incomplete_details": None, "instructions": req.instructions,
-            "max_output_tokens": req.max_output_tokens, "model": self.settings.model_name,
+            "max_output_tokens": req.max_output_tokens, "model": req.model,
             "output": [], "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": effort, "summary": None}, "store": req.store,
