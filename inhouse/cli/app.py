@@ -80,6 +80,24 @@ def inspect(
     out.print(t)
 
 
+@app.command()
+@cli_errors
+def convert(
+    src: Annotated[Path, typer.Argument(help="Source checkpoint (HF or original/ layout).")],
+    dst: Annotated[Path, typer.Argument(help="New directory to write (must not hold files).")],
+    layout: Annotated[str, typer.Option(help="hf, hf-sharded, hf-bf16 (dense experts) or original.")] = "hf",
+    merge_adapter: Annotated[Path | None, typer.Option(help="LoRA adapter (PEFT format) to fold into the weights.")] = None,
+    quantize: Annotated[str, typer.Option(help="none; mxfp4 (dense experts -> MXFP4); int8 "
+                                          "(attention and unembedding -> int8 rows).")] = "none",
+) -> None:
+    """Convert a checkpoint: between layouts, with a LoRA adapter merged, re-quantised."""
+    from inhouse.convert.convert import convert as run
+
+    root = run(src, dst, layout, merge_adapter, quantize)
+    out.print(f"wrote {root} ({layout}" + (f", merged {merge_adapter}" if merge_adapter else "")
+              + (f", quantize {quantize}" if quantize != "none" else "") + ")")
+
+
 @demo_app.command("random")
 @cli_errors
 def demo_random(

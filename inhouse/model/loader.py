@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from inhouse.model.transformer import Transformer
-from inhouse.model.weights import CheckpointInfo, find_checkpoint, read_tensors
+from inhouse.model.int8 import use_int8
+from inhouse.model.weights import CheckpointInfo, find_checkpoint, int8_weight_names, read_tensors
 
 _FP32_SUFFIXES = ("layernorm.weight", "model.norm.weight", ".sinks")
 
@@ -15,7 +16,7 @@ _FP32_SUFFIXES = ("layernorm.weight", "model.norm.weight", ".sinks")
 def target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
     """Dtype a tensor takes in memory: packed bytes stay uint8; norms and sinks are fp32; the
     embedding table keeps its stored dtype (rows are cast on lookup); all else is `dtype`."""
-    if stored == torch.uint8:
+    if stored in (torch.uint8, torch.int8):
         return stored
     if name.endswith(_FP32_SUFFIXES):
         return torch.float32
@@ -40,6 +41,8 @@ def build_model(info: CheckpointInfo, tensors: dict[str, torch.Tensor],
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(info.config, info.experts_format, dtype)
+        if info.int8:
+            use_int8(model, int8_weight_names(info.config))
     state = {name: t.to(device=device, dtype=target_dtype(name, t.dtype, dtype))
              for name, t in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)

@@ -64,6 +64,7 @@ class CheckpointInfo:
     config: ModelConfig
     files: tuple[Path, ...]
     tensor_files: dict[str, Path]  # tensor name as stored -> file
+    int8: bool = False  # attention and unembedding weights stored int8 + per-row `weight_scale`
 
     @property
     def num_bytes(self) -> int:
@@ -98,7 +99,9 @@ def find_checkpoint(path: str | Path) -> CheckpointInfo:
     tensor_files = _index_tensors(p, layout)
     files = tuple(sorted(set(tensor_files.values())))
     packed = any(n.endswith(("_blocks", ".blocks")) for n in tensor_files)
-    return CheckpointInfo(p, layout, "mxfp4" if packed else "dense", config, files, tensor_files)
+    int8 = any(n.endswith("weight_scale") for n in tensor_files)
+    return CheckpointInfo(p, layout, "mxfp4" if packed else "dense", config, files, tensor_files,
+                          int8)
 
 
 def _with_file(cfg_file: Path, parse, raw):
@@ -170,8 +173,16 @@ def original_name(name: str) -> str:
     raise CheckpointError(f"tensor '{name}' has no name in the original/ layout")
 
 
-def expected_tensors(config: ModelConfig, experts_format: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """HF name -> (shape, kind) where kind is "float" or "uint8": the complete list a model needs."""
+def int8_weight_names(config: ModelConfig) -> list[str]:
+    """The weights `--quantize int8` stores as int8 rows with a scale each: attention, unembedding."""
+    return [f"model.layers.{n}.self_attn.{p}.weight" for n in range(config.num_hidden_layers)
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + ["lm_head.weight"]
+
+
+def expected_tensors(config: ModelConfig, experts_format: str,
+                     int8: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF name -> (shape, kind) where kind is "float", "uint8" or "int8": the complete list a
+    model needs. With `int8`, each of `int8_weight_names` is int8 and has a `_scale` (rows,)."""
     E, H, I, V = config.num_experts, config.hidden_size, config.intermediate_size, config.vocab_size
     Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     out: dict[str, tuple[tuple[int, ...], str]] = {
@@ -201,6 +212,11 @@ def expected_tensors(config: ModelConfig, experts_format: str) -> dict[str, tupl
         else:
             out[f"{m}.experts.gate_up_proj"] = ((E, H, 2 * I), "float")
             out[f"{m}.experts.down_proj"] = ((E, I, H), "float")
+    if int8:
+        for name in int8_weight_names(config):
+            shape = out[name][0]
+            out[name] = (shape, "int8")
+            out[name + "_scale"] = ((shape[0],), "float")
     return out
 
 
@@ -221,7 +237,7 @@ def read_tensors(info: CheckpointInfo) -> dict[str, torch.Tensor]:
                                   "truncated or corrupt") from None
     if info.layout == "original":
         raw = _split_qkv({hf_name(n): t for n, t in raw.items()}, info.config)
-    _validate(raw, expected_tensors(info.config, info.experts_format), info)
+    _validate(raw, expected_tensors(info.config, info.experts_format, info.int8), info)
     return raw
 
 
@@ -259,5 +275,7 @@ def _validate(tensors: dict[str, torch.Tensor], expected: dict, info: Checkpoint
                                   f"{list(shape)}")
         if kind == "uint8" and t.dtype != torch.uint8:
             raise CheckpointError(f"tensor '{name}' must be uint8 (MXFP4), is {t.dtype}")
+        if kind == "int8" and t.dtype != torch.int8:
+            raise CheckpointError(f"tensor '{name}' must be int8 (it has a weight_scale), is {t.dtype}")
         if kind == "float" and not t.dtype.is_floating_point:
             raise CheckpointError(f"tensor '{name}' must be floating point, is {t.dtype}")
