@@ -362,6 +362,9 @@ def preset(name: str) -> ModelConfig:
         "tiny": dict(vocab_size=201088, num_hidden_layers=4, num_experts=8, experts_per_token=4,
                      hidden_size=64, intermediate_size=64, head_dim=16, num_attention_heads=4,
                      num_key_value_heads=2, sliding_window=16, max_position_embeddings=131072),
+        "demo": dict(vocab_size=201088, num_hidden_layers=4, num_experts=8, experts_per_token=2,
+                     hidden_size=128, intermediate_size=128, head_dim=32, num_attention_heads=4,
+                     num_key_value_heads=2, sliding_window=128, max_position_embeddings=131072),
         "tiny-window128": dict(vocab_size=1024, num_hidden_layers=2, num_experts=4,
                                experts_per_token=2, hidden_size=128, intermediate_size=96,
                                head_dim=32, num_attention_heads=4, num_key_value_heads=1,
@@ -373,7 +376,7 @@ def preset(name: str) -> ModelConfig:
     return ModelConfig(layer_types=_alternating(s["num_hidden_layers"]), **s)
 
 
-PRESETS = ("gpt-oss-20b", "gpt-oss-120b", "tiny", "tiny-window128")
+PRESETS = ("gpt-oss-20b", "gpt-oss-120b", "tiny", "demo", "tiny-window128")
 
 
 ENGINE_MODES = ("reproducible", "batched")

@@ -36,6 +36,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return build_model(info, read_tensors(info), device, dtype)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """NOTE: torch's int8 weight kernel (_weight_int8pack_mm) faults on weights that are not
+    64-byte aligned, which a view into a memory-mapped file may not be: those are copied."""
+    if t.dtype == torch.int8 and t.device.type == "cpu" and t.data_ptr() % 64:
+        return t.clone()
+    return t
+
+
 def build_model(info: CheckpointInfo, tensors: dict[str, torch.Tensor],
                 device: str | torch.device, dtype: torch.dtype) -> Transformer:
     device = torch.device(device)
@@ -43,7 +51,7 @@ def build_model(info: CheckpointInfo, tensors: dict[str, torch.Tensor],
         model = Transformer(info.config, info.experts_format, dtype)
         if info.int8:
             use_int8(model, int8_weight_names(info.config))
-    state = {name: t.to(device=device, dtype=target_dtype(name, t.dtype, dtype))
+    state = {name: _aligned(t.to(device=device, dtype=target_dtype(name, t.dtype, dtype)))
              for name, t in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.to(device)
