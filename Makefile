@@ -31,12 +31,14 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
-# The main job: the OpenAI-compatible server on the embedded demo model (no download needed).
+# The main job: the OpenAI-compatible server on the embedded demo model (no download needed; the
+# first run trains it, a few minutes, then it is cached).
 # HOST/PORT/MODEL override: make run MODEL=/path/to/gpt-oss-20b PORT=8080
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?=
 run: setup
+	$(if $(MODEL),,$(VENV)/bin/inhouse demo build)
 	$(VENV)/bin/inhouse serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL))
 
 # The default suite: everything but @slow and @gpu tests.

@@ -14,6 +14,7 @@ from inhouse.errors import InhouseError
 from inhouse.governance.audit_log import AuditLog
 from inhouse.model import find_checkpoint, load_model, mxfp4_kernel
 from inhouse.model.digest import checkpoint_digest
+from inhouse.model.peft_format import attach_adapter
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,9 @@ class ReplayReport:
     first_difference: int | None  # index of the first differing output token
 
 
-def replay(log: AuditLog, record_id: str, model_path: Path) -> ReplayReport:
+def replay(log: AuditLog, record_id: str, model_path: Path,
+           adapter_dir: Path | None = None) -> ReplayReport:
+    """`adapter_dir`: the LoRA adapter the record names (checked by digest), if it used one."""
     leaves = log.get(record_id)
     if not leaves:
         raise InhouseError(f"no audit record {record_id}")
@@ -51,7 +54,19 @@ def replay(log: AuditLog, record_id: str, model_path: Path) -> ReplayReport:
         engine_info.get("dtype") or "bfloat16", torch.bfloat16)
     params = dict(start["params"]) | {"seed": done["seed"],
                                       "stop_token_ids": tuple(start["params"]["stop_token_ids"])}
-    engine = LLMEngine(load_model(info.root, dtype=dtype), EngineConfig(mode="reproducible"))
+    model = load_model(info.root, dtype=dtype)
+    wanted = start.get("adapter_digest")
+    if wanted and adapter_dir is None:
+        raise InhouseError(f"record {record_id} was produced with adapter '{start.get('adapter')}' "
+                           f"({wanted}): pass it with --adapter DIR")
+    if adapter_dir is not None:
+        if not wanted:
+            raise InhouseError(f"record {record_id} used no adapter; do not pass --adapter")
+        got = attach_adapter(model, params["adapter"], adapter_dir)
+        if got != wanted:
+            raise InhouseError(f"refusing to replay: the adapter at {adapter_dir} has digest {got}, "
+                               f"the record was produced by {wanted}")
+    engine = LLMEngine(model, EngineConfig(mode="reproducible"))
     engine.add_request(record_id, content["prompt_ids"], SamplingParams(**params))
     out: list[int] = []
     while engine.has_unfinished():

@@ -19,7 +19,8 @@ from inhouse.governance.audit_log import AuditLog, load_signing_key
 from inhouse.harmony import ChatMessage, FunctionTool, PromptOptions, decode, render_prompt
 from inhouse.harmony.conversation import ToolCall
 from inhouse.harmony.training import render_for_training
-from inhouse.model import load_model, lora
+from inhouse.model import find_checkpoint, load_model, lora, mxfp4_kernel
+from inhouse.model.digest import checkpoint_digest
 from inhouse.model.peft_format import adapter_digest, attach_adapter, load_adapter
 from inhouse.server import build_app
 from inhouse.train import TrainConfig, finetune, load_examples
@@ -221,9 +222,12 @@ def test_the_server_serves_the_adapter_and_returns_its_tool_call(trained, base, 
     model = load_model(base)
     digest = attach_adapter(model, "ft", out)
     assert digest == adapter_digest(out)
-    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}",
-                   load_signing_key(cache_root() / "audit-signing.key"))
-    settings = ServerSettings(model_name="base", adapters=(("ft", digest),), model_digest="sha256:x")
+    db = f"sqlite:///{tmp_path / 'audit.db'}"
+    log = AuditLog(db, load_signing_key(cache_root() / "audit-signing.key"))
+    settings = ServerSettings(model_name="base", adapters=(("ft", digest),), audit_content="full",
+                              model_digest=checkpoint_digest(find_checkpoint(base)),
+                              engine_mode="reproducible", model_dtype="float32",
+                              kernel=mxfp4_kernel.path_name())
     client = AsyncEngine(LLMEngine(model, EngineConfig()))
     try:
         with running_server(build_app(client, settings, audit_log=log)) as url:
@@ -239,8 +243,16 @@ def test_the_server_serves_the_adapter_and_returns_its_tool_call(trained, base, 
                 api.chat.completions.create(model="base:nope", messages=[{"role": "user", "content": "x"}])
     finally:
         client.shutdown()
-    start = log.get(log.list()[0]["record_id"])[0]
+    rid = log.list()[0]["record_id"]
+    start = log.get(rid)[0]
     assert start["adapter"] == "ft" and start["adapter_digest"] == digest
+    # replay needs the same adapter, named by its digest
+    runner = CliRunner()
+    args = ["audit", "replay", rid, "--model", str(base), "--database-url", db]
+    r = runner.invoke(cli, args + ["--adapter", str(out)])
+    assert r.exit_code == 0 and "identical" in r.output, r.output
+    r = runner.invoke(cli, args)
+    assert r.exit_code == 1 and "pass it with --adapter" in r.output
 
 
 def test_resume_continues_to_the_same_adapter(base, data, tmp_path):

@@ -98,6 +98,34 @@ def convert(
               + (f", quantize {quantize}" if quantize != "none" else "") + ")")
 
 
+@demo_app.command("build")
+@cli_errors
+def demo_build(
+    path: Annotated[Path | None, typer.Option(help="Where to write it (default: the cache, "
+                                              "where serve and chat find it).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 400,
+    seed: Annotated[int, typer.Option(help="Seed of the weights, the data and the batches.")] = 0,
+    force: Annotated[bool, typer.Option(help="Rebuild even if it is already built.")] = False,
+) -> None:
+    """Train the embedded demo model (seeded; a few minutes on 2 cores; cached)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from inhouse.convert.demo import trained_demo_path
+    from inhouse.train.demo import build_demo
+
+    target = path or trained_demo_path()
+    if (target / "config.json").is_file() and not force:
+        out.print(f"the demo model is already built in {target} (--force rebuilds it)")
+        return
+    columns = (TextColumn("[bold]demo build"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+    with Progress(*columns, console=out) as progress:
+        task = progress.add_task("train", total=steps, loss="-")
+        root = build_demo(target, steps, seed, on_step=lambda s, n, loss: progress.update(
+            task, completed=s, loss=f"{loss:.3f}"))
+    out.print(f"wrote the demo model to {root}")
+
+
 @demo_app.command("random")
 @cli_errors
 def demo_random(

@@ -83,13 +83,15 @@ def show(record_id: Annotated[str, typer.Argument(help="The record id (a request
 @cli_errors
 def replay(record_id: Annotated[str, typer.Argument(help="The record id to replay.")],
            model: Annotated[Path, typer.Option(help="The checkpoint the record was produced by.")],
+           adapter: Annotated[Path | None, typer.Option(help="The LoRA adapter directory the "
+                                                        "record used, if any.")] = None,
            database_url: DbOpt = None, key: KeyOpt = None) -> None:
     """Re-run a logged request (prompt ids, params, seed) in reproducible mode and report whether
     the output ids are bit-identical. Refuses if the model's digest differs from the record's."""
     from inhouse.replay import replay as run_replay
 
     log, _ = _open(database_url, key)
-    r = run_replay(log, record_id, model)
+    r = run_replay(log, record_id, model, adapter)
     if r.identical:
         out.print(f"[green]identical[/green]: {r.num_replayed} output tokens reproduced bit for bit")
         return

@@ -61,13 +61,13 @@ def cli_errors(fn):
 def open_engine(model: Path | None, dtype: DType, quiet: bool = False):
     """Load a model (or the demo checkpoint) into an `AsyncEngine`; returns (client, label)."""
     from inhouse.config import EngineConfig
-    from inhouse.convert.demo import DEMO_LABEL, demo_checkpoint
+    from inhouse.convert.demo import demo_model
     from inhouse.engine import AsyncEngine, LLMEngine
     from inhouse.model import find_checkpoint, load_model
 
-    label = str(model) if model else DEMO_LABEL
+    label = str(model)
     if model is None:
-        model = demo_checkpoint()
+        model, label = demo_model()
         dtype = DType.float32
     find_checkpoint(model)  # a bad path fails here, before anything is announced
     if not quiet:

@@ -13,15 +13,17 @@ from inhouse.errors import InhouseError
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def resolve_model(model: str | None) -> tuple[Path, str, bool]:
-    """(checkpoint dir, served model name, is_demo). A hub id is fetched into the HF cache."""
-    from inhouse.convert.demo import demo_checkpoint
+def resolve_model(model: str | None) -> tuple[Path, str, str]:
+    """(checkpoint dir, served model name, demo label or ""). A hub id is fetched into the HF
+    cache; no model means the embedded demo."""
+    from inhouse.convert.demo import demo_model
 
     if model is None:
-        return demo_checkpoint(), "inhouse-demo", True
+        path, label = demo_model()
+        return path, "inhouse-demo", label
     path = Path(model)
     if path.exists():
-        return path, path.resolve().name, False
+        return path, path.resolve().name, ""
     if not HUB_ID.match(model):
         raise InhouseError(f"no such file or directory: {model}")
     try:
@@ -37,7 +39,7 @@ def resolve_model(model: str | None) -> tuple[Path, str, bool]:
         raise InhouseError(f"could not fetch {model} from the hub ({type(e).__name__}); on a "
                            "machine without internet, copy the checkpoint here and pass its "
                            "path") from None
-    return Path(local), model.split("/")[-1], False
+    return Path(local), model.split("/")[-1], ""
 
 
 def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib: float,
@@ -47,7 +49,6 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
-    from inhouse.convert.demo import DEMO_LABEL
     from inhouse.engine import AsyncEngine, LLMEngine
     from inhouse.model import find_checkpoint, load_model
     from inhouse.server import build_app
@@ -72,14 +73,15 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
         raise InhouseError("--adapter: two adapters have the same name")
     for _, adapter_dir in wanted:
         load_adapter(adapter_dir)  # a bad adapter fails here, before the model loads
-    path, name, demo = resolve_model(model)
+    path, name, demo_label = resolve_model(model)
+    demo = bool(demo_label)
     info = find_checkpoint(path)
     if demo:
         dtype = DType.float32
     engine_cfg = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(512, max_batch),
                               kv_budget_bytes=int(kv_budget_gib * 2**30), mode=mode)
     err.print("[dim]computing the model digest (cached after the first time) ...[/dim]")
-    settings = ServerSettings(model_name=name, model_label=DEMO_LABEL if demo else str(path),
+    settings = ServerSettings(model_name=name, model_label=demo_label or str(path),
                               is_demo=demo, api_keys=tuple(api_keys), log_bodies=log_bodies,
                               database_url=database_url, audit_database_url=database_url,
                               audit_content=audit_content, model_digest=checkpoint_digest(info),
@@ -95,7 +97,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     app = build_app(client, settings)
     banner = f"inhouse serving '{name}' on http://{host}:{port}/v1"
     if demo:
-        banner += f"  [yellow]DEMO MODEL: {DEMO_LABEL}[/yellow]"
+        banner += f"  [yellow]DEMO MODEL: {demo_label}[/yellow]"
     out.print(banner)
     for n, d in digests:
         out.print(f"[dim]adapter '{name}:{n}' ({d[:19]})[/dim]")

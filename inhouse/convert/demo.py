@@ -1,5 +1,6 @@
-"""The embedded demo checkpoint: tiny, random, built once into the cache. Until the trained demo
-model exists, this is what runs when no model is given, and it is labelled as such."""
+"""The embedded demo models, built into the cache with no download:
+- the trained demo (`inhouse demo build`: inhouse.train.demo), served by default once built;
+- the random tiny checkpoint, served until then and used by smoke checks. Both are labelled."""
 
 from __future__ import annotations
 
@@ -8,12 +9,27 @@ from pathlib import Path
 from inhouse.config import cache_root, preset
 from inhouse.convert.random_init import write_random_checkpoint
 
+DEMO_VERSION = 1  # bump when the demo's data or recipe changes: a new cache entry is built
 DEMO_LABEL = "demo (tiny random weights: output is meaningless)"
+TRAINED_LABEL = ("demo (a tiny model trained on synthetic conversations: it knows a few "
+                 "capitals and two tools, nothing else)")
 
 
 def demo_checkpoint() -> Path:
-    """Path of the demo checkpoint, built (seeded, ~50 MB, a few seconds) if missing."""
+    """Path of the random demo checkpoint, built (seeded, ~50 MB, a few seconds) if missing."""
     path = cache_root() / "demo-random-tiny"
     if not (path / "config.json").is_file():
         write_random_checkpoint(path, preset("tiny"), "hf", seed=0)
     return path
+
+
+def trained_demo_path() -> Path:
+    return cache_root() / f"demo-trained-v{DEMO_VERSION}"
+
+
+def demo_model() -> tuple[Path, str]:
+    """(checkpoint, label) of the demo to serve: the trained one if built, else the random one."""
+    trained = trained_demo_path()
+    if (trained / "config.json").is_file():
+        return trained, TRAINED_LABEL
+    return demo_checkpoint(), DEMO_LABEL

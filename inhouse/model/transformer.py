@@ -142,10 +142,14 @@ class Transformer(nn.Module):
             x = x[-1:]
         return self.lm_head(self.model.norm(x))  # (T, V)
 
-    def hidden_states(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states (T, H) of a fresh sequence: training applies `lm_head` only
-        at the positions it scores, not over the whole vocabulary at every position."""
-        x = self._hidden(token_ids, [Segment(0, token_ids.shape[0], 0, None)])
+    def hidden_states(self, token_ids: torch.Tensor,
+                      lengths: list[int] | None = None) -> torch.Tensor:
+        """Final-norm hidden states (T, H) of a fresh sequence, or of several concatenated ones
+        of `lengths` (each attends only to itself): training applies `lm_head` only at the
+        positions it scores, not over the whole vocabulary at every position."""
+        lengths = lengths or [token_ids.shape[0]]
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        x = self._hidden(token_ids, [Segment(r, n, 0, None) for r, n in zip(starts, lengths)])
         return self.model.norm(x)
 
     def forward_batch(self, batch: list[tuple[torch.Tensor, KVCache]],

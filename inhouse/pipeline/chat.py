@@ -48,12 +48,18 @@ class Finished:
     error: str | None = None
 
 
+def engine_params(turn: ChatTurn) -> SamplingParams:
+    """The params the engine runs the turn with: the request's, stopping on harmony's
+    `<|return|>`/`<|call|>` (what an audit record must log for replay)."""
+    return replace(turn.params, stop_token_ids=tuple(stop_token_ids()))
+
+
 async def stream_chat(client: EngineClient,
                       turn: ChatTurn) -> AsyncIterator[Event | TokenEvent | Finished]:
     """Harmony events as the model produces them, then one `Finished`."""
     prompt_ids = render_prompt(list(turn.messages), turn.options) + list(turn.assistant_prefix)
     check_prompt_length(len(prompt_ids), client.model_config.max_position_embeddings)
-    params = replace(turn.params, stop_token_ids=tuple(stop_token_ids()))
+    params = engine_params(turn)
     parser = OutputParser()
     for token in turn.assistant_prefix:
         for event in parser.feed(token):

@@ -18,6 +18,7 @@ from inhouse.governance.audit_log import (AuditLog, default_key_path, default_ur
                                           load_signing_key)
 from inhouse.governance.pii import redact
 from inhouse.pipeline import ChatTurn, Finished
+from inhouse.pipeline.chat import engine_params
 
 
 def _salt() -> bytes:
@@ -65,7 +66,7 @@ class Auditor:
                     key_id: str | None = None, pii_labels: frozenset[str] = frozenset()) -> None:
         if self.log is None:
             return
-        params = dataclasses.asdict(turn.params)
+        params = dataclasses.asdict(engine_params(turn))
         adapter = turn.params.adapter
         record = {"endpoint": endpoint, "api_key_id": key_id, "model": self.settings.model_name,
                   "model_digest": self.settings.model_digest, "adapter": adapter,

@@ -1,0 +1,70 @@
+"""The embedded demo model: `inhouse demo build` trains it (about two minutes on 2 cores); served
+by default, it answers in valid harmony: reasoning then an answer, and a tool call with valid
+JSON when a matching tool is offered."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from inhouse.cli import app as cli
+from inhouse.config import EngineConfig, ServerSettings
+from inhouse.convert.demo import TRAINED_LABEL, demo_model, trained_demo_path
+from inhouse.engine import AsyncEngine, LLMEngine
+from inhouse.model import load_model
+from inhouse.server import build_app
+from tests.server_utils import running_server
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("democache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("INHOUSE_CACHE", str(cache))
+    r = CliRunner().invoke(cli, ["demo", "build"])
+    assert r.exit_code == 0, r.output
+    path, label = demo_model()  # serve and chat now pick the trained demo
+    assert path == trained_demo_path() and label == TRAINED_LABEL
+    again = CliRunner().invoke(cli, ["demo", "build"])
+    assert again.exit_code == 0 and "already built" in again.output
+    yield path
+    mp.undo()
+
+
+def test_the_demo_answers_in_harmony_through_the_server(demo):
+    openai = pytest.importorskip("openai")
+    info = json.loads((demo / "inhouse_demo.json").read_text())
+    assert info["seed"] == 0 and "demo" in info["label"]
+    client = AsyncEngine(LLMEngine(load_model(demo), EngineConfig()))
+    settings = ServerSettings(model_name="inhouse-demo", is_demo=True, model_label=TRAINED_LABEL,
+                              audit=False)
+    try:
+        with running_server(build_app(client, settings)) as url:
+            api = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+            r = api.chat.completions.create(
+                model="inhouse-demo", temperature=0, max_tokens=80,
+                messages=[{"role": "user", "content": "What is the capital of France?"}])
+            msg = r.choices[0].message
+            assert r.choices[0].finish_reason == "stop"
+            assert msg.content == "The capital of France is Paris."
+            assert "France" in msg.model_extra["reasoning"]  # the analysis channel came first
+            r = api.chat.completions.create(
+                model="inhouse-demo", temperature=0, max_tokens=80, tools=[WEATHER],
+                messages=[{"role": "user", "content": "What is the weather in Toronto?"}])
+            call = r.choices[0].message.tool_calls[0]
+            assert r.choices[0].finish_reason == "tool_calls"
+            assert call.function.name == "get_weather"
+            assert json.loads(call.function.arguments) == {"city": "Toronto"}
+            resp = api.responses.create(model="inhouse-demo", input="Hello", temperature=0,
+                                        max_output_tokens=60)
+            kinds = [item.type for item in resp.output]
+            assert kinds == ["reasoning", "message"] and resp.output_text.startswith("Hello")
+    finally:
+        client.shutdown()
