@@ -67,8 +67,8 @@ def _lora_pair(r: int, n_in: int, n_out: int, lead: tuple[int, ...] = ()) -> nn.
     return nn.ParameterDict({"A": nn.Parameter(a), "B": nn.Parameter(torch.zeros(*lead, n_out, r))})
 
 
-class AttentionLoRA(nn.Module):
-    """Named adapters for one layer's q/k/v/o projections: adapters[name][proj] = {A, B}."""
+class _LoraHolder(nn.Module):
+    """One layer's named adapters: adapters[name][proj] = {A, B}; scales[name] = alpha / r."""
 
     def __init__(self, routing: AdapterRouting) -> None:
         super().__init__()
@@ -77,6 +77,10 @@ class AttentionLoRA(nn.Module):
         # included), and adapters are not part of the model's own state dict
         self.adapters: dict[str, nn.ModuleDict] = {}
         self.scales: dict[str, float] = {}
+
+
+class AttentionLoRA(_LoraHolder):
+    """Adapters of one layer's q/k/v/o projections: A (r, in), B (out, r)."""
 
     def delta(self, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (N, out) = base projection of x (N, in) -> y plus each row's adapter delta."""
@@ -94,16 +98,11 @@ class AttentionLoRA(nn.Module):
         return y
 
 
-class ExpertsLoRA(nn.Module):
-    """Named adapters for one layer's experts: adapters[name][proj] = {A (E, r, in), B (E, out, r)}."""
+class ExpertsLoRA(_LoraHolder):
+    """Adapters of one layer's experts: A (E, r, in), B (E, out, r)."""
 
     def __init__(self, routing: AdapterRouting) -> None:
-        super().__init__()
-        self.routing = routing
-        # NOTE: a plain dict, not a ModuleDict: adapter names are users' (any string, "train"
-        # included), and adapters are not part of the model's own state dict
-        self.adapters: dict[str, nn.ModuleDict] = {}
-        self.scales: dict[str, float] = {}
+        super().__init__(routing)
         self._row_adapter: list[tuple[slice, str]] = []
 
     def begin(self, num_rows: int) -> bool:
