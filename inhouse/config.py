@@ -437,7 +437,7 @@ class ServerSettings:
     model_digest: str = ""  # sha256 over the checkpoint files
     engine_mode: str = ""
     model_dtype: str = ""  # "bfloat16" | "float32": replay needs the same arithmetic
-    kernel: str = ""  # which MXFP4 path ran: "avx2" | "portable" | "torch"
+    kernel: str = ""  # which MXFP4 path ran: "avx2-fused" | "portable" | "torch"
     retain_days: float = 0.0  # erase audit content older than this (0: keep)
     # LoRA adapters served as "MODEL:NAME": (name, sha256 digest of its files) pairs
     adapters: tuple[tuple[str, str], ...] = ()

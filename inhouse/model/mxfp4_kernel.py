@@ -45,11 +45,12 @@ def uses_simd() -> bool:
 
 
 def path_name() -> str:
-    """Which MXFP4 arithmetic this process runs: "avx2", "portable" or "torch" (no kernel).
-    Audit records carry it; replay refuses a record made on another path."""
+    """Which MXFP4 arithmetic this process runs: "avx2-fused" (the arithmetic changed from the
+    earlier "avx2"), "portable" or "torch" (no kernel). Audit records carry it; replay refuses a
+    record made on another path."""
     if not available():
         return "torch"
-    return "avx2" if uses_simd() else "portable"
+    return "avx2-fused" if uses_simd() else "portable"
 
 
 def matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
