@@ -1,8 +1,8 @@
 /* Fused MXFP4 matmul for CPU: y[m, o] = sum_i x[m, i] * W[o, i], W packed as in gpt-oss checkpoints
  * (blocks [O, G, 16] uint8: low nibble = element 2j, high nibble = 2j+1; scales [O, G] E8M0).
  *
- * AVX2, up to 32 input rows: each block is decoded in registers and multiplied at once
- * (row_fused_avx2). Otherwise each output row is decoded once into a small buffer (L1-resident)
+ * AVX2: each block is decoded in registers and multiplied with up to 32 input rows at once
+ * (row_fused_avx2). Portable: each output row is decoded once into a small buffer (L1-resident)
  * and dotted with every input row. NOTE: the dot product for (m, o) is computed the same way whatever M and the thread count,
  * so results are batch-invariant (the engine's reproducible mode relies on this).
  * The AVX2/FMA path is chosen at run time; the scalar path is the portable fallback. Plain C on raw
@@ -52,29 +52,6 @@ static float dot_scalar(const float *x, const float *w, int64_t n) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define HAVE_X86 1
-
-__attribute__((target("avx2,fma")))
-static void decode_row_avx2(const uint8_t *blocks, const uint8_t *scales, int64_t G, float *w) {
-    /* FP4 values times 2 as int8, so that pshufb can look them up; the 0.5 goes into the scale */
-    const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    for (int64_t g = 0; g < G; g++) {
-        __m256 s = _mm256_set1_ps(scale_of(scales[g]) * 0.5f);
-        __m128i b = _mm_loadu_si128((const __m128i *)(blocks + g * 16));
-        __m128i lo = _mm_and_si128(b, low4);
-        __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-        /* interleave: element 2j = low nibble of byte j, 2j+1 = its high nibble */
-        __m128i v0 = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(lo, hi)); /* elements 0..15 */
-        __m128i v1 = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(lo, hi)); /* elements 16..31 */
-        float *out = w + g * 32;
-        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)), s));
-        _mm256_storeu_ps(out + 8, _mm256_mul_ps(
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))), s));
-        _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1)), s));
-        _mm256_storeu_ps(out + 24, _mm256_mul_ps(
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))), s));
-    }
-}
 
 /* The 32 values of one block as 4 x 8 floats, times 2 (the 0.5 goes into the scale). */
 __attribute__((target("avx2,fma")))
@@ -126,22 +103,6 @@ static void row_fused_avx2(const float *x, int64_t M, const uint8_t *blocks, con
     for (int64_t m = 0; m < M; m++) y[m * O] = hsum_avx2(acc[m]);
 }
 
-__attribute__((target("avx2,fma")))
-static float dot_avx2(const float *x, const float *w, int64_t n) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 32) {  /* n is a multiple of 32 */
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(w + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(w + i + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), _mm256_loadu_ps(w + i + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), _mm256_loadu_ps(w + i + 24), a3);
-    }
-    __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
-}
 #endif
 
 int inhouse_mxfp4_has_avx2(void) {
@@ -176,13 +137,11 @@ int inhouse_mxfp4_matmul(const float *x, int64_t M, const uint8_t *blocks, const
                 const uint8_t *b = blocks + o * G * 16;
                 const uint8_t *s = scales + o * G;
 #ifdef HAVE_X86
-                if (simd && M <= MAX_FUSED_ROWS) {
-                    row_fused_avx2(x, M, b, s, G, y + o, O);
-                    continue;
-                }
-                if (simd) {
-                    decode_row_avx2(b, s, G, w);
-                    for (int64_t m = 0; m < M; m++) y[m * O + o] = dot_avx2(x + m * n, w, n);
+                if (simd) {  /* rows in chunks: every (m, o) is the same chain whatever M */
+                    for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS) {
+                        int64_t rows = M - m0 < MAX_FUSED_ROWS ? M - m0 : MAX_FUSED_ROWS;
+                        row_fused_avx2(x + m0 * n, rows, b, s, G, y + m0 * O + o, O);
+                    }
                     continue;
                 }
 #endif
