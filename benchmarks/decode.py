@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import cache_dir, ensure_random_checkpoint, machine, memory, report  # noqa: E402
 from inhouse.config import EngineConfig, preset  # noqa: E402
+from inhouse.convert.convert import convert  # noqa: E402
 from inhouse.convert.random_init import random_tensors  # noqa: E402
 from inhouse.engine import LLMEngine, SamplingParams  # noqa: E402
 from inhouse.model import load_model  # noqa: E402
@@ -72,6 +73,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="tokens per request (tiny model)")
     ap.add_argument("--tokens-20b", type=int, default=3, help="tokens per request (20b shape)")
     ap.add_argument("--prompt-tokens", type=int, default=8)
+    ap.add_argument("--int8", action="store_true",
+                    help="the 20b shape with int8 attention + unembedding (converted once, cached)")
     ap.add_argument("--device", default="cpu",
                     help="cpu, or cuda: random weights drawn straight into GPU memory (no files)")
     args = ap.parse_args()
@@ -81,6 +84,10 @@ def main() -> None:
         if args.device == "cpu":
             path = cache_dir() / f"{name}-random-hf-sharded"
             ensure_random_checkpoint(path, name, "hf-sharded")
+            if args.int8:
+                base, path = path, cache_dir() / f"{name}-random-int8"
+                if not (path / "config.json").is_file():
+                    convert(base, path, "hf-sharded", quantize="int8")
             model = load_model(path, dtype=dtype)
         else:
             model = random_model(name, args.device, dtype)
@@ -89,8 +96,8 @@ def main() -> None:
         for conc in map(int, args.concurrency.split(",")):
             by_mode = {}
             for mode in args.modes.split(","):
-                r = run(model, mode, conc, tokens, args.prompt_tokens) | {"model": name,
-                                                                          "dtype": str(dtype)}
+                r = run(model, mode, conc, tokens, args.prompt_tokens) | {
+                    "model": name + ("-int8" if args.int8 else ""), "dtype": str(dtype)}
                 results.append(r)
                 by_mode[mode] = r
                 rate = r["decode_tokens_per_s"]
@@ -105,6 +112,7 @@ def main() -> None:
             "threads": torch.get_num_threads(), "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     name = "decode" if args.device == "cpu" else f"decode-{args.device.split(':')[0]}"
+    name += "-int8" if args.int8 else ""
     report("decode throughput (aggregate over concurrent requests)", rows, data, name)
 
 
