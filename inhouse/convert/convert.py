@@ -19,7 +19,7 @@ import torch
 from inhouse.convert.quantize import quantize_int8, quantize_mxfp4
 from inhouse.convert.writer import LAYOUTS, write_checkpoint
 from inhouse.errors import InhouseError
-from inhouse.model.lora import EXPERT_PROJS, LoraSpec, merged_delta
+from inhouse.model.lora import EXPERT_PROJS, LoraSpec, adapter_shapes, merged_delta
 from inhouse.model.mxfp4 import dequantize
 from inhouse.model.peft_format import load_adapter
 from inhouse.model.weights import find_checkpoint, int8_weight_names, read_tensors
@@ -46,7 +46,7 @@ def convert(src: str | Path, dst: str | Path, layout: str = "hf",
     tensors = read_tensors(info)
     adapter = load_adapter(merge_adapter) if merge_adapter else None
     if adapter is not None:
-        _check_adapter_fits(adapter[1], tensors)
+        _check_adapter_fits(*adapter, info.config)
     dense_experts = (info.experts_format == "dense"
                      or (adapter is not None and "experts" in adapter[0].targets))
     if dense_experts and quantize != "mxfp4" and layout != "hf-bf16":
@@ -96,22 +96,15 @@ def _stream(tensors: dict[str, torch.Tensor], info, adapter: tuple[LoraSpec, dic
             yield name, t
 
 
-def _check_adapter_fits(lora: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+def _check_adapter_fits(spec: LoraSpec, lora: dict[str, torch.Tensor], config) -> None:
+    expected = adapter_shapes(config, spec)
     for key, t in lora.items():
-        base, _, ab = key.rpartition(".lora_")
-        w = tensors.get(base + ".weight", tensors.get(base))
-        if w is not None:  # attention [out, in] or dense experts [E, in, out]
-            out_in = tuple(w.shape) if w.dim() == 2 else (w.shape[0], w.shape[2], w.shape[1])
-        elif base + "_blocks" in tensors:  # packed experts [E, out, in/32, 16]
-            b = tensors[base + "_blocks"]
-            out_in = (b.shape[0], b.shape[1], b.shape[2] * 32)
-        else:
-            raise InhouseError(f"the adapter adapts {base}, which this model does not have")
-        lead, (n_out, n_in) = out_in[:-2], out_in[-2:]
-        if tuple(t.shape[:len(lead)]) != lead or (t.shape[-1] if ab == "A" else t.shape[-2]) != \
-                (n_in if ab == "A" else n_out):
+        if key not in expected:
+            raise InhouseError(f"the adapter adapts {key.rpartition('.lora_')[0]}, which this "
+                               "model does not have")
+        if tuple(t.shape) != expected[key]:
             raise InhouseError(f"the adapter's {key} has shape {tuple(t.shape)}, which does not "
-                               f"fit {base} ({'x'.join(map(str, out_in))})")
+                               f"fit this model (expected {expected[key]})")
 
 
 def _experts_out(base: str, w: torch.Tensor, quantize: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -59,12 +59,35 @@ class AdapterRouting:
         return [(rows, name) for rows, name in self.assignment if name]
 
 
-def _lora_pair(r: int, n_in: int, n_out: int, lead: tuple[int, ...] = ()) -> nn.ParameterDict:
+def adapter_shapes(config, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
+    """Internal name -> shape of every tensor an adapter of `spec` has on a model of `config`."""
+    E, H, I, D = config.num_experts, config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
+    dims = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
+            "gate_up_proj": (H, 2 * I), "down_proj": (I, H)}  # (in, out)
+    out: dict[str, tuple[int, ...]] = {}
+    for i in range(config.num_hidden_layers):
+        for prefix, projs, lead in _holders(i, E):
+            if ("attn" if projs is ATTN_PROJS else "experts") in spec.targets:
+                for p in projs:
+                    n_in, n_out = dims[p]
+                    out[f"{prefix}.{p}.lora_A"] = (*lead, spec.rank, n_in)
+                    out[f"{prefix}.{p}.lora_B"] = (*lead, n_out, spec.rank)
+    return out
+
+
+def _holders(layer: int, num_experts: int):
+    """(name prefix, projections, leading dims) of a layer's two LoRA holders."""
+    return ((f"model.layers.{layer}.self_attn", ATTN_PROJS, ()),
+            (f"model.layers.{layer}.mlp.experts", EXPERT_PROJS, (num_experts,)))
+
+
+def _lora_pair(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> nn.ParameterDict:
     """A initialised like nn.Linear (kaiming uniform), B zero: the adapter starts as a no-op."""
-    a = torch.empty(*lead, r, n_in)
-    bound = 1 / math.sqrt(n_in)
+    a = torch.empty(*a_shape)
+    bound = 1 / math.sqrt(a_shape[-1])
     nn.init.uniform_(a, -bound, bound)
-    return nn.ParameterDict({"A": nn.Parameter(a), "B": nn.Parameter(torch.zeros(*lead, n_out, r))})
+    return nn.ParameterDict({"A": nn.Parameter(a), "B": nn.Parameter(torch.zeros(*b_shape))})
 
 
 class _LoraHolder(nn.Module):
@@ -86,7 +109,7 @@ class AttentionLoRA(_LoraHolder):
         """y (N, out) = base projection of x (N, in) -> y plus each row's adapter delta."""
         n = x.shape[0]
         for rows, name in self.routing.groups(n):
-            pairs = self.adapters[name] if name in self.adapters else None
+            pairs = self.adapters.get(name)
             if pairs is None or proj not in pairs:
                 continue
             pair = pairs[proj]
@@ -146,33 +169,27 @@ def add_adapter(model: nn.Module, name: str, spec: LoraSpec,
                 tensors: dict[str, torch.Tensor] | None = None, seed: int = 0) -> None:
     """Attach adapter `name`: new (A random, B zero; seeded) or from `tensors` (internal names)."""
     attach(model)
-    cfg = model.config
-    E, H, I, D = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    shapes = {"q_proj": (H, cfg.num_attention_heads * D), "k_proj": (H, cfg.num_key_value_heads * D),
-              "v_proj": (H, cfg.num_key_value_heads * D), "o_proj": (cfg.num_attention_heads * D, H),
-              "gate_up_proj": (H, 2 * I), "down_proj": (I, H)}
+    shapes = adapter_shapes(model.config, spec)
     torch.manual_seed(seed)
     for i, layer in enumerate(model.model.layers):
-        for holder, projs, lead, prefix in (
-                (layer.self_attn.lora, ATTN_PROJS, (), f"model.layers.{i}.self_attn"),
-                (layer.mlp.experts.lora, EXPERT_PROJS, (E,), f"model.layers.{i}.mlp.experts")):
-            target = "attn" if projs is ATTN_PROJS else "experts"
-            if target not in spec.targets:
-                continue
+        for holder, (prefix, projs, _) in zip((layer.self_attn.lora, layer.mlp.experts.lora),
+                                              _holders(i, model.config.num_experts)):
             pairs = nn.ModuleDict()
             for p in projs:
-                n_in, n_out = shapes[p]
-                pair = _lora_pair(spec.rank, n_in, n_out, lead)
+                names = (f"{prefix}.{p}.lora_A", f"{prefix}.{p}.lora_B")
+                if names[0] not in shapes:
+                    continue
+                pair = _lora_pair(shapes[names[0]], shapes[names[1]])
                 if tensors is not None:
-                    for ab in ("A", "B"):
-                        t = tensors[f"{prefix}.{p}.lora_{ab}"]
-                        if t.shape != pair[ab].shape:
-                            raise ValueError(f"{prefix}.{p}.lora_{ab}: shape {tuple(t.shape)}, "
-                                             f"expected {tuple(pair[ab].shape)}")
+                    for ab, n in zip(("A", "B"), names):
+                        t = tensors[n]
+                        if tuple(t.shape) != shapes[n]:
+                            raise ValueError(f"{n}: shape {tuple(t.shape)}, expected {shapes[n]}")
                         pair[ab] = nn.Parameter(t.float().clone())
                 pairs[p] = pair
-            holder.adapters[name] = pairs.to(model.device)
-            holder.scales[name] = spec.scale
+            if len(pairs):
+                holder.adapters[name] = pairs.to(model.device)
+                holder.scales[name] = spec.scale
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
@@ -196,8 +213,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Adapter `name`'s weights under their internal names (see the module docstring)."""
     out: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(model.model.layers):
-        for holder, prefix in ((layer.self_attn.lora, f"model.layers.{i}.self_attn"),
-                               (layer.mlp.experts.lora, f"model.layers.{i}.mlp.experts")):
+        for holder, (prefix, _, _) in zip((layer.self_attn.lora, layer.mlp.experts.lora),
+                                          _holders(i, model.config.num_experts)):
             for proj, pair in holder.adapters[name].items() if name in holder.adapters else ():
                 out[f"{prefix}.{proj}.lora_A"] = pair["A"].detach()
                 out[f"{prefix}.{proj}.lora_B"] = pair["B"].detach()
