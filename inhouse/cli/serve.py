@@ -71,8 +71,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     wanted = [parse_adapter_option(a) for a in adapters or []]
     if len({n for n, _ in wanted}) != len(wanted):
         raise InhouseError("--adapter: two adapters have the same name")
-    for _, adapter_dir in wanted:
-        load_adapter(adapter_dir)  # a bad adapter fails here, before the model loads
+    # read (and checked) once, here: a bad adapter fails before the model loads
+    read = [(n, d, load_adapter(d)) for n, d in wanted]
     path, name, demo_label = resolve_model(model)
     demo = bool(demo_label)
     info = find_checkpoint(path)
@@ -91,7 +91,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     err.print(f"[dim]loading {path} ...[/dim]")
     loaded = load_model(path, dtype=dtype.torch)
-    digests = tuple((n, attach_adapter(loaded, n, d)) for n, d in wanted)
+    digests = tuple((n, attach_adapter(loaded, n, d, contents)) for n, d, contents in read)
     settings = dataclasses.replace(settings, adapters=digests)
     client = AsyncEngine(LLMEngine(loaded, engine_cfg))
     app = build_app(client, settings)

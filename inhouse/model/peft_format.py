@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from inhouse.errors import InhouseError
-from inhouse.model.lora import ATTN_PROJS, EXPERT_PROJS, LoraSpec
+from inhouse.model.lora import ATTN_PROJS, EXPERT_PROJS, LoraSpec, add_adapter
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -122,11 +122,11 @@ def parse_adapter_option(option: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def attach_adapter(model, name: str, path: str | Path) -> str:
-    """Load the adapter at `path` into `model` under `name`; returns its digest."""
-    from inhouse.model.lora import add_adapter
-
-    spec, tensors = load_adapter(path)
+def attach_adapter(model, name: str, path: str | Path,
+                   loaded: tuple[LoraSpec, dict[str, torch.Tensor]] | None = None) -> str:
+    """Attach the adapter at `path` (or its `loaded` contents, read already by `load_adapter`)
+    to `model` under `name`; returns its digest."""
+    spec, tensors = loaded or load_adapter(path)
     try:
         add_adapter(model, name, spec, tensors)
     except (KeyError, ValueError) as e:
