@@ -4,6 +4,7 @@ layout (`model.layers.N.self_attn.q_proj.weight`, ...); weights.py translates th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -148,7 +149,7 @@ class Transformer(nn.Module):
         of `lengths` (each attends only to itself): training applies `lm_head` only at the
         positions it scores, not over the whole vocabulary at every position."""
         lengths = lengths or [token_ids.shape[0]]
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        starts = accumulate(lengths[:-1], initial=0)
         x = self._hidden(token_ids, [Segment(r, n, 0, None) for r, n in zip(starts, lengths)])
         return self.model.norm(x)
 

@@ -142,7 +142,7 @@ def _run(model, model_path, train, evals, out_dir, cfg, resume, on_step, data_di
     if resume:
         step = _restore(model, opt, sched, _latest_checkpoint(out_dir), result)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t0, tokens, losses = time.perf_counter(), 0, []
+    t0, tokens = time.perf_counter(), 0
     for step in range(step + 1, total + 1):
         epoch, batch = batches[step - 1]
         model.train()
@@ -157,9 +157,8 @@ def _run(model, model_path, train, evals, out_dir, cfg, resume, on_step, data_di
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()
-        losses.append(loss_sum / num_targets)
-        result.steps, result.train_loss = step, losses[-1]
-        info = StepInfo(step, total, epoch, losses[-1], sched.get_last_lr()[0],
+        result.steps, result.train_loss = step, loss_sum / num_targets
+        info = StepInfo(step, total, epoch, result.train_loss, sched.get_last_lr()[0],
                         tokens / max(time.perf_counter() - t0, 1e-9))
         at_epoch_end = step in epoch_ends
         if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or at_epoch_end):
