@@ -64,42 +64,39 @@ def _digits(s: str) -> str:
     return re.sub(r"\D", "", s)
 
 
+def _is_card(s: str) -> bool:
+    d = _digits(s)
+    return 13 <= len(d) <= 19 and bool(_CARD_PREFIX.match(d)) and luhn.is_valid(d)
+
+
+def _is_ip(s: str) -> bool:
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _always(_: str) -> bool:
+    return True
+
+
+# label -> (patterns, check of the matched text, regex group that is the finding), in the order
+# candidates are produced (ties in `detect` keep it)
+_RULES = (("EMAIL", (_EMAIL,), _always, 0), ("IBAN", (_IBAN,), std_iban.is_valid, 0),
+          ("CARD", (_CARD,), _is_card, 0), ("SSN", (_SSN,), std_ssn.is_valid, 0),
+          ("SIN", (_NINE,), std_sin.is_valid, 0), ("IP", (_IPV4, _IPV6), _is_ip, 0),
+          ("POSTAL_CODE", (_POSTAL,), _always, 0), ("DOB", (_DOB,), _always, 1))
+
+
 def _candidates(text: str, cfg: PiiConfig):
     want = set(cfg.labels)
-    if "EMAIL" in want:
-        for m in _EMAIL.finditer(text):
-            yield "EMAIL", m.start(), m.end()
-    if "IBAN" in want:
-        for m in _IBAN.finditer(text):
-            if std_iban.is_valid(m.group()):
-                yield "IBAN", m.start(), m.end()
-    if "CARD" in want:
-        for m in _CARD.finditer(text):
-            d = _digits(m.group())
-            if 13 <= len(d) <= 19 and _CARD_PREFIX.match(d) and luhn.is_valid(d):
-                yield "CARD", m.start(), m.end()
-    if "SSN" in want:
-        for m in _SSN.finditer(text):
-            if std_ssn.is_valid(m.group()):
-                yield "SSN", m.start(), m.end()
-    if "SIN" in want:
-        for m in _NINE.finditer(text):
-            if std_sin.is_valid(m.group()):
-                yield "SIN", m.start(), m.end()
-    if "IP" in want:
-        for rx in (_IPV4, _IPV6):
-            for m in rx.finditer(text):
-                try:
-                    ipaddress.ip_address(m.group())
-                except ValueError:
-                    continue
-                yield "IP", m.start(), m.end()
-    if "POSTAL_CODE" in want:
-        for m in _POSTAL.finditer(text):
-            yield "POSTAL_CODE", m.start(), m.end()
-    if "DOB" in want:
-        for m in _DOB.finditer(text):
-            yield "DOB", m.start(1), m.end(1)
+    for label, patterns, check, group in _RULES:
+        if label in want:
+            for rx in patterns:
+                for m in rx.finditer(text):
+                    if check(m.group()):
+                        yield label, m.start(group), m.end(group)
     if "PHONE" in want:
         for m in phonenumbers.PhoneNumberMatcher(text, cfg.phone_region,
                                                  leniency=phonenumbers.Leniency.VALID):
