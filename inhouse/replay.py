@@ -12,7 +12,7 @@ from inhouse.config import EngineConfig
 from inhouse.engine import LLMEngine, SamplingParams
 from inhouse.errors import InhouseError
 from inhouse.governance.audit_log import AuditLog
-from inhouse.model import find_checkpoint, load_model, mxfp4_kernel
+from inhouse.model import find_checkpoint, kernels, load_model
 from inhouse.model.digest import checkpoint_digest
 from inhouse.model.peft_format import attach_adapter
 
@@ -46,9 +46,9 @@ def replay(log: AuditLog, record_id: str, model_path: Path,
         raise InhouseError(f"refusing to replay: the model at {model_path} has digest {digest}, "
                            f"the record was produced by {start['model_digest']}")
     engine_info = start.get("engine", {})
-    if engine_info.get("kernel") and engine_info["kernel"] != mxfp4_kernel.path_name():
+    if engine_info.get("kernel") and engine_info["kernel"] != kernels.path_name():
         raise InhouseError(f"refusing to replay: the record ran the '{engine_info['kernel']}' "
-                           f"MXFP4 path, this machine runs '{mxfp4_kernel.path_name()}' (different "
+                           f"kernel path, this machine runs '{kernels.path_name()}' (different "
                            "arithmetic)")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
         engine_info.get("dtype") or "bfloat16", torch.bfloat16)

@@ -94,7 +94,7 @@ def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
     from inhouse.engine import AsyncEngine, LLMEngine
     from inhouse.model import find_checkpoint, load_model
     from inhouse.model.digest import checkpoint_digest
-    from inhouse.model import mxfp4_kernel
+    from inhouse.model import kernels
     from inhouse.config import EngineConfig
 
     path = checkpoints["hf"]
@@ -103,7 +103,7 @@ def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
     log = AuditLog(url, key)
     settings = ServerSettings(model_name=MODEL, audit_content="full", engine_mode="reproducible",
                               model_digest=checkpoint_digest(find_checkpoint(path)),
-                              model_dtype="float32", kernel=mxfp4_kernel.path_name())
+                              model_dtype="float32", kernel=kernels.path_name())
     engine = AsyncEngine(LLMEngine(load_model(path), EngineConfig(mode="reproducible")))
     try:
         with running_server(build_app(engine, settings, audit_log=log)) as u:

@@ -3,34 +3,33 @@
 `matmul` is the fast path; `mxfp4.dequantize_reference` + a plain matmul is the reference the
 tests compare it with. When the extension was not built (no C compiler), `available()` is False
 and callers decode with PyTorch instead. INHOUSE_MXFP4_KERNEL=0 turns the kernel off,
-INHOUSE_MXFP4_KERNEL=portable forces its non-SIMD path.
+INHOUSE_MXFP4_KERNEL=portable forces its non-SIMD path, =avx2 its AVX2 path (see native).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
-import os
 
 import torch
 
+from inhouse.model import native
 from inhouse.model.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK
 
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("INHOUSE_MXFP4_KERNEL", "1") == "0":
+    lib = native.load("mxfp4")
+    if lib is None:
         return None
-    spec = importlib.util.find_spec("inhouse.model._mxfp4")
-    if spec is None or spec.origin is None:
-        return None
-    lib = ctypes.CDLL(spec.origin)
     c = ctypes
     lib.inhouse_mxfp4_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64,
                                          c.c_int64, c.c_void_p, c.c_int, c.c_int]
     lib.inhouse_mxfp4_matmul.restype = c.c_int
-    lib.inhouse_mxfp4_has_avx2.restype = c.c_int
+    lib.inhouse_mxfp4_simd_level.restype = c.c_int
+    lib.inhouse_mxfp4_matmul_bf16.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p,
+                                              c.c_int64, c.c_int64, c.c_void_p, c.c_int]
+    lib.inhouse_mxfp4_matmul_bf16.restype = c.c_int
     return lib
 
 
@@ -38,19 +37,25 @@ def available() -> bool:
     return _lib() is not None
 
 
-def uses_simd() -> bool:
+def _level() -> int:
     lib = _lib()
-    return bool(lib and lib.inhouse_mxfp4_has_avx2()) and \
-        os.environ.get("INHOUSE_MXFP4_KERNEL", "1") != "portable"
+    if lib is None:
+        return 0
+    return min(lib.inhouse_mxfp4_simd_level(), native.max_level("mxfp4"))
+
+
+def uses_simd() -> bool:
+    return _level() > 0
 
 
 def path_name() -> str:
-    """Which MXFP4 arithmetic this process runs: "avx2-fused" (the arithmetic changed from the
-    earlier "avx2"), "portable" or "torch" (no kernel). Audit records carry it; replay refuses a
-    record made on another path."""
+    """Which MXFP4 arithmetic this process runs: "avx512bf16-fused" (bf16 rows meet bf16-decoded
+    weights in vdpbf16ps; fp32 rows take the AVX-512 path), "avx512-fused", "avx2-fused",
+    "portable" or "torch" (no kernel). Audit records carry it; replay refuses a record made on
+    another path."""
     if not available():
         return "torch"
-    return "avx2-fused" if uses_simd() else "portable"
+    return {3: "avx512bf16-fused", 2: "avx512-fused", 1: "avx2-fused", 0: "portable"}[_level()]
 
 
 def matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -66,11 +71,17 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or x.device.type != "cpu":
         raise ValueError("the kernel takes uint8 blocks/scales and CPU tensors")
     blocks, scales = blocks.contiguous(), scales.contiguous()
-    x32 = x.to(torch.float32).contiguous()
-    M = x32.shape[0]
+    M = x.shape[0]
     y = torch.empty(M, O, dtype=torch.float32)
-    rc = lib.inhouse_mxfp4_matmul(x32.data_ptr(), M, blocks.data_ptr(), scales.data_ptr(), O, G,
-                                  y.data_ptr(), torch.get_num_threads(), int(uses_simd()))
+    level = _level()
+    if level >= 3 and x.dtype == torch.bfloat16:  # exact products: x is bf16 already
+        xb = x.contiguous()
+        rc = lib.inhouse_mxfp4_matmul_bf16(xb.data_ptr(), M, blocks.data_ptr(), scales.data_ptr(),
+                                           O, G, y.data_ptr(), torch.get_num_threads())
+    else:
+        x32 = x.to(torch.float32).contiguous()
+        rc = lib.inhouse_mxfp4_matmul(x32.data_ptr(), M, blocks.data_ptr(), scales.data_ptr(), O,
+                                      G, y.data_ptr(), torch.get_num_threads(), level)
     if rc != 0:
         raise MemoryError("the MXFP4 kernel could not allocate its row buffer")
     return y.to(x.dtype)

@@ -1,11 +1,16 @@
 /* Fused MXFP4 matmul for CPU: y[m, o] = sum_i x[m, i] * W[o, i], W packed as in gpt-oss checkpoints
  * (blocks [O, G, 16] uint8: low nibble = element 2j, high nibble = 2j+1; scales [O, G] E8M0).
  *
- * AVX2: each block is decoded in registers and multiplied with up to 32 input rows at once
- * (row_fused_avx2). Portable: each output row is decoded once into a small buffer (L1-resident)
- * and dotted with every input row. NOTE: the dot product for (m, o) is computed the same way whatever M and the thread count,
- * so results are batch-invariant (the engine's reproducible mode relies on this).
- * The AVX2/FMA path is chosen at run time; the scalar path is the portable fallback. Plain C on raw
+ * AVX-512: the input rows are first reordered within each block (even elements, then odd), so a
+ * block's 16 bytes widen to 16 int32 lanes whose low and high nibbles index a 16-float table
+ * directly (vpermps): 32 decoded weights in four instructions, multiplied with up to 16 rows.
+ * AVX2: each block is decoded in registers (pshufb + int-to-float) and multiplied with up to 32
+ * input rows at once (row_fused_avx2). Portable: each output row is decoded once into a small
+ * buffer (L1-resident) and dotted with every input row.
+ * NOTE: on each path the dot product for (m, o) is computed the same way whatever M and the thread
+ * count, so results are batch-invariant (the engine's reproducible mode relies on this). The paths
+ * sum in different orders, so they differ from each other in the last bits.
+ * The SIMD path is chosen at run time; the scalar path is the portable fallback. Plain C on raw
  * pointers, called through ctypes (which releases the GIL). */
 #include <math.h>
 #include <stdint.h>
@@ -77,21 +82,22 @@ static inline float hsum_avx2(__m256 s) {
     return _mm_cvtss_f32(h);
 }
 
-/* Output row o for the M input rows, decoded and multiplied in registers: per block, the 32
- * products are summed unscaled, then the block's scale is applied with one FMA. Each (m, o) is
- * the same chain of operations whatever M (batch-invariant). M <= MAX_FUSED_ROWS. */
-#define MAX_FUSED_ROWS 32
-__attribute__((target("avx2,fma")))
-static void row_fused_avx2(const float *x, int64_t M, const uint8_t *blocks, const uint8_t *scales,
-                           int64_t G, float *y, int64_t O) {
+/* Output row o for R input rows, decoded and multiplied in registers: per block, the 32 products
+ * are summed unscaled, then the block's scale is applied with one FMA. Each (m, o) is the same
+ * chain of operations whatever M (batch-invariant). Called with R a literal (1..MAX_FUSED_ROWS) so
+ * the row loops unroll and the accumulators stay in registers. */
+#define MAX_FUSED_ROWS 8
+__attribute__((target("avx2,fma"), always_inline))
+static inline void rows_avx2(const float *x, const int R, const uint8_t *blocks,
+                             const uint8_t *scales, int64_t G, float *y, int64_t O) {
     const int64_t n = G * 32;
     __m256 acc[MAX_FUSED_ROWS];
-    for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+    for (int m = 0; m < R; m++) acc[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         __m256 v[4];
         block_values_avx2(blocks + g * 16, v);
         __m256 s = _mm256_set1_ps(half_scale_of(scales[g]));
-        for (int64_t m = 0; m < M; m++) {
+        for (int m = 0; m < R; m++) {
             const float *xg = x + m * n + g * 32;
             __m256 p = _mm256_mul_ps(_mm256_loadu_ps(xg), v[0]);
             __m256 q = _mm256_mul_ps(_mm256_loadu_ps(xg + 8), v[1]);
@@ -100,44 +106,184 @@ static void row_fused_avx2(const float *x, int64_t M, const uint8_t *blocks, con
             acc[m] = _mm256_fmadd_ps(_mm256_add_ps(p, q), s, acc[m]);
         }
     }
-    for (int64_t m = 0; m < M; m++) y[m * O] = hsum_avx2(acc[m]);
+    for (int m = 0; m < R; m++) y[m * O] = hsum_avx2(acc[m]);
 }
 
+__attribute__((target("avx2,fma")))
+static void row_fused_avx2(const float *x, int64_t M, const uint8_t *blocks, const uint8_t *scales,
+                           int64_t G, float *y, int64_t O) {
+#define ROWS(R) case R: rows_avx2(x, R, blocks, scales, G, y, O); break;
+    switch (M) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
+#undef ROWS
+}
+
+
+/* ---- AVX-512 path ---------------------------------------------------------------------------- */
+/* Rows reordered per block: xp[g*32 + j] = x[g*32 + 2j], xp[g*32 + 16 + j] = x[g*32 + 2j + 1]. */
+static void reorder_rows(const float *x, int64_t M, int64_t n, float *xp) {
+    for (int64_t i = 0; i < M * n; i += 32)
+        for (int j = 0; j < 16; j++) {
+            xp[i + j] = x[i + 2 * j];
+            xp[i + 16 + j] = x[i + 2 * j + 1];
+        }
+}
+
+#define MAX_FUSED_ROWS_512 8
+__attribute__((target("avx512f"), always_inline))
+static inline void rows_avx512(const float *xp, const int R, const uint8_t *blocks,
+                               const uint8_t *scales, int64_t G, float *y, int64_t O,
+                               const float *scale_table) {
+    const int64_t n = G * 32;
+    const __m512 lut = _mm512_loadu_ps(FP4);
+    __m512 acc[MAX_FUSED_ROWS_512];
+    for (int m = 0; m < R; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blocks + g * 16)));
+        __m512 w_even = _mm512_permutexvar_ps(t, lut);  /* index = low 4 bits of each lane */
+        __m512 w_odd = _mm512_permutexvar_ps(_mm512_srli_epi32(t, 4), lut);
+        __m512 s = _mm512_set1_ps(scale_table[scales[g]]);
+        for (int m = 0; m < R; m++) {
+            const float *xg = xp + m * n + g * 32;
+            __m512 p = _mm512_mul_ps(_mm512_loadu_ps(xg), w_even);
+            p = _mm512_fmadd_ps(_mm512_loadu_ps(xg + 16), w_odd, p);
+            acc[m] = _mm512_fmadd_ps(p, s, acc[m]);
+        }
+    }
+    for (int m = 0; m < R; m++) y[m * O] = _mm512_reduce_add_ps(acc[m]);
+}
+
+__attribute__((target("avx512f")))
+static void row_fused_avx512(const float *xp, int64_t M, const uint8_t *blocks,
+                             const uint8_t *scales, int64_t G, float *y, int64_t O,
+                             const float *scale_table) {
+#define ROWS(R) case R: rows_avx512(xp, R, blocks, scales, G, y, O, scale_table); break;
+    switch (M) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
+#undef ROWS
+}
+
+/* ---- AVX-512 BF16 path (bf16 input rows) ----------------------------------------------------- */
+/* The same reordering as above, on bf16 rows. */
+static void reorder_rows_bf16(const uint16_t *x, int64_t M, int64_t n, uint16_t *xp) {
+    for (int64_t i = 0; i < M * n; i += 32)
+        for (int j = 0; j < 16; j++) {
+            xp[i + j] = x[i + 2 * j];
+            xp[i + 16 + j] = x[i + 2 * j + 1];
+        }
+}
+
+/* Each block's 32 weights become 32 bf16 lanes (one vpermw on a 32-entry table; e2m1 values are
+ * exact in bf16) and meet the bf16 input rows in vdpbf16ps: the products are exact and summed in
+ * fp32, as the fp32 paths do. Half the instructions of the fp32 path per block. */
+#define MAX_FUSED_ROWS_BF16 8
+/* R rows at once; called with R a literal so the loops over rows unroll and the accumulators stay
+ * in registers (a runtime R keeps them in memory, a store-to-load chain per block). */
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline))
+static inline void rows_avx512bf16(const uint16_t *xp, const int R, int64_t n,
+                                   const uint8_t *blocks, const uint8_t *scales, int64_t G,
+                                   float *y, int64_t O, const float *scale_table, __m512i lut) {
+    /* two accumulators per row (even and odd blocks): the FMA chain is half as long */
+    __m512 acc0[MAX_FUSED_ROWS_BF16], acc1[MAX_FUSED_ROWS_BF16];
+    for (int m = 0; m < R; m++) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {
+        for (int h = 0; h < 2; h++) {
+            __m256i t = _mm256_cvtepu8_epi16(
+                _mm_loadu_si128((const __m128i *)(blocks + (g + h) * 16)));
+            __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(t),
+                                             _mm256_srli_epi16(t, 4), 1);
+            __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, lut);  /* index: low 5 bits */
+            __m512 s = _mm512_set1_ps(scale_table[scales[g + h]]);
+            for (int m = 0; m < R; m++) {
+                __m512bh xv = (__m512bh)_mm512_loadu_si512(
+                    (const void *)(xp + m * n + (g + h) * 32));
+                __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), xv, w);
+                if (h == 0) acc0[m] = _mm512_fmadd_ps(p, s, acc0[m]);
+                else acc1[m] = _mm512_fmadd_ps(p, s, acc1[m]);
+            }
+        }
+    }
+    if (g < G) {  /* an odd block count: the last block goes to the even chain */
+        __m256i t = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blocks + g * 16)));
+        __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(t), _mm256_srli_epi16(t, 4), 1);
+        __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, lut);
+        __m512 s = _mm512_set1_ps(scale_table[scales[g]]);
+        for (int m = 0; m < R; m++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xp + m * n + g * 32));
+            acc0[m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xv, w), s, acc0[m]);
+        }
+    }
+    for (int m = 0; m < R; m++) y[m * O] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void row_fused_avx512bf16(const uint16_t *xp, int64_t M, const uint8_t *blocks,
+                                 const uint8_t *scales, int64_t G, float *y, int64_t O,
+                                 const float *scale_table, const uint16_t *table) {
+    const int64_t n = G * 32;
+    const __m512i lut = _mm512_loadu_si512((const void *)table);
+#define ROWS(R) case R: rows_avx512bf16(xp, R, n, blocks, scales, G, y, O, scale_table, lut); break;
+    switch (M) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
+#undef ROWS
+}
+
+/* FP4 values as bf16, twice over (a low nibble's index carries the high nibble's bit 4). */
+static void bf16_table(uint16_t t[32]) {
+    for (int i = 0; i < 32; i++) {
+        union { float f; uint32_t u; } v = {.f = FP4[i & 15]};
+        t[i] = (uint16_t)(v.u >> 16);
+    }
+}
 #endif
 
-int inhouse_mxfp4_has_avx2(void) {
+/* 3 = AVX-512 with BF16 (and BW), 2 = AVX-512F, 1 = AVX2 + FMA, 0 = neither */
+int inhouse_mxfp4_simd_level(void) {
 #ifdef HAVE_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512bf16")) return 3;
+    if (__builtin_cpu_supports("avx512f")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
 #endif
+    return 0;
 }
 
-/* x [M, G*32] fp32, blocks [O, G, 16], scales [O, G] -> y [M, O] fp32. use_simd: 1 = AVX2 if the
- * CPU has it, 0 = the portable path. Returns 0, or -1 if memory ran out. */
+/* x [M, G*32] fp32, blocks [O, G, 16], scales [O, G] -> y [M, O] fp32. level: the most SIMD to
+ * use (2 = AVX-512, 1 = AVX2, 0 = the portable path). Returns 0, or -1 if memory ran out. */
 int inhouse_mxfp4_matmul(const float *x, int64_t M, const uint8_t *blocks, const uint8_t *scales,
-                         int64_t O, int64_t G, float *y, int nthreads, int use_simd) {
+                         int64_t O, int64_t G, float *y, int nthreads, int level) {
     const int64_t n = G * 32;
-    int simd = use_simd && inhouse_mxfp4_has_avx2();
+    int simd = inhouse_mxfp4_simd_level();
+    if (level < simd) simd = level;
+    float scale_table[256];
+    for (int e = 0; e < 256; e++) scale_table[e] = scale_of((uint8_t)e);
+    float *xp = NULL;
+    if (simd >= 2) {
+        simd = 2;
+        xp = (float *)malloc((size_t)(M * n) * sizeof(float));
+        if (!xp) return -1;
+        reorder_rows(x, M, n, xp);
+    }
     int failed = 0;
-#ifdef _OPENMP
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
-#endif
     {
-        float *w = (float *)malloc((size_t)n * sizeof(float));
-        if (!w) {
+        float *w = simd ? NULL : (float *)malloc((size_t)n * sizeof(float));
+        if (!simd && !w) {
             failed = 1;
         } else {
-#ifdef _OPENMP
 #pragma omp for schedule(static)
-#endif
             for (int64_t o = 0; o < O; o++) {
                 const uint8_t *b = blocks + o * G * 16;
                 const uint8_t *s = scales + o * G;
 #ifdef HAVE_X86
-                if (simd) {  /* rows in chunks: every (m, o) is the same chain whatever M */
+                if (simd == 2) {  /* rows in chunks: every (m, o) is the same chain whatever M */
+                    for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS_512) {
+                        int64_t rows = M - m0 < MAX_FUSED_ROWS_512 ? M - m0 : MAX_FUSED_ROWS_512;
+                        row_fused_avx512(xp + m0 * n, rows, b, s, G, y + m0 * O + o, O, scale_table);
+                    }
+                    continue;
+                }
+                if (simd == 1) {
                     for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS) {
                         int64_t rows = M - m0 < MAX_FUSED_ROWS ? M - m0 : MAX_FUSED_ROWS;
                         row_fused_avx2(x + m0 * n, rows, b, s, G, y + m0 * O + o, O);
@@ -151,5 +297,37 @@ int inhouse_mxfp4_matmul(const float *x, int64_t M, const uint8_t *blocks, const
             free(w);
         }
     }
+    free(xp);
     return failed ? -1 : 0;
+}
+
+/* x [M, G*32] bf16 -> y [M, O] fp32, on CPUs with AVX-512 BF16 (inhouse_mxfp4_simd_level() == 3;
+ * -2 if not). Returns 0, -1 if memory ran out. */
+int inhouse_mxfp4_matmul_bf16(const uint16_t *x, int64_t M, const uint8_t *blocks,
+                              const uint8_t *scales, int64_t O, int64_t G, float *y, int nthreads) {
+#ifdef HAVE_X86
+    if (inhouse_mxfp4_simd_level() < 3) return -2;
+    const int64_t n = G * 32;
+    float scale_table[256];
+    for (int e = 0; e < 256; e++) scale_table[e] = scale_of((uint8_t)e);
+    uint16_t *xp = (uint16_t *)malloc((size_t)(M * n) * sizeof(uint16_t));
+    if (!xp) return -1;
+    reorder_rows_bf16(x, M, n, xp);
+    uint16_t lut[32];
+    bf16_table(lut);
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t o = 0; o < O; o++) {
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS_BF16) {
+            int64_t rows = M - m0 < MAX_FUSED_ROWS_BF16 ? M - m0 : MAX_FUSED_ROWS_BF16;
+            row_fused_avx512bf16(xp + m0 * n, rows, blocks + o * G * 16, scales + o * G, G,
+                                 y + m0 * O + o, O, scale_table, lut);
+        }
+    }
+    free(xp);
+    return 0;
+#else
+    (void)x; (void)M; (void)blocks; (void)scales; (void)O; (void)G; (void)y; (void)nthreads;
+    return -2;
+#endif
 }

@@ -1,0 +1,35 @@
+"""Loading the package's optional C kernels (built by setup.py) through ctypes.
+
+ctypes releases the GIL during a call, and the kernels take plain pointers, so no Python C-API
+code is involved. A kernel that was not built (no C compiler) loads as None and callers fall back
+to PyTorch. INHOUSE_<NAME>_KERNEL (NAME = MXFP4 or DENSE): 0 turns one off, portable keeps it off
+its SIMD paths, avx2 keeps it off AVX-512, avx512 off AVX-512 BF16. The paths sum in different
+orders, so a record made on an AVX2-only machine replays bit for bit here with =avx2 set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+
+def setting(name: str) -> str:
+    """INHOUSE_<NAME>_KERNEL: "1" (default: the best SIMD the CPU has), "0", "portable", "avx2",
+    "avx512" (AVX-512 without its BF16 instructions)."""
+    return os.environ.get(f"INHOUSE_{name.upper()}_KERNEL", "1")
+
+
+def max_level(name: str) -> int:
+    """The most SIMD a kernel may use: 3 = AVX-512 with BF16, 2 = AVX-512, 1 = AVX2, 0 = C."""
+    return {"portable": 0, "avx2": 1, "avx512": 2}.get(setting(name), 3)
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The built extension `inhouse.model._<name>`, or None (not built, or turned off)."""
+    if setting(name) == "0":
+        return None
+    spec = importlib.util.find_spec(f"inhouse.model._{name}")
+    if spec is None or spec.origin is None:
+        return None
+    return ctypes.CDLL(spec.origin)
