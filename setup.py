@@ -1,14 +1,18 @@
-"""Builds the optional fused MXFP4 kernel (plain C, OpenMP). Metadata lives in pyproject.toml.
+"""Builds the optional C kernels (plain C, OpenMP). Metadata lives in pyproject.toml.
+
+  inhouse.model._mxfp4  fused MXFP4 matmul (experts straight from the packed blocks)
+  inhouse.model._dense  bf16 matrix-vector products (attention, router, unembedding at decode)
 
 `optional=True`: on a machine without a C compiler the install still succeeds and inhouse falls
-back to decoding experts with PyTorch (slower, same results within float rounding)."""
+back to PyTorch for both (slower, same results within float rounding)."""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension(
-    "inhouse.model._mxfp4",
-    sources=["inhouse/model/csrc/mxfp4.c"],
-    extra_compile_args=["-O3", "-fopenmp", "-std=c11"],
-    extra_link_args=["-fopenmp"],
-    optional=True,
-)])
+
+def kernel(name: str) -> Extension:
+    return Extension(f"inhouse.model._{name}", sources=[f"inhouse/model/csrc/{name}.c"],
+                     extra_compile_args=["-O3", "-fopenmp", "-std=c11"],
+                     extra_link_args=["-fopenmp"], optional=True)
+
+
+setup(ext_modules=[kernel("mxfp4"), kernel("dense")])

@@ -1,16 +1,19 @@
 """8-bit weights for the attention projections and the unembedding (`inhouse convert --quantize
 int8`): each output row is int8 with one scale, W[o, :] ~= weight[o, :] * weight_scale[o].
 
-`int8_linear_reference` dequantises and multiplies (obvious, slow); `Int8Linear` uses torch's
-weight-only int8 CPU kernel (`_weight_int8pack_mm`, the one gpt-fast uses), which reads a byte
-per weight instead of two: the unembedding of the 20b shape takes 30 ms instead of 103 ms in bf16
-on this workplace's CPU. Gradients (LoRA training on an int8 base) take the reference.
+`int8_linear_reference` dequantises and multiplies (obvious, slow); `Int8Linear` uses our
+matrix-vector kernel (dense_kernel.int8_matmul) at decode (up to 16 rows; a byte per weight read
+once at close to the memory bandwidth, rows independent of the batch) and torch's weight-only
+int8 CPU kernel (`_weight_int8pack_mm`, the one gpt-fast uses) for more rows. Gradients (LoRA
+training on an int8 base) take the reference.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from inhouse.model import dense_kernel
 
 
 def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -40,11 +43,19 @@ class Int8Linear(nn.Module):
         if not fast:
             return int8_linear_reference(x2, self.weight, self.weight_scale, self.bias) \
                 .reshape(*lead, self.out_features)
+        if dense_kernel.int8_applies(x2, self.weight):
+            y = dense_kernel.int8_matmul(x2, self.weight, self.weight_scale, self.bias)
+            return y.to(x2.dtype).reshape(*lead, self.out_features)
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight,
                                                self.weight_scale.to(x2.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def rows_independent(self, rows: int) -> bool:
+        """Is each result row of a `rows`-row call computed exactly as that row alone?"""
+        return self.weight.device.type == "cpu" and not torch.is_grad_enabled() \
+            and 0 < rows <= dense_kernel.MAX_ROWS and dense_kernel._lib() is not None
 
 
 def use_int8(model: nn.Module, names: list[str]) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from inhouse.config import ModelConfig
 from inhouse.model.layers import swiglu
-from inhouse.model import mxfp4_kernel
+from inhouse.model import dense_kernel, mxfp4_kernel
 from inhouse.model.mxfp4 import BYTES_PER_BLOCK, BLOCK_SIZE, dequantize
 
 # Up to this many rows (of one sequence, routed to one expert) the fused kernel multiplies straight
@@ -35,7 +35,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> weights (N, k) summing to 1, expert indices (N, k)."""
-        logits = nn.functional.linear(x, self.weight, self.bias)  # (N, E)
+        logits = dense_kernel.linear(x, self.weight, self.bias)  # (N, E)
         top = torch.topk(logits, self.top_k, dim=-1, sorted=True)
         return torch.softmax(top.values.float(), dim=-1).to(x.dtype), top.indices
 

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from inhouse.config import ModelConfig
 from inhouse.errors import InhouseError
 from inhouse.model.attention import attention
+from inhouse.model.dense_kernel import Linear
 from inhouse.model.kv_cache import KVCache
 from inhouse.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from inhouse.model.moe import MLP
@@ -32,8 +33,13 @@ class Segment:
 
 def by_rows(fn, x: torch.Tensor, groups: list[slice] | None) -> torch.Tensor:
     """fn over x's rows, group by group when `groups` is given (batch-invariant numerics: a
-    matmul or reduction over a group's rows gives what that sequence alone would)."""
+    matmul or reduction over a group's rows gives what that sequence alone would). A function
+    whose rows never depend on each other (`rows_independent`) takes all groups in one call: its
+    weights are read once per step, not once per sequence."""
     if groups is None or len(groups) == 1:
+        return fn(x)
+    independent = getattr(fn, "rows_independent", None)
+    if independent is not None and independent(x.shape[0]):
         return fn(x)
     return torch.cat([fn(x[g]) for g in groups])
 
@@ -46,10 +52,10 @@ class Attention(nn.Module):
             config.num_attention_heads, config.num_key_value_heads, D)
         self.window = config.window(layer)
         self.scale = D ** -0.5
-        self.q_proj = nn.Linear(H, self.num_heads * D)
-        self.k_proj = nn.Linear(H, self.num_kv_heads * D)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * D)
-        self.o_proj = nn.Linear(self.num_heads * D, H)
+        self.q_proj = Linear(H, self.num_heads * D)
+        self.k_proj = Linear(H, self.num_kv_heads * D)
+        self.v_proj = Linear(H, self.num_kv_heads * D)
+        self.o_proj = Linear(self.num_heads * D, H)
         self.sinks = nn.Parameter(torch.empty(self.num_heads))
         self.lora = None  # an AttentionLoRA once adapters are attached (lora.attach)
 
@@ -120,7 +126,7 @@ class Transformer(nn.Module):
         self.experts_format = experts_format
         self.dtype = dtype
         self.model = GptOssModel(config, experts_format)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lora_routing = None  # set by lora.attach
         self.gradient_checkpointing = False  # recompute each layer in backward (training)
         with torch.device("cpu"):  # NOTE: not on meta even when the rest is built there
@@ -174,7 +180,7 @@ class Transformer(nn.Module):
         x = self._hidden(torch.cat([ids for ids, _ in batch]), segments, groups)
         last = [s.row0 + s.num_tokens - 1 for s in segments]
         finals = [slice(i, i + 1) for i in range(len(last))] if independent else None
-        return by_rows(lambda h: self.lm_head(self.model.norm(h)), x[last], finals)
+        return by_rows(self.lm_head, by_rows(self.model.norm, x[last], finals), finals)
 
     def _hidden(self, token_ids: torch.Tensor, segments: list[Segment],
                 groups: list[slice] | None = None) -> torch.Tensor:

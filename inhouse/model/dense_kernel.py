@@ -1,0 +1,136 @@
+"""bf16 and int8 matrix-vector products for decode (csrc/dense.c through ctypes), and `Linear`,
+the nn.Linear that uses them (int8.Int8Linear uses `int8_matmul`).
+
+At decode a projection multiplies a few rows by a large bf16 matrix: the work is reading the
+matrix once. PyTorch's CPU bf16 GEMM reaches about half of this machine's memory bandwidth there;
+the kernel streams the matrix at close to all of it. Each output row is computed the same way
+whatever the number of rows (batch-invariant), so the engine's reproducible mode can give every
+sequence's rows to one call and read the weights once per step instead of once per sequence.
+`torch.nn.functional.linear` is the reference the tests compare it with; prefill (many rows),
+fp32 weights, GPUs and training (grad) use it. INHOUSE_DENSE_KERNEL=0 turns the kernel off,
+=portable keeps it off its SIMD paths, =avx2 off AVX-512.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+from torch import nn
+
+from inhouse.model import native
+
+# Up to this many rows the kernel runs (it reads the weights once and computes each row against
+# them from cache); prefill's hundreds of rows go to PyTorch's blocked GEMM.
+MAX_ROWS = 16
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    lib = native.load("dense")
+    if lib is None:
+        return None
+    c = ctypes
+    lib.inhouse_bf16_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64,
+                                        c.c_int64, c.c_void_p, c.c_int, c.c_int]
+    lib.inhouse_bf16_matmul.restype = None
+    lib.inhouse_int8_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p,
+                                        c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int]
+    lib.inhouse_int8_matmul.restype = None
+    lib.inhouse_dense_simd_level.restype = c.c_int
+    return lib
+
+
+def _level() -> int:
+    lib = _lib()
+    if lib is None:
+        return 0
+    return min(lib.inhouse_dense_simd_level(), native.max_level("dense"))
+
+
+def path_name() -> str:
+    """The arithmetic this process uses for bf16 decode projections: "avx512", "avx2",
+    "portable", or "torch" (no kernel). Audit records carry it with the MXFP4 path."""
+    if _lib() is None:
+        return "torch"
+    return {2: "avx512", 1: "avx2", 0: "portable"}[_level()]
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Would `linear(x, weight)` run the kernel (for x's row count)?"""
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    return (_lib() is not None and 0 < rows <= MAX_ROWS and weight.dtype == torch.bfloat16
+            and x.device.type == "cpu" and weight.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def bf16_matmul(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) any float dtype, weight (O, K) bf16, bias (O,) -> (M, O) fp32, by the kernel."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("the dense kernel is not built")
+    M, K = x.shape
+    O = weight.shape[0]
+    if weight.shape != (O, K) or weight.dtype != torch.bfloat16:
+        raise ValueError(f"shape/dtype mismatch: x {tuple(x.shape)}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    x32 = x.to(torch.float32).contiguous()
+    w = weight.contiguous()
+    b = bias.to(torch.float32).contiguous() if bias is not None else None
+    y = torch.empty(M, O, dtype=torch.float32)
+    lib.inhouse_bf16_matmul(x32.data_ptr(), M, w.data_ptr(), b.data_ptr() if b is not None else None,
+                            O, K, y.data_ptr(), torch.get_num_threads(), _level())
+    return y
+
+
+def int8_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Would `int8_matmul` take x (its row count, device, grad) with this int8 weight?"""
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    return (_lib() is not None and 0 < rows <= MAX_ROWS and weight.dtype == torch.int8
+            and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K), weight int8 (O, K), scale (O,) -> (M, O) fp32 = scale * (x @ weight.T) + bias."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("the dense kernel is not built")
+    M, K = x.shape
+    O = weight.shape[0]
+    if weight.shape != (O, K) or weight.dtype != torch.int8 or scale.shape != (O,):
+        raise ValueError(f"shape/dtype mismatch: x {tuple(x.shape)}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype}, scale {tuple(scale.shape)}")
+    x32 = x.to(torch.float32).contiguous()
+    w = weight.contiguous()
+    s = scale.to(torch.float32).contiguous()
+    b = bias.to(torch.float32).contiguous() if bias is not None else None
+    y = torch.empty(M, O, dtype=torch.float32)
+    lib.inhouse_int8_matmul(x32.data_ptr(), M, w.data_ptr(), s.data_ptr(),
+                            b.data_ptr() if b is not None else None, O, K, y.data_ptr(),
+                            torch.get_num_threads(), _level())
+    return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the kernel when it applies (result rounded to x's dtype, like PyTorch's
+    fp32-accumulating bf16 GEMM)."""
+    if not applies(x, weight):
+        return nn.functional.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    y = bf16_matmul(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.to(x.dtype).reshape(*lead, weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) whose decode-sized calls take the kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+    def rows_independent(self, rows: int) -> bool:
+        """Is each result row of a `rows`-row call computed exactly as that row alone?"""
+        return 0 < rows <= MAX_ROWS and _lib() is not None and self.weight.dtype == torch.bfloat16 \
+            and self.weight.device.type == "cpu" and not torch.is_grad_enabled()

@@ -1,0 +1,112 @@
+"""The bf16 decode kernel against torch's linear (the reference), its batch/thread invariance on
+every SIMD path, and where the model uses it."""
+
+import pytest
+import torch
+from torch import nn
+
+from inhouse.model import dense_kernel
+
+pytestmark = pytest.mark.skipif(dense_kernel._lib() is None, reason="kernel not built")
+
+LEVELS = ["1", "avx2", "portable"]
+
+
+def _weights(O, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(O, K, generator=g).bfloat16(), torch.randn(O, generator=g))
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("M, O, K", [(1, 5, 16), (3, 40, 96), (16, 9, 200), (2, 64, 2880)])
+def test_kernel_matches_the_reference(monkeypatch, simd, M, O, K):
+    monkeypatch.setenv("INHOUSE_DENSE_KERNEL", simd)
+    w, b = _weights(O, K)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
+    want = x.double() @ w.double().T + b.double()
+    got = dense_kernel.bf16_matmul(x, w, b)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(dense_kernel.bf16_matmul(x, w).double(), want - b.double(),
+                          rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+def test_rows_do_not_depend_on_the_batch_or_the_threads(monkeypatch, simd):
+    monkeypatch.setenv("INHOUSE_DENSE_KERNEL", simd)
+    w, b = _weights(70, 136, seed=3)
+    x = torch.randn(12, 136, generator=torch.Generator().manual_seed(4))
+    together = dense_kernel.bf16_matmul(x, w, b)
+    alone = torch.cat([dense_kernel.bf16_matmul(x[i:i + 1], w, b) for i in range(12)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = dense_kernel.bf16_matmul(x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(together, alone) and torch.equal(together, single)
+
+
+def test_linear_takes_the_kernel_only_where_it_applies():
+    lin = dense_kernel.Linear(64, 32).to(torch.bfloat16)
+    few, many = torch.randn(3, 64).bfloat16(), torch.randn(dense_kernel.MAX_ROWS + 1, 64).bfloat16()
+    assert not dense_kernel.applies(few, lin.weight)  # grad enabled, weight requires grad
+    with torch.no_grad():
+        assert dense_kernel.applies(few, lin.weight)
+        assert not dense_kernel.applies(many, lin.weight)  # prefill: torch's GEMM
+        assert not dense_kernel.applies(few.float(), lin.weight.float())  # fp32 weights: torch
+        got = lin(few)
+    want = nn.functional.linear(few.float(), lin.weight.float(), lin.bias.float())
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 32)
+    assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2)
+    # with grad the module is plain nn.Linear, so training gets gradients
+    x = few.float().requires_grad_()
+    lin.float()(x).sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+
+
+def test_bf16_decoding_through_the_kernel_agrees_with_torch(checkpoints, monkeypatch):
+    from inhouse.model import load_model
+    from tests.conftest import random_ids
+
+    model = load_model(checkpoints["hf"], dtype=torch.bfloat16)
+    ids = random_ids(12, model.config.vocab_size, seed=5)
+    calls = []
+    real = dense_kernel.bf16_matmul
+    monkeypatch.setattr(dense_kernel, "bf16_matmul",
+                        lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(ids, cache=cache)
+        with_kernel = model(torch.tensor([7]), cache=cache).float()
+    # 4 projections per layer, the router per layer, and the unembedding, at one row each
+    assert calls.count(1) == 5 * model.config.num_hidden_layers + 1
+    monkeypatch.setattr(dense_kernel, "applies", lambda x, w: False)
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(ids, cache=cache)
+        without = model(torch.tensor([7]), cache=cache).float()
+    assert (with_kernel - without).abs().max() < 0.05 * without.abs().max()
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("M, O, K", [(1, 5, 16), (4, 33, 200), (16, 64, 2880)])
+def test_int8_kernel_matches_the_reference(monkeypatch, simd, M, O, K):
+    from inhouse.model.int8 import Int8Linear, int8_linear_reference
+
+    monkeypatch.setenv("INHOUSE_DENSE_KERNEL", simd)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randint(-127, 128, (O, K), generator=g, dtype=torch.int8)
+    scale, bias = torch.rand(O, generator=g) / 100, torch.randn(O, generator=g)
+    x = torch.randn(M, K, generator=g)
+    want = int8_linear_reference(x.double(), w, scale.double(), bias.double())
+    got = dense_kernel.int8_matmul(x, w, scale, bias)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+    alone = torch.cat([dense_kernel.int8_matmul(x[i:i + 1], w, scale, bias) for i in range(M)])
+    assert torch.equal(got, alone)
+    lin = Int8Linear(K, O)
+    lin.weight.copy_(w), lin.weight_scale.copy_(scale)
+    with torch.no_grad():
+        lin.bias.copy_(bias)
+        assert lin.rows_independent(M)
+        assert torch.allclose(lin(x).double(), want, rtol=1e-5, atol=1e-4)
