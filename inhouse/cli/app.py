@@ -84,8 +84,10 @@ def inspect(
 @cli_errors
 def convert(
     src: Annotated[Path, typer.Argument(help="Source checkpoint (HF or original/ layout).")],
-    dst: Annotated[Path, typer.Argument(help="New directory to write (must not hold files).")],
-    layout: Annotated[str, typer.Option(help="hf, hf-sharded, hf-bf16 (dense experts) or original.")] = "hf",
+    dst: Annotated[Path, typer.Argument(help="New directory to write (must not hold files); "
+                                        "for gguf, the new .gguf file.")],
+    layout: Annotated[str, typer.Option(help="hf, hf-sharded, hf-bf16 (dense experts), original, "
+                                        "or gguf (one file for llama.cpp, same weights).")] = "hf",
     merge_adapter: Annotated[Path | None, typer.Option(help="LoRA adapter (PEFT format) to fold into the weights.")] = None,
     quantize: Annotated[str, typer.Option(help="none; mxfp4 (dense experts -> MXFP4); int8 "
                                           "(attention and unembedding -> int8 rows).")] = "none",
@@ -93,6 +95,14 @@ def convert(
     """Convert a checkpoint: between layouts, with a LoRA adapter merged, re-quantised."""
     from inhouse.convert.convert import convert as run
 
+    if layout == "gguf":
+        from inhouse.convert.gguf import export_gguf
+
+        if merge_adapter or quantize != "none":
+            raise InhouseError("--layout gguf exports a checkpoint as it is: merge or quantise "
+                               "into a new checkpoint first, then export that")
+        out.print(f"wrote {export_gguf(src, dst)} (gguf)")
+        return
     root = run(src, dst, layout, merge_adapter, quantize)
     out.print(f"wrote {root} ({layout}" + (f", merged {merge_adapter}" if merge_adapter else "")
               + (f", quantize {quantize}" if quantize != "none" else "") + ")")
