@@ -1,0 +1,238 @@
+"""inhouse against llama.cpp on this CPU, same weights: decode, prompt, time to first token, RSS.
+
+    python benchmarks/cpu_vs_llamacpp.py [--rounds 2] [--prompt 512] [--decode 64] [--int8]
+                                         [--engines llama.cpp,inhouse]
+
+Builds (once, cached) the random checkpoint of the exact gpt-oss-20b shape, exports the same
+weights to GGUF with inhouse's exporter (`inhouse convert --layout gguf`; MXFP4 experts stay MXFP4,
+bf16 stays bf16), and runs llama.cpp (the `llama-cpp-python` package, installed only for this:
+`pip install llama-cpp-python`, which compiles llama.cpp for this CPU) and inhouse alternately,
+each in a child process of its own (so peak RSS is its own), each after reading its weight files
+once so both start from a warm page cache. Both decode greedily from a random prompt, one token
+per step, with the same thread count; no sampling, no server: the model loop only.
+
+It also measures this machine's read bandwidth and prints each engine's decode speed as a share of
+the bandwidth bound (bytes one decoded token must read / bandwidth). Writes
+benchmarks/results/cpu_vs_llamacpp.json. Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cache_dir, ensure_random_checkpoint, machine, memory, report  # noqa: E402
+
+PRESET = "gpt-oss-20b"
+
+
+def read_files(path: Path) -> float:
+    """Read every file under `path` once (page cache warm-up); returns the seconds it took."""
+    t = time.perf_counter()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+    return time.perf_counter() - t
+
+
+def bandwidth_gbs(threads: int) -> float:
+    """Best of 7 full reads of a 1 GiB buffer (a sum over all threads), GB/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(7):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best / 1e9
+
+
+def bytes_per_token(int8: bool) -> int:
+    """Weight bytes one decoded token reads: attention, router and unembedding (bf16, or int8
+    rows + scales), the routed experts (MXFP4: 17 bytes per 32 weights) and their biases."""
+    from inhouse.config import preset
+
+    c = preset(PRESET)
+    H, D, I = c.hidden_size, c.head_dim, c.intermediate_size
+    w = 1 if int8 else 2
+    attn = (H * c.num_attention_heads * D * 2 + H * c.num_key_value_heads * D * 2) * w
+    router = c.num_experts * H * 2
+    experts = c.experts_per_token * (3 * H * I) * 17 // 32
+    unembed = c.vocab_size * H * w
+    return c.num_hidden_layers * (attn + router + experts) + unembed
+
+
+# ---- children: one engine each ----------------------------------------------------------------
+
+def run_llamacpp(path: Path, threads: int, prompt: list[int], decode: int) -> dict:
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + decode + 8, n_batch=512, n_ubatch=512,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def last_token() -> int:
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                       shape=(n_vocab,))
+        return int(logits.argmax())
+
+    llm.eval(prompt[:8])  # warm-up (graph allocation), then a fresh context
+    llm.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    t = time.perf_counter()
+    llm.eval(prompt)
+    tok = last_token()
+    ttft = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(decode):
+        llm.eval([tok])
+        tok = last_token()
+    decode_s = time.perf_counter() - t
+    return {"load_s": load_s, "ttft_s": ttft, "decode_s": decode_s}
+
+
+def run_inhouse(path: Path, threads: int, prompt: list[int], decode: int) -> dict:
+    import torch
+
+    from inhouse.model import kernels, load_model
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = load_model(path, dtype=torch.bfloat16)
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor(prompt)
+    with torch.inference_mode():
+        model(ids[:8], cache=model.new_cache(), last_only=True)  # warm-up
+        cache = model.new_cache()
+        t = time.perf_counter()
+        tok = model(ids, cache=cache, last_only=True)[-1].argmax()
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(decode):
+            tok = model(tok.view(1), cache=cache)[-1].argmax()
+        decode_s = time.perf_counter() - t
+    return {"load_s": load_s, "ttft_s": ttft, "decode_s": decode_s, "kernels": kernels.path_name()}
+
+
+def child(args) -> None:
+    import random
+
+    rng = random.Random(0)
+    prompt = [rng.randrange(0, 199998) for _ in range(args.prompt)]
+    run = run_llamacpp if args.child == "llama.cpp" else run_inhouse
+    out = run(Path(args.path), args.threads, prompt, args.decode)
+    out |= {"prompt_tokens": args.prompt, "decode_tokens": args.decode,
+            "peak_rss": memory()["VmHWM"]}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ---- parent -----------------------------------------------------------------------------------
+
+def prepare(args) -> dict[str, Path]:
+    hf = cache_dir() / f"{PRESET}-random-hf-sharded"
+    ensure_random_checkpoint(hf, PRESET, "hf-sharded")
+    paths = {"inhouse": hf}
+    if args.int8:
+        int8 = cache_dir() / f"{PRESET}-random-int8"
+        if not (int8 / "config.json").is_file():
+            from inhouse.convert.convert import convert
+            print(f"converting to int8 attention/unembedding in {int8} (once) ...", flush=True)
+            convert(hf, int8, "hf-sharded", quantize="int8")
+        paths["inhouse-int8"] = int8
+    gguf = cache_dir() / f"{PRESET}-random.gguf"
+    if not gguf.is_file():
+        from inhouse.convert.gguf import export_gguf
+        print(f"exporting the same weights to {gguf} (once) ...", flush=True)
+        export_gguf(hf, gguf)
+    paths["llama.cpp"] = gguf
+    return {e: paths[e] for e in args.engines.split(",") + (["inhouse-int8"] if args.int8 else [])}
+
+
+def measure(engine: str, path: Path, args) -> dict:
+    warm = read_files(path)
+    cmd = [sys.executable, __file__, "--child", "llama.cpp" if engine == "llama.cpp" else "inhouse",
+           "--path", str(path), "--threads", str(args.threads), "--prompt", str(args.prompt),
+           "--decode", str(args.decode)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{engine} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    r = json.loads(lines[-1][len("RESULT "):])
+    r |= {"engine": engine, "warm_read_s": warm,
+          "decode_tok_s": r["decode_tokens"] / r["decode_s"],
+          "prompt_tok_s": r["prompt_tokens"] / r["ttft_s"]}
+    print(f"  {engine}: decode {r['decode_tok_s']:.2f} tok/s, prompt {r['prompt_tok_s']:.1f} tok/s, "
+          f"TTFT {r['ttft_s']:.1f} s, peak RSS {r['peak_rss'] / 2**30:.1f} GiB", flush=True)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of the engines")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (pp512)")
+    ap.add_argument("--decode", type=int, default=64, help="decoded tokens per run")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", default="llama.cpp,inhouse")
+    ap.add_argument("--int8", action="store_true",
+                    help="also inhouse with int8 attention/unembedding (converted once, cached)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    if "llama.cpp" in args.engines:
+        try:
+            import llama_cpp  # noqa: F401
+        except ModuleNotFoundError:
+            raise SystemExit("llama.cpp is run through llama-cpp-python, installed only for this "
+                             "benchmark: pip install llama-cpp-python (compiles llama.cpp, ~7 "
+                             "minutes on 2 cores)") from None
+    paths = prepare(args)
+    bw = bandwidth_gbs(args.threads)
+    print(f"read bandwidth: {bw:.1f} GB/s", flush=True)
+    runs: dict[str, list[dict]] = {e: [] for e in paths}
+    for i in range(args.rounds):
+        print(f"round {i + 1}/{args.rounds}", flush=True)
+        for engine, path in paths.items():
+            runs[engine].append(measure(engine, path, args))
+    best = {e: {k: (max if k.endswith("tok_s") else min)(r[k] for r in rs)
+                for k in ("decode_tok_s", "prompt_tok_s", "ttft_s", "peak_rss")}
+            for e, rs in runs.items()}
+    base = best.get("llama.cpp")
+    rows = [("read bandwidth (GB/s)", f"{bw:.1f}")]
+    for e, b in best.items():
+        need = bytes_per_token(e == "inhouse-int8")
+        bound = bw * 1e9 / need
+        ratio = f" ({b['decode_tok_s'] / base['decode_tok_s']:.2f}x)" if base and e != "llama.cpp" else ""
+        pratio = f" ({b['prompt_tok_s'] / base['prompt_tok_s']:.2f}x)" if base and e != "llama.cpp" else ""
+        rows += [(f"{e}: decode tok/s", f"{b['decode_tok_s']:.2f}{ratio}"),
+                 (f"{e}: share of bandwidth bound ({need / 1e9:.2f} GB/token, {bound:.1f} tok/s)",
+                  f"{b['decode_tok_s'] / bound:.0%}"),
+                 (f"{e}: prompt tok/s ({args.prompt} tokens)", f"{b['prompt_tok_s']:.1f}{pratio}"),
+                 (f"{e}: time to first token (s)", f"{b['ttft_s']:.1f}"),
+                 (f"{e}: peak RSS (GiB)", f"{b['peak_rss'] / 2**30:.1f}")]
+    data = {"bandwidth_gbs": bw, "best": best, "runs": runs, "machine": machine(),
+            "threads": args.threads, "prompt_tokens": args.prompt, "decode_tokens": args.decode,
+            "bytes_per_token": {e: bytes_per_token(e == "inhouse-int8") for e in paths}}
+    report(f"inhouse vs llama.cpp, {PRESET} shape, random weights, {args.threads} threads (best "
+           f"of {args.rounds})", rows, data, "cpu_vs_llamacpp")
+
+
+if __name__ == "__main__":
+    main()
