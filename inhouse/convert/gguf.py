@@ -125,41 +125,33 @@ def _plan(tensors: dict[str, torch.Tensor], config: ModelConfig, gguf) -> list[_
 def _metadata(writer, config: ModelConfig, name: str, gguf) -> None:
     from inhouse.convert.gguf_vocab import o200k_gguf_vocab
 
-    c = config
-    writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_MXFP4_MOE if c.quantization == "mxfp4"
-                         else gguf.LlamaFileType.MOSTLY_BF16)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_expert_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_key_length(c.head_dim)
-    writer.add_value_length(c.head_dim)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    writer.add_rope_scaling_factor(c.rope_scaling_factor)
-    writer.add_rope_scaling_orig_ctx_len(c.rope_original_max_position)
-    writer.add_rope_scaling_yarn_beta_fast(c.rope_beta_fast)
-    writer.add_rope_scaling_yarn_beta_slow(c.rope_beta_slow)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_expert_count(c.num_experts)
-    writer.add_expert_used_count(c.experts_per_token)
-    writer.add_sliding_window(c.sliding_window)
+    c, w = config, writer
+    w.add_name(name)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_MXFP4_MOE if c.quantization == "mxfp4"
+                    else gguf.LlamaFileType.MOSTLY_BF16)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    for add, value in (
+            (w.add_context_length, c.max_position_embeddings), (w.add_embedding_length, c.hidden_size),
+            (w.add_block_count, c.num_hidden_layers), (w.add_feed_forward_length, c.intermediate_size),
+            (w.add_expert_feed_forward_length, c.intermediate_size),
+            (w.add_head_count, c.num_attention_heads), (w.add_head_count_kv, c.num_key_value_heads),
+            (w.add_key_length, c.head_dim), (w.add_value_length, c.head_dim),
+            (w.add_rope_freq_base, c.rope_theta), (w.add_rope_scaling_factor, c.rope_scaling_factor),
+            (w.add_rope_scaling_orig_ctx_len, c.rope_original_max_position),
+            (w.add_rope_scaling_yarn_beta_fast, c.rope_beta_fast),
+            (w.add_rope_scaling_yarn_beta_slow, c.rope_beta_slow),
+            (w.add_layer_norm_rms_eps, c.rms_norm_eps), (w.add_expert_count, c.num_experts),
+            (w.add_expert_used_count, c.experts_per_token), (w.add_sliding_window, c.sliding_window)):
+        add(value)
     tokens, types, merges = o200k_gguf_vocab()
     if c.vocab_size != len(tokens):
         raise InhouseError(f"vocab_size {c.vocab_size} is not o200k's {len(tokens)}: GGUF export "
                            "writes the o200k tokenizer")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-4o")
-    writer.add_token_list(list(tokens))
-    writer.add_token_types(list(types))
-    writer.add_token_merges(list(merges))
-    writer.add_bos_token_id(BOS)
-    writer.add_eos_token_id(EOS)
-    writer.add_pad_token_id(PAD)
+    for add, value in ((w.add_tokenizer_model, "gpt2"), (w.add_tokenizer_pre, "gpt-4o"),
+                       (w.add_token_list, list(tokens)), (w.add_token_types, list(types)),
+                       (w.add_token_merges, list(merges)), (w.add_bos_token_id, BOS),
+                       (w.add_eos_token_id, EOS), (w.add_pad_token_id, PAD)):
+        add(value)
 
 
 def export_gguf(src: str | Path, dst: str | Path) -> Path:

@@ -58,60 +58,46 @@ def path_name() -> str:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Would `linear(x, weight)` run the kernel (for x's row count)?"""
+    """Would `linear(x, weight)` / `int8_matmul(x, weight, ...)` run the kernel (x's row count,
+    device, grad; a bf16 or int8 weight)?"""
     rows = x.numel() // x.shape[-1] if x.dim() else 0
-    return (_lib() is not None and 0 < rows <= MAX_ROWS and weight.dtype == torch.bfloat16
+    return (_lib() is not None and 0 < rows <= MAX_ROWS
+            and weight.dtype in (torch.bfloat16, torch.int8)
             and x.device.type == "cpu" and weight.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def _run(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+         scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("the dense kernel is not built")
+    M, K = x.shape
+    O = weight.shape[0]
+    bad_scale = scale is not None and scale.shape != (O,)
+    if weight.shape != (O, K) or weight.dtype != dtype or bad_scale:
+        raise ValueError(f"shape/dtype mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}, scale {None if scale is None else tuple(scale.shape)}")
+    fp32 = [t.to(torch.float32).contiguous() if t is not None else None for t in (x, scale, bias)]
+    w = weight.contiguous()
+    y = torch.empty(M, O, dtype=torch.float32)
+    ptrs = [fp32[1].data_ptr()] if scale is not None else []  # the int8 rows' scales
+    getattr(lib, fn)(fp32[0].data_ptr(), M, w.data_ptr(), *ptrs,
+                     fp32[2].data_ptr() if fp32[2] is not None else None, O, K, y.data_ptr(),
+                     torch.get_num_threads(), _level())
+    return y
 
 
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) any float dtype, weight (O, K) bf16, bias (O,) -> (M, O) fp32, by the kernel."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("the dense kernel is not built")
-    M, K = x.shape
-    O = weight.shape[0]
-    if weight.shape != (O, K) or weight.dtype != torch.bfloat16:
-        raise ValueError(f"shape/dtype mismatch: x {tuple(x.shape)}, weight "
-                         f"{tuple(weight.shape)} {weight.dtype}")
-    x32 = x.to(torch.float32).contiguous()
-    w = weight.contiguous()
-    b = bias.to(torch.float32).contiguous() if bias is not None else None
-    y = torch.empty(M, O, dtype=torch.float32)
-    lib.inhouse_bf16_matmul(x32.data_ptr(), M, w.data_ptr(), b.data_ptr() if b is not None else None,
-                            O, K, y.data_ptr(), torch.get_num_threads(), _level())
-    return y
-
-
-def int8_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Would `int8_matmul` take x (its row count, device, grad) with this int8 weight?"""
-    rows = x.numel() // x.shape[-1] if x.dim() else 0
-    return (_lib() is not None and 0 < rows <= MAX_ROWS and weight.dtype == torch.int8
-            and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad))
+    return _run("inhouse_bf16_matmul", x, weight, torch.bfloat16, None, bias)
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K), weight int8 (O, K), scale (O,) -> (M, O) fp32 = scale * (x @ weight.T) + bias."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("the dense kernel is not built")
-    M, K = x.shape
-    O = weight.shape[0]
-    if weight.shape != (O, K) or weight.dtype != torch.int8 or scale.shape != (O,):
-        raise ValueError(f"shape/dtype mismatch: x {tuple(x.shape)}, weight "
-                         f"{tuple(weight.shape)} {weight.dtype}, scale {tuple(scale.shape)}")
-    x32 = x.to(torch.float32).contiguous()
-    w = weight.contiguous()
-    s = scale.to(torch.float32).contiguous()
-    b = bias.to(torch.float32).contiguous() if bias is not None else None
-    y = torch.empty(M, O, dtype=torch.float32)
-    lib.inhouse_int8_matmul(x32.data_ptr(), M, w.data_ptr(), s.data_ptr(),
-                            b.data_ptr() if b is not None else None, O, K, y.data_ptr(),
-                            torch.get_num_threads(), _level())
-    return y
+    return _run("inhouse_int8_matmul", x, weight, torch.int8, scale, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -43,7 +43,7 @@ class Int8Linear(nn.Module):
         if not fast:
             return int8_linear_reference(x2, self.weight, self.weight_scale, self.bias) \
                 .reshape(*lead, self.out_features)
-        if dense_kernel.int8_applies(x2, self.weight):
+        if dense_kernel.applies(x2, self.weight):
             y = dense_kernel.int8_matmul(x2, self.weight, self.weight_scale, self.bias)
             return y.to(x2.dtype).reshape(*lead, self.out_features)
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight,

@@ -15,114 +15,76 @@ static inline float bf16_to_f32(uint16_t h) {
     return v.f;
 }
 
-/* 16 partial sums in a fixed order (like the SIMD paths' lanes; not bit-identical to them) */
-static float dot_scalar(const float *x, const uint16_t *w, int64_t K) {
-    float acc[16] = {0};
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16)
-        for (int j = 0; j < 16; j++) acc[j] += x[k + j] * bf16_to_f32(w[k + j]);
-    float s = 0.0f;
-    for (int j = 0; j < 16; j++) s += acc[j];
-    for (; k < K; k++) s += x[k] * bf16_to_f32(w[k]);
-    return s;
-}
+static inline float i8_to_f32(int8_t q) { return (float)q; }
 
-static float dot_scalar_i8(const float *x, const int8_t *w, int64_t K) {
-    float acc[16] = {0};
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16)
-        for (int j = 0; j < 16; j++) acc[j] += x[k + j] * (float)w[k + j];
-    float s = 0.0f;
-    for (int j = 0; j < 16; j++) s += acc[j];
-    for (; k < K; k++) s += x[k] * (float)w[k];
-    return s;
-}
+/* The dot products, one per weight type (T, its scalar conversion TO_F32, and its 16- and 8-lane
+ * loads), written once as templates. Scalar: 16 partial sums in a fixed order (like the SIMD
+ * paths' lanes; not bit-identical to them). SIMD: four independent FMA chains, then the tail. */
+#define DOT_SCALAR(NAME, T, TO_F32)                                                              \
+    static float NAME(const float *x, const T *w, int64_t K) {                                 \
+        float acc[16] = {0};                                                                     \
+        int64_t k = 0;                                                                           \
+        for (; k + 16 <= K; k += 16)                                                             \
+            for (int j = 0; j < 16; j++) acc[j] += x[k + j] * TO_F32(w[k + j]);                  \
+        float s = 0.0f;                                                                          \
+        for (int j = 0; j < 16; j++) s += acc[j];                                                \
+        for (; k < K; k++) s += x[k] * TO_F32(w[k]);                                             \
+        return s;                                                                                \
+    }
+DOT_SCALAR(dot_scalar, uint16_t, bf16_to_f32)
+DOT_SCALAR(dot_scalar_i8, int8_t, i8_to_f32)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define HAVE_X86 1
 
-__attribute__((target("avx512f")))
-static float dot_avx512(const float *x, const uint16_t *w, int64_t K) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
+#define DOT_AVX512(NAME, T, TO_F32, LOAD16)                                                      \
+    __attribute__((target("avx512f"))) static float NAME(const float *x, const T *w, int64_t K) { \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
+        int64_t k = 0;                                                                           \
+        for (; k + 64 <= K; k += 64) {                                                           \
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), LOAD16(w + k), a0);                     \
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), LOAD16(w + k + 16), a1);           \
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), LOAD16(w + k + 32), a2);           \
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), LOAD16(w + k + 48), a3);           \
+        }                                                                                        \
+        for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), LOAD16(w + k), a0); \
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))); \
+        for (; k < K; k++) s += x[k] * TO_F32(w[k]);                                             \
+        return s;                                                                                \
+    }
+
+#define DOT_AVX2(NAME, T, TO_F32, LOAD8)                                                         \
+    __attribute__((target("avx2,fma"))) static float NAME(const float *x, const T *w, int64_t K) { \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
+        int64_t k = 0;                                                                           \
+        for (; k + 32 <= K; k += 32) {                                                           \
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), LOAD8(w + k), a0);                      \
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), LOAD8(w + k + 8), a1);              \
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), LOAD8(w + k + 16), a2);            \
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), LOAD8(w + k + 24), a3);            \
+        }                                                                                        \
+        for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), LOAD8(w + k), a0); \
+        __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));                 \
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));           \
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                  \
+        h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));                                              \
+        float s = _mm_cvtss_f32(h);                                                              \
+        for (; k < K; k++) s += x[k] * TO_F32(w[k]);                                             \
+        return s;                                                                                \
+    }
+
+/* bf16 -> fp32 is a 16-bit shift (exact); int8 -> fp32 a sign-extend and convert */
 #define BF16x16(p) _mm512_castsi512_ps(_mm512_slli_epi32( \
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), BF16x16(w + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), BF16x16(w + k + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), BF16x16(w + k + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), BF16x16(w + k + 48), a3);
-    }
-    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), BF16x16(w + k), a0);
-#undef BF16x16
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    for (; k < K; k++) s += x[k] * bf16_to_f32(w[k]);
-    return s;
-}
-
-__attribute__((target("avx2,fma")))
-static float dot_avx2(const float *x, const uint16_t *w, int64_t K) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
 #define BF16x8(p) _mm256_castsi256_ps(_mm256_slli_epi32( \
         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
-    for (; k + 32 <= K; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), BF16x8(w + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), BF16x8(w + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), BF16x8(w + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), BF16x8(w + k + 24), a3);
-    }
-    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), BF16x8(w + k), a0);
-#undef BF16x8
-    __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    float s = _mm_cvtss_f32(h);
-    for (; k < K; k++) s += x[k] * bf16_to_f32(w[k]);
-    return s;
-}
-
-__attribute__((target("avx512f")))
-static float dot_avx512_i8(const float *x, const int8_t *w, int64_t K) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
 #define I8x16(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), I8x16(w + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), I8x16(w + k + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), I8x16(w + k + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), I8x16(w + k + 48), a3);
-    }
-    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), I8x16(w + k), a0);
-#undef I8x16
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    for (; k < K; k++) s += x[k] * (float)w[k];
-    return s;
-}
-
-__attribute__((target("avx2,fma")))
-static float dot_avx2_i8(const float *x, const int8_t *w, int64_t K) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
 #define I8x8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-    for (; k + 32 <= K; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), I8x8(w + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), I8x8(w + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), I8x8(w + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), I8x8(w + k + 24), a3);
-    }
-    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), I8x8(w + k), a0);
-#undef I8x8
-    __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    float s = _mm_cvtss_f32(h);
-    for (; k < K; k++) s += x[k] * (float)w[k];
-    return s;
-}
+DOT_AVX512(dot_avx512, uint16_t, bf16_to_f32, BF16x16)
+DOT_AVX2(dot_avx2, uint16_t, bf16_to_f32, BF16x8)
+DOT_AVX512(dot_avx512_i8, int8_t, i8_to_f32, I8x16)
+DOT_AVX2(dot_avx2_i8, int8_t, i8_to_f32, I8x8)
 #endif
 
 /* 2 = AVX-512F, 1 = AVX2 + FMA, 0 = neither */
