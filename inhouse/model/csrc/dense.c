@@ -21,7 +21,8 @@ static inline float i8_to_f32(int8_t q) { return (float)q; }
  * loads), written once as templates. Scalar: 16 partial sums in a fixed order (like the SIMD
  * paths' lanes; not bit-identical to them). SIMD: four independent FMA chains, then the tail. */
 #define DOT_SCALAR(NAME, T, TO_F32)                                                              \
-    static float NAME(const float *x, const T *w, int64_t K) {                                 \
+    static float NAME(const float *x, const void *wv, int64_t K) {                             \
+        const T *w = (const T *)wv;                                                              \
         float acc[16] = {0};                                                                     \
         int64_t k = 0;                                                                           \
         for (; k + 16 <= K; k += 16)                                                             \
@@ -39,7 +40,9 @@ DOT_SCALAR(dot_scalar_i8, int8_t, i8_to_f32)
 #define HAVE_X86 1
 
 #define DOT_AVX512(NAME, T, TO_F32, LOAD16)                                                      \
-    __attribute__((target("avx512f"))) static float NAME(const float *x, const T *w, int64_t K) { \
+    __attribute__((target("avx512f")))                                                         \
+    static float NAME(const float *x, const void *wv, int64_t K) {                             \
+        const T *w = (const T *)wv;                                                              \
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
         int64_t k = 0;                                                                           \
         for (; k + 64 <= K; k += 64) {                                                           \
@@ -55,7 +58,9 @@ DOT_SCALAR(dot_scalar_i8, int8_t, i8_to_f32)
     }
 
 #define DOT_AVX2(NAME, T, TO_F32, LOAD8)                                                         \
-    __attribute__((target("avx2,fma"))) static float NAME(const float *x, const T *w, int64_t K) { \
+    __attribute__((target("avx2,fma")))                                                        \
+    static float NAME(const float *x, const void *wv, int64_t K) {                             \
+        const T *w = (const T *)wv;                                                              \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
         int64_t k = 0;                                                                           \
         for (; k + 32 <= K; k += 32) {                                                           \
@@ -97,27 +102,42 @@ int inhouse_dense_simd_level(void) {
     return 0;
 }
 
+typedef float (*dot_fn)(const float *, const void *, int64_t);
+
+/* y[m, o] = scale[o] * dot(x[m], w[o]) + bias[o] (scale, bias optional), rows of W over threads. */
+static void matmul_rows(const float *x, int64_t M, const char *w, size_t w_item, dot_fn dot,
+                        const float *scale, const float *bias, int64_t O, int64_t K, float *y,
+                        int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t o = 0; o < O; o++) {
+        const void *wo = w + (size_t)(o * K) * w_item;
+        for (int64_t m = 0; m < M; m++) {
+            float s = dot(x + m * K, wo, K);
+            if (scale) s *= scale[o];
+            y[m * O + o] = bias ? s + bias[o] : s;
+        }
+    }
+}
+
+static int level_of(int level) {
+    int lv = inhouse_dense_simd_level();
+    return level < lv ? level : lv;
+}
+
 /* x [M, K] fp32, w [O, K] bf16, bias [O] fp32 or NULL -> y [M, O] fp32. level: the most SIMD to
  * use (0 = the portable path). */
 void inhouse_bf16_matmul(const float *x, int64_t M, const uint16_t *w, const float *bias,
                          int64_t O, int64_t K, float *y, int nthreads, int level) {
-    int lv = inhouse_dense_simd_level();
-    if (level < lv) lv = level;
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t o = 0; o < O; o++) {
-        const uint16_t *wo = w + o * K;
-        for (int64_t m = 0; m < M; m++) {
-            float s;
+    dot_fn dot = dot_scalar;
 #ifdef HAVE_X86
-            if (lv == 2) s = dot_avx512(x + m * K, wo, K);
-            else if (lv == 1) s = dot_avx2(x + m * K, wo, K);
-            else
+    int lv = level_of(level);
+    if (lv == 2) dot = dot_avx512;
+    else if (lv == 1) dot = dot_avx2;
+#else
+    (void)level;
 #endif
-                s = dot_scalar(x + m * K, wo, K);
-            y[m * O + o] = bias ? s + bias[o] : s;
-        }
-    }
+    matmul_rows(x, M, (const char *)w, sizeof *w, dot, NULL, bias, O, K, y, nthreads);
 }
 
 /* x [M, K] fp32, w [O, K] int8, scale [O] fp32, bias [O] fp32 or NULL -> y [M, O] fp32:
@@ -125,22 +145,13 @@ void inhouse_bf16_matmul(const float *x, int64_t M, const uint16_t *w, const flo
 void inhouse_int8_matmul(const float *x, int64_t M, const int8_t *w, const float *scale,
                          const float *bias, int64_t O, int64_t K, float *y, int nthreads,
                          int level) {
-    int lv = inhouse_dense_simd_level();
-    if (level < lv) lv = level;
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t o = 0; o < O; o++) {
-        const int8_t *wo = w + o * K;
-        for (int64_t m = 0; m < M; m++) {
-            float s;
+    dot_fn dot = dot_scalar_i8;
 #ifdef HAVE_X86
-            if (lv == 2) s = dot_avx512_i8(x + m * K, wo, K);
-            else if (lv == 1) s = dot_avx2_i8(x + m * K, wo, K);
-            else
+    int lv = level_of(level);
+    if (lv == 2) dot = dot_avx512_i8;
+    else if (lv == 1) dot = dot_avx2_i8;
+#else
+    (void)level;
 #endif
-                s = dot_scalar_i8(x + m * K, wo, K);
-            s *= scale[o];
-            y[m * O + o] = bias ? s + bias[o] : s;
-        }
-    }
+    matmul_rows(x, M, (const char *)w, sizeof *w, dot, scale, bias, O, K, y, nthreads);
 }
