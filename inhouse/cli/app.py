@@ -92,7 +92,7 @@ def convert(
     quantize: Annotated[str, typer.Option(help="none; mxfp4 (dense experts -> MXFP4); int8 "
                                           "(attention and unembedding -> int8 rows).")] = "none",
 ) -> None:
-    """Convert a checkpoint: between layouts, with a LoRA adapter merged, re-quantised."""
+    """Convert a checkpoint: between layouts, with a LoRA adapter merged, re-quantised, or to GGUF."""
     from inhouse.convert.convert import convert as run
 
     if layout == "gguf":
