@@ -162,18 +162,33 @@ static void row_fused_avx512(const float *xp, int64_t M, const uint8_t *blocks,
 }
 
 /* ---- AVX-512 BF16 path (bf16 input rows) ----------------------------------------------------- */
-/* The same reordering as above, on bf16 rows. */
-static void reorder_rows_bf16(const uint16_t *x, int64_t M, int64_t n, uint16_t *xp) {
-    for (int64_t i = 0; i < M * n; i += 32)
-        for (int j = 0; j < 16; j++) {
-            xp[i + j] = x[i + 2 * j];
-            xp[i + 16 + j] = x[i + 2 * j + 1];
-        }
+/* Blocks go in pairs: the 32 bytes of blocks g and g+1 widen to 32 words whose low nibbles (the
+ * even elements of both blocks) and high nibbles (the odd ones) each index a 32-entry bf16 table in
+ * one vpermw. So each row is reordered per pair as [even of g, even of g+1, odd of g, odd of g+1]
+ * (16 values each); an odd last block as [even, odd]. */
+static void reorder_rows_bf16(const uint16_t *x, int64_t M, int64_t G, uint16_t *xp) {
+    const int64_t n = G * 32;
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xr = x + m * n;
+        uint16_t *out = xp + m * n;
+        int64_t g = 0;
+        for (; g + 2 <= G; g += 2, out += 64)
+            for (int j = 0; j < 16; j++) {
+                out[j] = xr[g * 32 + 2 * j];
+                out[16 + j] = xr[(g + 1) * 32 + 2 * j];
+                out[32 + j] = xr[g * 32 + 2 * j + 1];
+                out[48 + j] = xr[(g + 1) * 32 + 2 * j + 1];
+            }
+        if (g < G)
+            for (int j = 0; j < 16; j++) {
+                out[j] = xr[g * 32 + 2 * j];
+                out[16 + j] = xr[g * 32 + 2 * j + 1];
+            }
+    }
 }
 
-/* Each block's 32 weights become 32 bf16 lanes (one vpermw on a 32-entry table; e2m1 values are
- * exact in bf16) and meet the bf16 input rows in vdpbf16ps: the products are exact and summed in
- * fp32, as the fp32 paths do. Half the instructions of the fp32 path per block. */
+/* The weights decoded to bf16 (e2m1 values are exact in bf16) meet the bf16 input rows in
+ * vdpbf16ps: the products are exact and summed in fp32, as the fp32 paths do. */
 #define MAX_FUSED_ROWS_BF16 8
 /* R rows at once; called with R a literal so the loops over rows unroll and the accumulators stay
  * in registers (a runtime R keeps them in memory, a store-to-load chain per block). */
@@ -181,38 +196,35 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline))
 static inline void rows_avx512bf16(const uint16_t *xp, const int R, int64_t n,
                                    const uint8_t *blocks, const uint8_t *scales, int64_t G,
                                    float *y, int64_t O, const float *scale_table, __m512i lut) {
-    /* two accumulators per row (even and odd blocks): the FMA chain is half as long */
-    __m512 acc0[MAX_FUSED_ROWS_BF16], acc1[MAX_FUSED_ROWS_BF16];
-    for (int m = 0; m < R; m++) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    __m512 acc[MAX_FUSED_ROWS_BF16];
+    for (int m = 0; m < R; m++) acc[m] = _mm512_setzero_ps();
     int64_t g = 0;
     for (; g + 2 <= G; g += 2) {
-        for (int h = 0; h < 2; h++) {
-            __m256i t = _mm256_cvtepu8_epi16(
-                _mm_loadu_si128((const __m128i *)(blocks + (g + h) * 16)));
-            __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(t),
-                                             _mm256_srli_epi16(t, 4), 1);
-            __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, lut);  /* index: low 5 bits */
-            __m512 s = _mm512_set1_ps(scale_table[scales[g + h]]);
-            for (int m = 0; m < R; m++) {
-                __m512bh xv = (__m512bh)_mm512_loadu_si512(
-                    (const void *)(xp + m * n + (g + h) * 32));
-                __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), xv, w);
-                if (h == 0) acc0[m] = _mm512_fmadd_ps(p, s, acc0[m]);
-                else acc1[m] = _mm512_fmadd_ps(p, s, acc1[m]);
-            }
+        __m512i t = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(blocks + g * 16)));
+        __m512bh w_even = (__m512bh)_mm512_permutexvar_epi16(t, lut);  /* index: low 5 bits */
+        __m512bh w_odd = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(t, 4), lut);
+        /* lanes 0-7 hold block g's sums, lanes 8-15 block g+1's */
+        __m512 s = _mm512_mask_broadcastss_ps(_mm512_set1_ps(scale_table[scales[g]]), 0xFF00,
+                                              _mm_set_ss(scale_table[scales[g + 1]]));
+        for (int m = 0; m < R; m++) {
+            const uint16_t *xg = xp + m * n + g * 32;
+            __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(),
+                                        (__m512bh)_mm512_loadu_si512((const void *)xg), w_even);
+            p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512((const void *)(xg + 32)), w_odd);
+            acc[m] = _mm512_fmadd_ps(p, s, acc[m]);
         }
     }
-    if (g < G) {  /* an odd block count: the last block goes to the even chain */
+    if (g < G) {  /* an odd last block: [even, odd] in one vector */
         __m256i t = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blocks + g * 16)));
         __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(t), _mm256_srli_epi16(t, 4), 1);
         __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, lut);
         __m512 s = _mm512_set1_ps(scale_table[scales[g]]);
         for (int m = 0; m < R; m++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xp + m * n + g * 32));
-            acc0[m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xv, w), s, acc0[m]);
+            acc[m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xv, w), s, acc[m]);
         }
     }
-    for (int m = 0; m < R; m++) y[m * O] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+    for (int m = 0; m < R; m++) y[m * O] = _mm512_reduce_add_ps(acc[m]);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -312,7 +324,7 @@ int inhouse_mxfp4_matmul_bf16(const uint16_t *x, int64_t M, const uint8_t *block
     for (int e = 0; e < 256; e++) scale_table[e] = scale_of((uint8_t)e);
     uint16_t *xp = (uint16_t *)malloc((size_t)(M * n) * sizeof(uint16_t));
     if (!xp) return -1;
-    reorder_rows_bf16(x, M, n, xp);
+    reorder_rows_bf16(x, M, G, xp);
     uint16_t lut[32];
     bf16_table(lut);
     if (nthreads < 1) nthreads = 1;
