@@ -9,7 +9,7 @@ from inhouse.model import dense_kernel
 
 pytestmark = pytest.mark.skipif(dense_kernel._lib() is None, reason="kernel not built")
 
-LEVELS = ["1", "avx2", "portable"]
+LEVELS = ["1", "avx512", "avx2", "portable"]  # "1": AVX-512 BF16 for bf16 rows where present
 
 
 def _weights(O, K, seed=0):
@@ -45,6 +45,20 @@ def test_rows_do_not_depend_on_the_batch_or_the_threads(monkeypatch, simd):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(together, alone) and torch.equal(together, single)
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("M, O, K", [(1, 5, 16), (3, 40, 96), (12, 9, 200), (2, 64, 2880)])
+def test_bf16_rows_match_the_reference_and_the_batch(monkeypatch, simd, M, O, K):
+    """bf16 rows (the model's activations): exact products summed in fp32 on every path."""
+    monkeypatch.setenv("INHOUSE_DENSE_KERNEL", simd)
+    w, b = _weights(O, K, seed=7)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(8)).bfloat16()
+    want = x.double() @ w.double().T + b.double()
+    got = dense_kernel.bf16_matmul(x, w, b)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+    alone = torch.cat([dense_kernel.bf16_matmul(x[i:i + 1], w, b) for i in range(M)])
+    assert torch.equal(got, alone)
 
 
 def test_linear_takes_the_kernel_only_where_it_applies():

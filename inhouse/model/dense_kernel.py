@@ -38,6 +38,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.inhouse_int8_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p,
                                         c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int]
     lib.inhouse_int8_matmul.restype = None
+    lib.inhouse_bf16x_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64,
+                                         c.c_int64, c.c_void_p, c.c_int]
+    lib.inhouse_bf16x_matmul.restype = c.c_int
+    lib.inhouse_dense_has_bf16x.restype = c.c_int
     lib.inhouse_dense_simd_level.restype = c.c_int
     return lib
 
@@ -49,12 +53,19 @@ def _level() -> int:
     return min(lib.inhouse_dense_simd_level(), native.max_level("dense"))
 
 
+def _bf16_rows() -> bool:
+    """Do bf16 rows take the AVX-512 BF16 path (vdpbf16ps on the stored weights)?"""
+    lib = _lib()
+    return lib is not None and native.max_level("dense") >= 3 and bool(lib.inhouse_dense_has_bf16x())
+
+
 def path_name() -> str:
-    """The arithmetic this process uses for bf16 decode projections: "avx512", "avx2",
-    "portable", or "torch" (no kernel). Audit records carry it with the MXFP4 path."""
+    """The arithmetic this process uses for decode projections: "avx512bf16" (bf16 rows in
+    vdpbf16ps; fp32 rows and int8 weights take the AVX-512 path), "avx512", "avx2", "portable",
+    or "torch" (no kernel). Audit records carry it with the MXFP4 path."""
     if _lib() is None:
         return "torch"
-    return {2: "avx512", 1: "avx2", 0: "portable"}[_level()]
+    return "avx512bf16" if _bf16_rows() else {2: "avx512", 1: "avx2", 0: "portable"}[_level()]
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -91,6 +102,15 @@ def _run(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) any float dtype, weight (O, K) bf16, bias (O,) -> (M, O) fp32, by the kernel."""
+    if x.dtype == torch.bfloat16 and _bf16_rows() and weight.dtype == torch.bfloat16 \
+            and weight.shape[1:] == x.shape[1:]:
+        xc, w = x.contiguous(), weight.contiguous()
+        b = bias.to(torch.float32).contiguous() if bias is not None else None
+        y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        _lib().inhouse_bf16x_matmul(xc.data_ptr(), x.shape[0], w.data_ptr(),
+                                    b.data_ptr() if b is not None else None, w.shape[0],
+                                    x.shape[1], y.data_ptr(), torch.get_num_threads())
+        return y
     return _run("inhouse_bf16_matmul", x, weight, torch.bfloat16, None, bias)
 
 

@@ -3,7 +3,7 @@
  *
  * A decode step reads each attention and unembedding weight once per token, so these products are
  * bound by memory bandwidth: the kernel streams W once, converts bf16 to fp32 with a 16-bit shift
- * (exact), and keeps four independent FMA chains per row so the core is never the limit. Rows of W
+ * (exact) once for up to 8 input rows, and keeps two FMA chains per row. Rows of W
  * are split over the OpenMP threads. Each (m, o) is computed the same way whatever M and the
  * thread count (batch-invariant), so the engine's reproducible mode can give several sequences'
  * rows to one call. AVX-512F or AVX2/FMA are chosen at run time; plain C is the fallback. */
@@ -17,67 +17,85 @@ static inline float bf16_to_f32(uint16_t h) {
 
 static inline float i8_to_f32(int8_t q) { return (float)q; }
 
-/* The dot products, one per weight type (T, its scalar conversion TO_F32, and its 16- and 8-lane
- * loads), written once as templates. Scalar: 16 partial sums in a fixed order (like the SIMD
- * paths' lanes; not bit-identical to them). SIMD: four independent FMA chains, then the tail. */
-#define DOT_SCALAR(NAME, T, TO_F32)                                                              \
-    static float NAME(const float *x, const void *wv, int64_t K) {                             \
+/* The dot products of up to MAX_ROWS input rows with one weight row, one per weight type (T, its
+ * scalar conversion TO_F32, its 16- and 8-lane loads), written once as templates. The weight row is
+ * loaded and converted once for all the input rows. For each input row the arithmetic is the same
+ * whatever the number of rows (batch-invariant): two FMA chains (even and odd vector chunks), one
+ * more chunk into the even chain, then the scalar tail. Scalar: 16 partial sums in a fixed order.
+ * The SIMD bodies are called with R a literal, so rows unroll and accumulators stay in registers. */
+#define MAX_ROWS 8
+typedef void (*dots_fn)(const float *x, int64_t K, int64_t R, const void *w, float *out);
+
+#define DOTS_SCALAR(NAME, T, TO_F32)                                                             \
+    static void NAME(const float *x, int64_t K, int64_t R, const void *wv, float *out) {       \
         const T *w = (const T *)wv;                                                              \
-        float acc[16] = {0};                                                                     \
-        int64_t k = 0;                                                                           \
-        for (; k + 16 <= K; k += 16)                                                             \
-            for (int j = 0; j < 16; j++) acc[j] += x[k + j] * TO_F32(w[k + j]);                  \
-        float s = 0.0f;                                                                          \
-        for (int j = 0; j < 16; j++) s += acc[j];                                                \
-        for (; k < K; k++) s += x[k] * TO_F32(w[k]);                                             \
-        return s;                                                                                \
+        for (int64_t m = 0; m < R; m++) {                                                        \
+            const float *xm = x + m * K;                                                         \
+            float acc[16] = {0};                                                                 \
+            int64_t k = 0;                                                                       \
+            for (; k + 16 <= K; k += 16)                                                         \
+                for (int j = 0; j < 16; j++) acc[j] += xm[k + j] * TO_F32(w[k + j]);             \
+            float s = 0.0f;                                                                      \
+            for (int j = 0; j < 16; j++) s += acc[j];                                            \
+            for (; k < K; k++) s += xm[k] * TO_F32(w[k]);                                        \
+            out[m] = s;                                                                          \
+        }                                                                                        \
     }
-DOT_SCALAR(dot_scalar, uint16_t, bf16_to_f32)
-DOT_SCALAR(dot_scalar_i8, int8_t, i8_to_f32)
+DOTS_SCALAR(dots_scalar, uint16_t, bf16_to_f32)
+DOTS_SCALAR(dots_scalar_i8, int8_t, i8_to_f32)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define HAVE_X86 1
 
-#define DOT_AVX512(NAME, T, TO_F32, LOAD16)                                                      \
-    __attribute__((target("avx512f")))                                                         \
-    static float NAME(const float *x, const void *wv, int64_t K) {                             \
-        const T *w = (const T *)wv;                                                              \
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
+/* VEC: __m512 or __m256; L: lanes; LOAD: the weight load-convert; X/FMA/ZERO/HSUM: intrinsics */
+#define DOTS_SIMD(NAME, TARGET, T, TO_F32, VEC, L, LOAD, XLOAD, FMA, ZERO, ADD, HSUM)              \
+    __attribute__((target(TARGET), always_inline))                                              \
+    static inline void NAME##_rows(const float *x, int64_t K, const int R, const T *w,         \
+                                   float *out) {                                                 \
+        VEC a0[MAX_ROWS], a1[MAX_ROWS];                                                          \
+        for (int m = 0; m < R; m++) a0[m] = a1[m] = ZERO();                                      \
         int64_t k = 0;                                                                           \
-        for (; k + 64 <= K; k += 64) {                                                           \
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), LOAD16(w + k), a0);                     \
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), LOAD16(w + k + 16), a1);           \
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), LOAD16(w + k + 32), a2);           \
-            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), LOAD16(w + k + 48), a3);           \
+        for (; k + 2 * L <= K; k += 2 * L) {                                                     \
+            VEC w0 = LOAD(w + k), w1 = LOAD(w + k + L);                                          \
+            for (int m = 0; m < R; m++) {                                                        \
+                a0[m] = FMA(XLOAD(x + m * K + k), w0, a0[m]);                                    \
+                a1[m] = FMA(XLOAD(x + m * K + k + L), w1, a1[m]);                                \
+            }                                                                                    \
         }                                                                                        \
-        for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), LOAD16(w + k), a0); \
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))); \
-        for (; k < K; k++) s += x[k] * TO_F32(w[k]);                                             \
-        return s;                                                                                \
+        if (k + L <= K) {                                                                        \
+            VEC w0 = LOAD(w + k);                                                                \
+            for (int m = 0; m < R; m++) a0[m] = FMA(XLOAD(x + m * K + k), w0, a0[m]);            \
+            k += L;                                                                              \
+        }                                                                                        \
+        for (int m = 0; m < R; m++) {                                                            \
+            float s = HSUM(ADD(a0[m], a1[m]));                                                   \
+            for (int64_t j = k; j < K; j++) s += x[m * K + j] * TO_F32(w[j]);                    \
+            out[m] = s;                                                                          \
+        }                                                                                        \
+    }                                                                                            \
+    __attribute__((target(TARGET)))                                                             \
+    static void NAME(const float *x, int64_t K, int64_t R, const void *wv, float *out) {       \
+        const T *w = (const T *)wv;                                                              \
+        switch (R) {                                                                             \
+        case 1: NAME##_rows(x, K, 1, w, out); break;                                             \
+        case 2: NAME##_rows(x, K, 2, w, out); break;                                             \
+        case 3: NAME##_rows(x, K, 3, w, out); break;                                             \
+        case 4: NAME##_rows(x, K, 4, w, out); break;                                             \
+        case 5: NAME##_rows(x, K, 5, w, out); break;                                             \
+        case 6: NAME##_rows(x, K, 6, w, out); break;                                             \
+        case 7: NAME##_rows(x, K, 7, w, out); break;                                             \
+        default: NAME##_rows(x, K, 8, w, out); break;                                            \
+        }                                                                                        \
     }
 
-#define DOT_AVX2(NAME, T, TO_F32, LOAD8)                                                         \
-    __attribute__((target("avx2,fma")))                                                        \
-    static float NAME(const float *x, const void *wv, int64_t K) {                             \
-        const T *w = (const T *)wv;                                                              \
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
-        int64_t k = 0;                                                                           \
-        for (; k + 32 <= K; k += 32) {                                                           \
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), LOAD8(w + k), a0);                      \
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), LOAD8(w + k + 8), a1);              \
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), LOAD8(w + k + 16), a2);            \
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), LOAD8(w + k + 24), a3);            \
-        }                                                                                        \
-        for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), LOAD8(w + k), a0); \
-        __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));                 \
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));           \
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                  \
-        h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));                                              \
-        float s = _mm_cvtss_f32(h);                                                              \
-        for (; k < K; k++) s += x[k] * TO_F32(w[k]);                                             \
-        return s;                                                                                \
-    }
+__attribute__((target("avx2,fma")))
+static inline float hsum256(__m256 t) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
 
 /* bf16 -> fp32 is a 16-bit shift (exact); int8 -> fp32 a sign-extend and convert */
 #define BF16x16(p) _mm512_castsi512_ps(_mm512_slli_epi32( \
@@ -86,10 +104,14 @@ DOT_SCALAR(dot_scalar_i8, int8_t, i8_to_f32)
         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #define I8x16(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 #define I8x8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-DOT_AVX512(dot_avx512, uint16_t, bf16_to_f32, BF16x16)
-DOT_AVX2(dot_avx2, uint16_t, bf16_to_f32, BF16x8)
-DOT_AVX512(dot_avx512_i8, int8_t, i8_to_f32, I8x16)
-DOT_AVX2(dot_avx2_i8, int8_t, i8_to_f32, I8x8)
+DOTS_SIMD(dots_avx512, "avx512f", uint16_t, bf16_to_f32, __m512, 16, BF16x16, _mm512_loadu_ps,
+          _mm512_fmadd_ps, _mm512_setzero_ps, _mm512_add_ps, _mm512_reduce_add_ps)
+DOTS_SIMD(dots_avx2, "avx2,fma", uint16_t, bf16_to_f32, __m256, 8, BF16x8, _mm256_loadu_ps,
+          _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_add_ps, hsum256)
+DOTS_SIMD(dots_avx512_i8, "avx512f", int8_t, i8_to_f32, __m512, 16, I8x16, _mm512_loadu_ps,
+          _mm512_fmadd_ps, _mm512_setzero_ps, _mm512_add_ps, _mm512_reduce_add_ps)
+DOTS_SIMD(dots_avx2_i8, "avx2,fma", int8_t, i8_to_f32, __m256, 8, I8x8, _mm256_loadu_ps,
+          _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_add_ps, hsum256)
 #endif
 
 /* 2 = AVX-512F, 1 = AVX2 + FMA, 0 = neither */
@@ -102,20 +124,23 @@ int inhouse_dense_simd_level(void) {
     return 0;
 }
 
-typedef float (*dot_fn)(const float *, const void *, int64_t);
-
-/* y[m, o] = scale[o] * dot(x[m], w[o]) + bias[o] (scale, bias optional), rows of W over threads. */
-static void matmul_rows(const float *x, int64_t M, const char *w, size_t w_item, dot_fn dot,
+/* y[m, o] = scale[o] * dot(x[m], w[o]) + bias[o] (scale, bias optional), rows of W over threads,
+ * input rows MAX_ROWS at a time against each weight row. */
+static void matmul_rows(const float *x, int64_t M, const char *w, size_t w_item, dots_fn dots,
                         const float *scale, const float *bias, int64_t O, int64_t K, float *y,
                         int nthreads) {
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t o = 0; o < O; o++) {
         const void *wo = w + (size_t)(o * K) * w_item;
-        for (int64_t m = 0; m < M; m++) {
-            float s = dot(x + m * K, wo, K);
-            if (scale) s *= scale[o];
-            y[m * O + o] = bias ? s + bias[o] : s;
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            int64_t R = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+            float s[MAX_ROWS];
+            dots(x + m0 * K, K, R, wo, s);
+            for (int64_t m = 0; m < R; m++) {
+                float v = scale ? s[m] * scale[o] : s[m];
+                y[(m0 + m) * O + o] = bias ? v + bias[o] : v;
+            }
         }
     }
 }
@@ -129,15 +154,15 @@ static int level_of(int level) {
  * use (0 = the portable path). */
 void inhouse_bf16_matmul(const float *x, int64_t M, const uint16_t *w, const float *bias,
                          int64_t O, int64_t K, float *y, int nthreads, int level) {
-    dot_fn dot = dot_scalar;
+    dots_fn dots = dots_scalar;
 #ifdef HAVE_X86
     int lv = level_of(level);
-    if (lv == 2) dot = dot_avx512;
-    else if (lv == 1) dot = dot_avx2;
+    if (lv == 2) dots = dots_avx512;
+    else if (lv == 1) dots = dots_avx2;
 #else
     (void)level;
 #endif
-    matmul_rows(x, M, (const char *)w, sizeof *w, dot, NULL, bias, O, K, y, nthreads);
+    matmul_rows(x, M, (const char *)w, sizeof *w, dots, NULL, bias, O, K, y, nthreads);
 }
 
 /* x [M, K] fp32, w [O, K] int8, scale [O] fp32, bias [O] fp32 or NULL -> y [M, O] fp32:
@@ -145,13 +170,93 @@ void inhouse_bf16_matmul(const float *x, int64_t M, const uint16_t *w, const flo
 void inhouse_int8_matmul(const float *x, int64_t M, const int8_t *w, const float *scale,
                          const float *bias, int64_t O, int64_t K, float *y, int nthreads,
                          int level) {
-    dot_fn dot = dot_scalar_i8;
+    dots_fn dots = dots_scalar_i8;
 #ifdef HAVE_X86
     int lv = level_of(level);
-    if (lv == 2) dot = dot_avx512_i8;
-    else if (lv == 1) dot = dot_avx2_i8;
+    if (lv == 2) dots = dots_avx512_i8;
+    else if (lv == 1) dots = dots_avx2_i8;
 #else
     (void)level;
 #endif
-    matmul_rows(x, M, (const char *)w, sizeof *w, dot, scale, bias, O, K, y, nthreads);
+    matmul_rows(x, M, (const char *)w, sizeof *w, dots, scale, bias, O, K, y, nthreads);
+}
+
+/* ---- bf16 rows on CPUs with AVX-512 BF16 --------------------------------------------------------
+ * The rows are bf16 (the model's activations), so vdpbf16ps multiplies them with the bf16 weights
+ * as they are stored: no conversion, exact products summed in fp32, 32 weights per instruction and
+ * half the row bytes of the fp32 path to keep in cache. Same structure as DOTS_SIMD. */
+#ifdef HAVE_X86
+__attribute__((target("avx512f,avx512bf16"), always_inline))
+static inline void dots_bf16x_rows(const uint16_t *x, int64_t K, const int R, const uint16_t *w,
+                                   float *out) {
+    __m512 a0[MAX_ROWS], a1[MAX_ROWS];
+    for (int m = 0; m < R; m++) a0[m] = a1[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(w + k));
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(w + k + 32));
+        for (int m = 0; m < R; m++) {
+            a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)_mm512_loadu_si512((const void *)(x + m * K + k)), w0);
+            a1[m] = _mm512_dpbf16_ps(a1[m], (__m512bh)_mm512_loadu_si512((const void *)(x + m * K + k + 32)), w1);
+        }
+    }
+    if (k + 32 <= K) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(w + k));
+        for (int m = 0; m < R; m++)
+            a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)_mm512_loadu_si512((const void *)(x + m * K + k)), w0);
+        k += 32;
+    }
+    for (int m = 0; m < R; m++) {
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
+        for (int64_t j = k; j < K; j++) s += bf16_to_f32(x[m * K + j]) * bf16_to_f32(w[j]);
+        out[m] = s;
+    }
+}
+
+__attribute__((target("avx512f,avx512bf16")))
+static void dots_bf16x(const uint16_t *x, int64_t K, int64_t R, const uint16_t *w, float *out) {
+    switch (R) {
+    case 1: dots_bf16x_rows(x, K, 1, w, out); break;
+    case 2: dots_bf16x_rows(x, K, 2, w, out); break;
+    case 3: dots_bf16x_rows(x, K, 3, w, out); break;
+    case 4: dots_bf16x_rows(x, K, 4, w, out); break;
+    case 5: dots_bf16x_rows(x, K, 5, w, out); break;
+    case 6: dots_bf16x_rows(x, K, 6, w, out); break;
+    case 7: dots_bf16x_rows(x, K, 7, w, out); break;
+    default: dots_bf16x_rows(x, K, 8, w, out); break;
+    }
+}
+#endif
+
+/* 1 if inhouse_bf16x_matmul can run here (AVX-512 BF16) */
+int inhouse_dense_has_bf16x(void) {
+#ifdef HAVE_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+/* x [M, K] bf16, w [O, K] bf16, bias [O] fp32 or NULL -> y [M, O] fp32 (AVX-512 BF16 only;
+ * returns -2 without it). */
+int inhouse_bf16x_matmul(const uint16_t *x, int64_t M, const uint16_t *w, const float *bias,
+                         int64_t O, int64_t K, float *y, int nthreads) {
+#ifdef HAVE_X86
+    if (!inhouse_dense_has_bf16x()) return -2;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t o = 0; o < O; o++) {
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            int64_t R = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+            float s[MAX_ROWS];
+            dots_bf16x(x + m0 * K, K, R, w + o * K, s);
+            for (int64_t m = 0; m < R; m++) y[(m0 + m) * O + o] = bias ? s[m] + bias[o] : s[m];
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)M; (void)w; (void)bias; (void)O; (void)K; (void)y; (void)nthreads;
+    return -2;
+#endif
 }
