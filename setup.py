@@ -11,6 +11,7 @@ from setuptools import Extension, setup
 
 def kernel(name: str) -> Extension:
     return Extension(f"inhouse.model._{name}", sources=[f"inhouse/model/csrc/{name}.c"],
+                     depends=["inhouse/model/csrc/simd.h"],
                      extra_compile_args=["-O3", "-fopenmp", "-std=c11"],
                      extra_link_args=["-fopenmp"], optional=True)
 

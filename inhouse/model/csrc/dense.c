@@ -46,6 +46,7 @@ DOTS_SCALAR(dots_scalar_i8, int8_t, i8_to_f32)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+#include "simd.h"
 #define HAVE_X86 1
 
 /* VEC: __m512 or __m256; L: lanes; LOAD: the weight load-convert; X/FMA/ZERO/HSUM: intrinsics */
@@ -89,14 +90,6 @@ DOTS_SCALAR(dots_scalar_i8, int8_t, i8_to_f32)
         }                                                                                        \
     }
 
-__attribute__((target("avx2,fma")))
-static inline float hsum256(__m256 t) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
-}
-
 /* bf16 -> fp32 is a 16-bit shift (exact); int8 -> fp32 a sign-extend and convert */
 #define BF16x16(p) _mm512_castsi512_ps(_mm512_slli_epi32( \
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
@@ -107,11 +100,11 @@ static inline float hsum256(__m256 t) {
 DOTS_SIMD(dots_avx512, "avx512f", uint16_t, bf16_to_f32, __m512, 16, BF16x16, _mm512_loadu_ps,
           _mm512_fmadd_ps, _mm512_setzero_ps, _mm512_add_ps, _mm512_reduce_add_ps)
 DOTS_SIMD(dots_avx2, "avx2,fma", uint16_t, bf16_to_f32, __m256, 8, BF16x8, _mm256_loadu_ps,
-          _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_add_ps, hsum256)
+          _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_add_ps, hsum_avx2)
 DOTS_SIMD(dots_avx512_i8, "avx512f", int8_t, i8_to_f32, __m512, 16, I8x16, _mm512_loadu_ps,
           _mm512_fmadd_ps, _mm512_setzero_ps, _mm512_add_ps, _mm512_reduce_add_ps)
 DOTS_SIMD(dots_avx2_i8, "avx2,fma", int8_t, i8_to_f32, __m256, 8, I8x8, _mm256_loadu_ps,
-          _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_add_ps, hsum256)
+          _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_add_ps, hsum_avx2)
 #endif
 
 /* 2 = AVX-512F, 1 = AVX2 + FMA, 0 = neither */

@@ -56,6 +56,7 @@ static float dot_scalar(const float *x, const float *w, int64_t n) {
 /* ---- AVX2 + FMA path ------------------------------------------------------------------------ */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+#include "simd.h"
 #define HAVE_X86 1
 
 /* The 32 values of one block as 4 x 8 floats, times 2 (the 0.5 goes into the scale). */
@@ -72,14 +73,6 @@ static inline void block_values_avx2(const uint8_t *block, __m256 v[4]) {
     v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8)));
     v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1));
     v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8)));
-}
-
-__attribute__((target("avx2,fma")))
-static inline float hsum_avx2(__m256 s) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
 }
 
 /* Output row o for R input rows, decoded and multiplied in registers: per block, the 32 products
