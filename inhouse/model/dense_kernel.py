@@ -32,31 +32,20 @@ def _lib() -> ctypes.CDLL | None:
     if lib is None:
         return None
     c = ctypes
-    lib.inhouse_bf16_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64,
-                                        c.c_int64, c.c_void_p, c.c_int, c.c_int]
-    lib.inhouse_bf16_matmul.restype = None
-    lib.inhouse_int8_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p,
-                                        c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int]
-    lib.inhouse_int8_matmul.restype = None
-    lib.inhouse_bf16x_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64,
-                                         c.c_int64, c.c_void_p, c.c_int]
-    lib.inhouse_bf16x_matmul.restype = c.c_int
-    lib.inhouse_dense_has_bf16x.restype = c.c_int
+    for fn in (lib.inhouse_bf16_matmul, lib.inhouse_int8_matmul):  # one signature for both
+        fn.argtypes = [c.c_void_p, c.c_int, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p,
+                       c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int]
+        fn.restype = c.c_int
     lib.inhouse_dense_simd_level.restype = c.c_int
     return lib
 
 
 def _level() -> int:
+    """3 = AVX-512 BF16 (bf16 rows in vdpbf16ps), 2 = AVX-512, 1 = AVX2, 0 = portable C."""
     lib = _lib()
     if lib is None:
         return 0
     return min(lib.inhouse_dense_simd_level(), native.max_level("dense"))
-
-
-def _bf16_rows() -> bool:
-    """Do bf16 rows take the AVX-512 BF16 path (vdpbf16ps on the stored weights)?"""
-    lib = _lib()
-    return lib is not None and native.max_level("dense") >= 3 and bool(lib.inhouse_dense_has_bf16x())
 
 
 def path_name() -> str:
@@ -65,17 +54,25 @@ def path_name() -> str:
     or "torch" (no kernel). Audit records carry it with the MXFP4 path."""
     if _lib() is None:
         return "torch"
-    return "avx512bf16" if _bf16_rows() else {2: "avx512", 1: "avx2", 0: "portable"}[_level()]
+    return {3: "avx512bf16", 2: "avx512", 1: "avx2", 0: "portable"}[_level()]
+
+
+def _takes(weight: torch.Tensor, rows: int) -> bool:
+    return (_lib() is not None and 0 < rows <= MAX_ROWS and weight.device.type == "cpu"
+            and weight.dtype in (torch.bfloat16, torch.int8))
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Would `linear(x, weight)` / `int8_matmul(x, weight, ...)` run the kernel (x's row count,
     device, grad; a bf16 or int8 weight)?"""
-    rows = x.numel() // x.shape[-1] if x.dim() else 0
-    return (_lib() is not None and 0 < rows <= MAX_ROWS
-            and weight.dtype in (torch.bfloat16, torch.int8)
-            and x.device.type == "cpu" and weight.device.type == "cpu"
+    return (_takes(weight, x.numel() // x.shape[-1] if x.dim() else 0) and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def rows_independent(weight: torch.Tensor, rows: int) -> bool:
+    """Is each result row of a `rows`-row product with `weight` computed exactly as that row
+    alone (the kernel runs, and no gradient can send it elsewhere)?"""
+    return _takes(weight, rows) and not torch.is_grad_enabled()
 
 
 def _run(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
@@ -89,28 +86,25 @@ def _run(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
     if weight.shape != (O, K) or weight.dtype != dtype or bad_scale:
         raise ValueError(f"shape/dtype mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)} "
                          f"{weight.dtype}, scale {None if scale is None else tuple(scale.shape)}")
-    fp32 = [t.to(torch.float32).contiguous() if t is not None else None for t in (x, scale, bias)]
+    level = _level()
+    # bf16 rows go in as they are where vdpbf16ps can take them (exact products), else as fp32
+    rows_bf16 = x.dtype == torch.bfloat16 and dtype == torch.bfloat16 and level >= 3
+    xc = x.contiguous() if rows_bf16 else x.to(torch.float32).contiguous()
+    s, b = (t.to(torch.float32).contiguous() if t is not None else None for t in (scale, bias))
     w = weight.contiguous()
     y = torch.empty(M, O, dtype=torch.float32)
-    ptrs = [fp32[1].data_ptr()] if scale is not None else []  # the int8 rows' scales
-    getattr(lib, fn)(fp32[0].data_ptr(), M, w.data_ptr(), *ptrs,
-                     fp32[2].data_ptr() if fp32[2] is not None else None, O, K, y.data_ptr(),
-                     torch.get_num_threads(), _level())
+    rc = getattr(lib, fn)(xc.data_ptr(), int(rows_bf16), M, w.data_ptr(),
+                          s.data_ptr() if s is not None else None,
+                          b.data_ptr() if b is not None else None, O, K, y.data_ptr(),
+                          torch.get_num_threads(), level)
+    if rc != 0:
+        raise RuntimeError(f"{fn} refused its rows (code {rc})")
     return y
 
 
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) any float dtype, weight (O, K) bf16, bias (O,) -> (M, O) fp32, by the kernel."""
-    if x.dtype == torch.bfloat16 and _bf16_rows() and weight.dtype == torch.bfloat16 \
-            and weight.shape[1:] == x.shape[1:]:
-        xc, w = x.contiguous(), weight.contiguous()
-        b = bias.to(torch.float32).contiguous() if bias is not None else None
-        y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-        _lib().inhouse_bf16x_matmul(xc.data_ptr(), x.shape[0], w.data_ptr(),
-                                    b.data_ptr() if b is not None else None, w.shape[0],
-                                    x.shape[1], y.data_ptr(), torch.get_num_threads())
-        return y
     return _run("inhouse_bf16_matmul", x, weight, torch.bfloat16, None, bias)
 
 
@@ -138,5 +132,4 @@ class Linear(nn.Linear):
 
     def rows_independent(self, rows: int) -> bool:
         """Is each result row of a `rows`-row call computed exactly as that row alone?"""
-        return 0 < rows <= MAX_ROWS and _lib() is not None and self.weight.dtype == torch.bfloat16 \
-            and self.weight.device.type == "cpu" and not torch.is_grad_enabled()
+        return rows_independent(self.weight, rows)

@@ -54,8 +54,7 @@ class Int8Linear(nn.Module):
 
     def rows_independent(self, rows: int) -> bool:
         """Is each result row of a `rows`-row call computed exactly as that row alone?"""
-        return self.weight.device.type == "cpu" and not torch.is_grad_enabled() \
-            and 0 < rows <= dense_kernel.MAX_ROWS and dense_kernel._lib() is not None
+        return dense_kernel.rows_independent(self.weight, rows)
 
 
 def use_int8(model: nn.Module, names: list[str]) -> None:
