@@ -44,10 +44,6 @@ def _level() -> int:
     return min(lib.inhouse_mxfp4_simd_level(), native.max_level("mxfp4"))
 
 
-def uses_simd() -> bool:
-    return _level() > 0
-
-
 def path_name() -> str:
     """Which MXFP4 arithmetic this process runs: "avx512bf16-fused" (bf16 rows meet bf16-decoded
     weights in vdpbf16ps; fp32 rows take the AVX-512 path), "avx512-fused", "avx2-fused",

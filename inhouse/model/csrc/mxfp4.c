@@ -1,12 +1,13 @@
 /* Fused MXFP4 matmul for CPU: y[m, o] = sum_i x[m, i] * W[o, i], W packed as in gpt-oss checkpoints
  * (blocks [O, G, 16] uint8: low nibble = element 2j, high nibble = 2j+1; scales [O, G] E8M0).
  *
- * AVX-512: the input rows are first reordered within each block (even elements, then odd), so a
- * block's 16 bytes widen to 16 int32 lanes whose low and high nibbles index a 16-float table
- * directly (vpermps): 32 decoded weights in four instructions, multiplied with up to 16 rows.
- * AVX2: each block is decoded in registers (pshufb + int-to-float) and multiplied with up to 32
- * input rows at once (row_fused_avx2). Portable: each output row is decoded once into a small
- * buffer (L1-resident) and dotted with every input row.
+ * AVX-512 BF16 (bf16 rows): blocks go in pairs, whose 32 bytes widen to words that index a bf16
+ * table (vpermw) and meet the reordered rows in vdpbf16ps. AVX-512 (fp32 rows): the rows are
+ * reordered within each block (even elements, then odd), so a block's 16 bytes widen to 16 int32
+ * lanes whose low and high nibbles index a 16-float table (vpermps). AVX2: each block is decoded
+ * in registers (pshufb + int-to-float). The SIMD paths multiply each decoded block with up to
+ * MAX_FUSED_ROWS (8) input rows. Portable: each output row is decoded once into a small buffer
+ * (L1-resident) and dotted with every input row.
  * NOTE: on each path the dot product for (m, o) is computed the same way whatever M and the thread
  * count, so results are batch-invariant (the engine's reproducible mode relies on this). The paths
  * sum in different orders, so they differ from each other in the last bits.
@@ -24,6 +25,10 @@ static const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 static float scale_of(uint8_t e) { return ldexpf(1.0f, (int)e - 127); }
+
+static void fill_scale_table(float table[256]) {
+    for (int e = 0; e < 256; e++) table[e] = scale_of((uint8_t)e);
+}
 
 /* 2**(e-128), i.e. scale_of(e) * 0.5, built from the exponent bits (no libm call); e <= 1 gives a
  * subnormal, done by ldexpf. Exact: a power of two either way. */
@@ -81,8 +86,8 @@ static inline void block_values_avx2(const uint8_t *block, __m256 v[4]) {
  * the row loops unroll and the accumulators stay in registers. */
 #define MAX_FUSED_ROWS 8
 __attribute__((target("avx2,fma"), always_inline))
-static inline void rows_avx2(const float *x, const int R, const uint8_t *blocks,
-                             const uint8_t *scales, int64_t G, float *y, int64_t O) {
+static inline void rows_avx2(const float *x, const uint8_t *blocks, const uint8_t *scales,
+                             int64_t G, float *y, int64_t O, const int R) {
     const int64_t n = G * 32;
     __m256 acc[MAX_FUSED_ROWS];
     for (int m = 0; m < R; m++) acc[m] = _mm256_setzero_ps();
@@ -105,9 +110,7 @@ static inline void rows_avx2(const float *x, const int R, const uint8_t *blocks,
 __attribute__((target("avx2,fma")))
 static void row_fused_avx2(const float *x, int64_t M, const uint8_t *blocks, const uint8_t *scales,
                            int64_t G, float *y, int64_t O) {
-#define ROWS(R) case R: rows_avx2(x, R, blocks, scales, G, y, O); break;
-    switch (M) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
-#undef ROWS
+    DISPATCH_ROWS(M, rows_avx2, x, blocks, scales, G, y, O)
 }
 
 
@@ -121,14 +124,13 @@ static void reorder_rows(const float *x, int64_t M, int64_t n, float *xp) {
         }
 }
 
-#define MAX_FUSED_ROWS_512 8
 __attribute__((target("avx512f"), always_inline))
-static inline void rows_avx512(const float *xp, const int R, const uint8_t *blocks,
-                               const uint8_t *scales, int64_t G, float *y, int64_t O,
-                               const float *scale_table) {
+static inline void rows_avx512(const float *xp, const uint8_t *blocks, const uint8_t *scales,
+                               int64_t G, float *y, int64_t O, const float *scale_table,
+                               const int R) {
     const int64_t n = G * 32;
     const __m512 lut = _mm512_loadu_ps(FP4);
-    __m512 acc[MAX_FUSED_ROWS_512];
+    __m512 acc[MAX_FUSED_ROWS];
     for (int m = 0; m < R; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blocks + g * 16)));
@@ -149,9 +151,7 @@ __attribute__((target("avx512f")))
 static void row_fused_avx512(const float *xp, int64_t M, const uint8_t *blocks,
                              const uint8_t *scales, int64_t G, float *y, int64_t O,
                              const float *scale_table) {
-#define ROWS(R) case R: rows_avx512(xp, R, blocks, scales, G, y, O, scale_table); break;
-    switch (M) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
-#undef ROWS
+    DISPATCH_ROWS(M, rows_avx512, xp, blocks, scales, G, y, O, scale_table)
 }
 
 /* ---- AVX-512 BF16 path (bf16 input rows) ----------------------------------------------------- */
@@ -182,14 +182,11 @@ static void reorder_rows_bf16(const uint16_t *x, int64_t M, int64_t G, uint16_t 
 
 /* The weights decoded to bf16 (e2m1 values are exact in bf16) meet the bf16 input rows in
  * vdpbf16ps: the products are exact and summed in fp32, as the fp32 paths do. */
-#define MAX_FUSED_ROWS_BF16 8
-/* R rows at once; called with R a literal so the loops over rows unroll and the accumulators stay
- * in registers (a runtime R keeps them in memory, a store-to-load chain per block). */
 __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline))
-static inline void rows_avx512bf16(const uint16_t *xp, const int R, int64_t n,
-                                   const uint8_t *blocks, const uint8_t *scales, int64_t G,
-                                   float *y, int64_t O, const float *scale_table, __m512i lut) {
-    __m512 acc[MAX_FUSED_ROWS_BF16];
+static inline void rows_avx512bf16(const uint16_t *xp, int64_t n, const uint8_t *blocks,
+                                   const uint8_t *scales, int64_t G, float *y, int64_t O,
+                                   const float *scale_table, __m512i lut, const int R) {
+    __m512 acc[MAX_FUSED_ROWS];
     for (int m = 0; m < R; m++) acc[m] = _mm512_setzero_ps();
     int64_t g = 0;
     for (; g + 2 <= G; g += 2) {
@@ -226,9 +223,7 @@ static void row_fused_avx512bf16(const uint16_t *xp, int64_t M, const uint8_t *b
                                  const float *scale_table, const uint16_t *table) {
     const int64_t n = G * 32;
     const __m512i lut = _mm512_loadu_si512((const void *)table);
-#define ROWS(R) case R: rows_avx512bf16(xp, R, n, blocks, scales, G, y, O, scale_table, lut); break;
-    switch (M) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
-#undef ROWS
+    DISPATCH_ROWS(M, rows_avx512bf16, xp, n, blocks, scales, G, y, O, scale_table, lut)
 }
 
 /* FP4 values as bf16, twice over (a low nibble's index carries the high nibble's bit 4). */
@@ -260,7 +255,7 @@ int inhouse_mxfp4_matmul(const float *x, int64_t M, const uint8_t *blocks, const
     int simd = inhouse_mxfp4_simd_level();
     if (level < simd) simd = level;
     float scale_table[256];
-    for (int e = 0; e < 256; e++) scale_table[e] = scale_of((uint8_t)e);
+    fill_scale_table(scale_table);
     float *xp = NULL;
     if (simd >= 2) {
         simd = 2;
@@ -281,17 +276,14 @@ int inhouse_mxfp4_matmul(const float *x, int64_t M, const uint8_t *blocks, const
                 const uint8_t *b = blocks + o * G * 16;
                 const uint8_t *s = scales + o * G;
 #ifdef HAVE_X86
-                if (simd == 2) {  /* rows in chunks: every (m, o) is the same chain whatever M */
-                    for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS_512) {
-                        int64_t rows = M - m0 < MAX_FUSED_ROWS_512 ? M - m0 : MAX_FUSED_ROWS_512;
-                        row_fused_avx512(xp + m0 * n, rows, b, s, G, y + m0 * O + o, O, scale_table);
-                    }
-                    continue;
-                }
-                if (simd == 1) {
+                if (simd) {  /* rows in chunks: every (m, o) is the same chain whatever M */
                     for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS) {
                         int64_t rows = M - m0 < MAX_FUSED_ROWS ? M - m0 : MAX_FUSED_ROWS;
-                        row_fused_avx2(x + m0 * n, rows, b, s, G, y + m0 * O + o, O);
+                        if (simd == 2)
+                            row_fused_avx512(xp + m0 * n, rows, b, s, G, y + m0 * O + o, O,
+                                             scale_table);
+                        else
+                            row_fused_avx2(x + m0 * n, rows, b, s, G, y + m0 * O + o, O);
                     }
                     continue;
                 }
@@ -314,7 +306,7 @@ int inhouse_mxfp4_matmul_bf16(const uint16_t *x, int64_t M, const uint8_t *block
     if (inhouse_mxfp4_simd_level() < 3) return -2;
     const int64_t n = G * 32;
     float scale_table[256];
-    for (int e = 0; e < 256; e++) scale_table[e] = scale_of((uint8_t)e);
+    fill_scale_table(scale_table);
     uint16_t *xp = (uint16_t *)malloc((size_t)(M * n) * sizeof(uint16_t));
     if (!xp) return -1;
     reorder_rows_bf16(x, M, G, xp);
@@ -323,8 +315,8 @@ int inhouse_mxfp4_matmul_bf16(const uint16_t *x, int64_t M, const uint8_t *block
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t o = 0; o < O; o++) {
-        for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS_BF16) {
-            int64_t rows = M - m0 < MAX_FUSED_ROWS_BF16 ? M - m0 : MAX_FUSED_ROWS_BF16;
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS) {
+            int64_t rows = M - m0 < MAX_FUSED_ROWS ? M - m0 : MAX_FUSED_ROWS;
             row_fused_avx512bf16(xp + m0 * n, rows, blocks + o * G * 16, scales + o * G, G,
                                  y + m0 * O + o, O, scale_table, lut);
         }
