@@ -25,7 +25,6 @@ import torch
 
 from inhouse.config import FULL, SLIDING, ModelConfig
 from inhouse.errors import InhouseError
-from inhouse.model.mxfp4 import dequantize
 from inhouse.model.weights import find_checkpoint, read_tensors
 
 ARCH = "gpt-oss"
@@ -71,9 +70,9 @@ class _Planned:
     produce: Callable[[], np.ndarray]
 
 
-def _float(t: torch.Tensor, gguf, one_d_fp32: bool = True) -> tuple:
+def _float(t: torch.Tensor, gguf) -> tuple:
     """(numpy shape, dtype, raw type, producer) of a float tensor: 1-D in fp32, bf16 kept bf16."""
-    if t.dim() <= 1 and one_d_fp32 or t.dtype == torch.float32:
+    if t.dim() <= 1 or t.dtype == torch.float32:
         return tuple(t.shape), np.dtype(np.float32), None, lambda: t.float().contiguous().numpy()
     if t.dtype == torch.bfloat16:
         return (tuple(t.shape), np.dtype(np.uint16), gguf.GGMLQuantizationType.BF16,
@@ -84,7 +83,7 @@ def _float(t: torch.Tensor, gguf, one_d_fp32: bool = True) -> tuple:
 def _plan(tensors: dict[str, torch.Tensor], config: ModelConfig, gguf) -> list[_Planned]:
     plan: list[_Planned] = []
 
-    def add(name: str, t: torch.Tensor, fp32: bool = False) -> None:
+    def add(name: str, t: torch.Tensor, fp32: bool = False) -> None:  # fp32: for 2-D biases
         shape, dtype, raw, produce = _float(t.float() if fp32 else t, gguf)
         plan.append(_Planned(name, shape, dtype, raw, produce))
 
@@ -94,15 +93,15 @@ def _plan(tensors: dict[str, torch.Tensor], config: ModelConfig, gguf) -> list[_
                              lambda: repack_mxfp4(blocks, scales)))
 
     for hf, name in _TOP_NAMES.items():
-        add(name, tensors[hf], fp32=name == "output_norm.weight")
+        add(name, tensors[hf])
     for i in range(config.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
         for hf, name in _LAYER_NAMES.items():
-            if hf.endswith(("weight", "sinks")):
-                add(b + name, tensors[p + hf], fp32=True if "norm" in name or "sinks" in name else False)
+            if hf.endswith(("weight", "sinks")):  # norms and sinks: 1-D, so fp32
+                add(b + name, tensors[p + hf])
             else:
                 add(b + name + ".weight", tensors[p + hf + ".weight"])
-                add(b + name + ".bias", tensors[p + hf + ".bias"], fp32=True)
+                add(b + name + ".bias", tensors[p + hf + ".bias"])
         e = p + "mlp.experts."
         gate_up_bias = tensors[e + "gate_up_proj_bias"]
         if e + "gate_up_proj_blocks" in tensors:
@@ -191,12 +190,3 @@ def export_gguf(src: str | Path, dst: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return dst
-
-
-def dequantize_mxfp4_gguf(data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-    """GGML MXFP4 bytes (..., G * 17) -> fp32 (..., G * 32): the reader's side, for tests."""
-    raw = torch.from_numpy(np.ascontiguousarray(data)).reshape(*shape[:-1], -1, 17)
-    scales, qs = raw[..., 0], raw[..., 1:]
-    elems = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # (..., G, 32) in element order
-    hf_blocks = elems[..., 0::2] | (elems[..., 1::2] << 4)
-    return dequantize(hf_blocks.contiguous(), scales.contiguous(), torch.float32)
