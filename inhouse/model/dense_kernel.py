@@ -42,10 +42,7 @@ def _lib() -> ctypes.CDLL | None:
 
 def _level() -> int:
     """3 = AVX-512 BF16 (bf16 rows in vdpbf16ps), 2 = AVX-512, 1 = AVX2, 0 = portable C."""
-    lib = _lib()
-    if lib is None:
-        return 0
-    return min(lib.inhouse_dense_simd_level(), native.max_level("dense"))
+    return native.simd_level(_lib(), "dense")
 
 
 def path_name() -> str:

@@ -38,10 +38,7 @@ def available() -> bool:
 
 
 def _level() -> int:
-    lib = _lib()
-    if lib is None:
-        return 0
-    return min(lib.inhouse_mxfp4_simd_level(), native.max_level("mxfp4"))
+    return native.simd_level(_lib(), "mxfp4")
 
 
 def path_name() -> str:

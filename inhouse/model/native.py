@@ -33,3 +33,11 @@ def load(name: str) -> ctypes.CDLL | None:
     if spec is None or spec.origin is None:
         return None
     return ctypes.CDLL(spec.origin)
+
+
+def simd_level(lib: ctypes.CDLL | None, name: str) -> int:
+    """The SIMD level kernel `name` runs at: what the CPU has (its inhouse_<name>_simd_level),
+    capped by INHOUSE_<NAME>_KERNEL; 0 without the library."""
+    if lib is None:
+        return 0
+    return min(getattr(lib, f"inhouse_{name}_simd_level")(), max_level(name))
