@@ -24,6 +24,9 @@
 static const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
+/* input rows multiplied with each decoded block at once (SIMD paths) */
+#define MAX_FUSED_ROWS 8
+
 static float scale_of(uint8_t e) { return ldexpf(1.0f, (int)e - 127); }
 
 static void fill_scale_table(float table[256]) {
@@ -84,7 +87,6 @@ static inline void block_values_avx2(const uint8_t *block, __m256 v[4]) {
  * are summed unscaled, then the block's scale is applied with one FMA. Each (m, o) is the same
  * chain of operations whatever M (batch-invariant). Called with R a literal (1..MAX_FUSED_ROWS) so
  * the row loops unroll and the accumulators stay in registers. */
-#define MAX_FUSED_ROWS 8
 __attribute__((target("avx2,fma"), always_inline))
 static inline void rows_avx2(const float *x, const uint8_t *blocks, const uint8_t *scales,
                              int64_t G, float *y, int64_t O, const int R) {
@@ -115,15 +117,7 @@ static void row_fused_avx2(const float *x, int64_t M, const uint8_t *blocks, con
 
 
 /* ---- AVX-512 path ---------------------------------------------------------------------------- */
-/* Rows reordered per block: xp[g*32 + j] = x[g*32 + 2j], xp[g*32 + 16 + j] = x[g*32 + 2j + 1]. */
-static void reorder_rows(const float *x, int64_t M, int64_t n, float *xp) {
-    for (int64_t i = 0; i < M * n; i += 32)
-        for (int j = 0; j < 16; j++) {
-            xp[i + j] = x[i + 2 * j];
-            xp[i + 16 + j] = x[i + 2 * j + 1];
-        }
-}
-
+/* Rows reordered per block (prepare_rows): even elements, then odd ones. */
 __attribute__((target("avx512f"), always_inline))
 static inline void rows_avx512(const float *xp, const uint8_t *blocks, const uint8_t *scales,
                                int64_t G, float *y, int64_t O, const float *scale_table,
@@ -247,84 +241,142 @@ int inhouse_mxfp4_simd_level(void) {
     return 0;
 }
 
-/* x [M, G*32] fp32, blocks [O, G, 16], scales [O, G] -> y [M, O] fp32. level: the most SIMD to
- * use (2 = AVX-512, 1 = AVX2, 0 = the portable path). Returns 0, or -1 if memory ran out. */
-int inhouse_mxfp4_matmul(const float *x, int64_t M, const uint8_t *blocks, const uint8_t *scales,
-                         int64_t O, int64_t G, float *y, int nthreads, int level) {
-    const int64_t n = G * 32;
-    int simd = inhouse_mxfp4_simd_level();
-    if (level < simd) simd = level;
-    float scale_table[256];
-    fill_scale_table(scale_table);
-    float *xp = NULL;
-    if (simd >= 2) {
-        simd = 2;
-        xp = (float *)malloc((size_t)(M * n) * sizeof(float));
-        if (!xp) return -1;
-        reorder_rows(x, M, n, xp);
+/* ---- one entry for every path --------------------------------------------------------------- */
+/* 3: bf16 rows reordered per block pair (AVX-512 BF16); 2: fp32 rows reordered per block (AVX-512);
+ * 1: fp32 rows as given (AVX2); 0: fp32 rows as given, each output row decoded (portable). */
+static int path_for(int level, int x_bf16) {
+    int lv = inhouse_mxfp4_simd_level();
+    if (level < lv) lv = level;
+    if (lv >= 3 && !x_bf16) lv = 2;
+    return lv;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    return v.f;
+}
+
+/* round to nearest even, as torch does; NaN stays NaN */
+static inline uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {.f = f};
+    if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline float load_f(const void *x, int x_bf16, int64_t i) {
+    return x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+static size_t prepared_item(int path) { return path == 3 ? sizeof(uint16_t) : sizeof(float); }
+
+/* M rows of G*32 (bf16 if x_bf16, else fp32) into the layout `path` reads (path 3 needs bf16). */
+static void prepare_rows(int path, const void *x, int x_bf16, int64_t M, int64_t G, void *xp) {
+#ifdef HAVE_X86
+    if (path == 3) {
+        reorder_rows_bf16((const uint16_t *)x, M, G, (uint16_t *)xp);
+        return;
     }
+#endif
+    float *out = (float *)xp;
+    for (int64_t i = 0; i < M * G * 32; i += 32)
+        for (int j = 0; j < 16; j++) {
+            float even = load_f(x, x_bf16, i + 2 * j), odd = load_f(x, x_bf16, i + 2 * j + 1);
+            if (path == 2) {
+                out[i + j] = even;
+                out[i + 16 + j] = odd;
+            } else {
+                out[i + 2 * j] = even;
+                out[i + 2 * j + 1] = odd;
+            }
+        }
+}
+
+/* The tables the paths read, filled once per call. */
+typedef struct {
+    float scale[256];
+    uint16_t bf16[32];
+} tables_t;
+
+static void fill_tables(tables_t *t) {
+    fill_scale_table(t->scale);
+#ifdef HAVE_X86
+    bf16_table(t->bf16);
+#endif
+}
+
+/* y[m * O] for R <= MAX_FUSED_ROWS prepared rows against one output row (blocks b, scales s);
+ * wbuf: G*32 floats, used by the portable path. */
+static void fused_rows(int path, const void *xp, int64_t R, const uint8_t *b, const uint8_t *s,
+                       int64_t G, float *y, int64_t O, const tables_t *t, float *wbuf) {
+#ifdef HAVE_X86
+    if (path == 3) {
+        row_fused_avx512bf16((const uint16_t *)xp, R, b, s, G, y, O, t->scale, t->bf16);
+        return;
+    }
+    if (path == 2) {
+        row_fused_avx512((const float *)xp, R, b, s, G, y, O, t->scale);
+        return;
+    }
+    if (path == 1) {
+        row_fused_avx2((const float *)xp, R, b, s, G, y, O);
+        return;
+    }
+#endif
+    (void)t;
+    decode_row_scalar(b, s, G, wbuf);
+    for (int64_t m = 0; m < R; m++) y[m * O] = dot_scalar((const float *)xp + m * G * 32, wbuf, G * 32);
+}
+
+/* y[m, o] for the prepared rows xp [M, G*32] and output rows [o0, o0 + count) of one matrix, rows
+ * MAX_FUSED_ROWS at a time (every (m, o) is the same chain whatever M). Inside a parallel region:
+ * the output rows are shared out over the threads. */
+static void matmul_shared(int path, const char *xp, int64_t M, const uint8_t *blocks,
+                          const uint8_t *scales, int64_t O, int64_t G, float *y,
+                          const tables_t *t, float *wbuf) {
+    const size_t row_bytes = (size_t)(G * 32) * prepared_item(path);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t o = 0; o < O; o++)
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS) {
+            int64_t rows = M - m0 < MAX_FUSED_ROWS ? M - m0 : MAX_FUSED_ROWS;
+            fused_rows(path, xp + m0 * row_bytes, rows, blocks + o * G * 16, scales + o * G, G,
+                       y + m0 * O + o, O, t, wbuf);
+        }
+}
+
+static int matmul(const void *x, int x_bf16, int64_t M, const uint8_t *blocks,
+                  const uint8_t *scales, int64_t O, int64_t G, float *y, int nthreads, int level) {
+    const int path = path_for(level, x_bf16);
+    tables_t t;
+    fill_tables(&t);
+    char *xp = (char *)malloc((size_t)(M * G * 32) * prepared_item(path));
+    if (!xp) return -1;
+    prepare_rows(path, x, x_bf16, M, G, xp);
     int failed = 0;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        float *w = simd ? NULL : (float *)malloc((size_t)n * sizeof(float));
-        if (!simd && !w) {
-            failed = 1;
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t o = 0; o < O; o++) {
-                const uint8_t *b = blocks + o * G * 16;
-                const uint8_t *s = scales + o * G;
-#ifdef HAVE_X86
-                if (simd) {  /* rows in chunks: every (m, o) is the same chain whatever M */
-                    for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS) {
-                        int64_t rows = M - m0 < MAX_FUSED_ROWS ? M - m0 : MAX_FUSED_ROWS;
-                        if (simd == 2)
-                            row_fused_avx512(xp + m0 * n, rows, b, s, G, y + m0 * O + o, O,
-                                             scale_table);
-                        else
-                            row_fused_avx2(x + m0 * n, rows, b, s, G, y + m0 * O + o, O);
-                    }
-                    continue;
-                }
-#endif
-                decode_row_scalar(b, s, G, w);
-                for (int64_t m = 0; m < M; m++) y[m * O + o] = dot_scalar(x + m * n, w, n);
-            }
-            free(w);
-        }
+        float *wbuf = path ? NULL : (float *)malloc((size_t)(G * 32) * sizeof(float));
+        if (!path && !wbuf) failed = 1;  /* every thread still meets the loop's barrier */
+        matmul_shared(path, xp, failed ? 0 : M, blocks, scales, O, G, y, &t, wbuf);
+        free(wbuf);
     }
     free(xp);
     return failed ? -1 : 0;
+}
+
+/* x [M, G*32] fp32, blocks [O, G, 16], scales [O, G] -> y [M, O] fp32. level: the most SIMD to
+ * use (2 = AVX-512, 1 = AVX2, 0 = the portable path). Returns 0, or -1 if memory ran out. */
+int inhouse_mxfp4_matmul(const float *x, int64_t M, const uint8_t *blocks, const uint8_t *scales,
+                         int64_t O, int64_t G, float *y, int nthreads, int level) {
+    return matmul(x, 0, M, blocks, scales, O, G, y, nthreads, level);
 }
 
 /* x [M, G*32] bf16 -> y [M, O] fp32, on CPUs with AVX-512 BF16 (inhouse_mxfp4_simd_level() == 3;
  * -2 if not). Returns 0, -1 if memory ran out. */
 int inhouse_mxfp4_matmul_bf16(const uint16_t *x, int64_t M, const uint8_t *blocks,
                               const uint8_t *scales, int64_t O, int64_t G, float *y, int nthreads) {
-#ifdef HAVE_X86
     if (inhouse_mxfp4_simd_level() < 3) return -2;
-    const int64_t n = G * 32;
-    float scale_table[256];
-    fill_scale_table(scale_table);
-    uint16_t *xp = (uint16_t *)malloc((size_t)(M * n) * sizeof(uint16_t));
-    if (!xp) return -1;
-    reorder_rows_bf16(x, M, G, xp);
-    uint16_t lut[32];
-    bf16_table(lut);
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t o = 0; o < O; o++) {
-        for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS) {
-            int64_t rows = M - m0 < MAX_FUSED_ROWS ? M - m0 : MAX_FUSED_ROWS;
-            row_fused_avx512bf16(xp + m0 * n, rows, blocks + o * G * 16, scales + o * G, G,
-                                 y + m0 * O + o, O, scale_table, lut);
-        }
-    }
-    free(xp);
-    return 0;
-#else
-    (void)x; (void)M; (void)blocks; (void)scales; (void)O; (void)G; (void)y; (void)nthreads;
-    return -2;
-#endif
+    return matmul(x, 1, M, blocks, scales, O, G, y, nthreads, 3);
 }
