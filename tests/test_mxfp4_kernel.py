@@ -91,13 +91,15 @@ def test_the_model_uses_the_kernel_for_decoding_and_agrees_with_the_decode_path(
     model = load_model(checkpoints["hf"])
     ids = random_ids(20, model.config.vocab_size, seed=5)
     calls = []
-    real = mxfp4_kernel.matmul
-    monkeypatch.setattr(mxfp4_kernel, "matmul", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = mxfp4_kernel.moe_rows
+    monkeypatch.setattr(mxfp4_kernel, "moe_rows",
+                        lambda *a: calls.append(a[0].shape[0]) or real(*a))
     with torch.inference_mode():
         cache = model.new_cache()
         model(ids, cache=cache)
         with_kernel = model(torch.tensor([7]), cache=cache)
-    assert calls and max(calls) <= mxfp4_kernel_max_rows()  # decode rows went through the kernel
+    # the 20-token prompt and the decoded row went through the one-call MoE layer
+    assert calls and max(calls) <= mxfp4_kernel_max_rows() and 1 in calls
     monkeypatch.setattr(mxfp4_kernel, "available", lambda: False)
     calls.clear()
     with torch.inference_mode():
@@ -106,3 +108,60 @@ def test_the_model_uses_the_kernel_for_decoding_and_agrees_with_the_decode_path(
         without = model(torch.tensor([7]), cache=cache)
     assert not calls
     assert (with_kernel - without).abs().max() < 1e-4
+
+
+def _moe_layer(dtype, seed=0):
+    import dataclasses
+
+    from inhouse.config import preset
+    from inhouse.model.moe import MLP
+
+    config = dataclasses.replace(preset("tiny-window128"), hidden_size=64, num_experts=6,
+                                 experts_per_token=3)  # hidden 64, intermediate 96
+    torch.manual_seed(seed)
+    mlp = MLP(config, "mxfp4")
+    for name, b in mlp.named_buffers():
+        lo, hi = (118, 128) if "scales" in name else (0, 256)
+        b.copy_(torch.randint(lo, hi, b.shape, dtype=torch.uint8))
+    for p in mlp.parameters():
+        p.data = torch.randn(p.shape).to(dtype)
+    return mlp
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_one_call_moe_layer_matches_the_pytorch_path(monkeypatch, simd, dtype):
+    from inhouse.model.moe import Experts
+
+    monkeypatch.setenv("INHOUSE_MXFP4_KERNEL", simd)
+    mlp = _moe_layer(dtype)
+    x = (torch.randn(9, 64) * 2).to(dtype)
+    with torch.inference_mode():
+        w, i = mlp.router(x)
+        fast = mlp.experts(x, w, i)  # one native call
+        slow = Experts.forward(mlp.experts, x, w, i)  # an op per expert, the same kernel
+        alone = torch.cat([mlp.experts(x[j:j + 1], w[j:j + 1], i[j:j + 1]) for j in range(9)])
+    assert torch.equal(fast, alone)  # every row as if alone
+    if dtype == torch.bfloat16:  # the same roundings in the same order
+        assert torch.equal(fast, slow)
+    else:  # the SwiGLU's exp is libm's, not PyTorch's: the last bits may differ
+        assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_groups_choose_their_path_by_their_own_size(monkeypatch):
+    from inhouse.model import moe
+
+    monkeypatch.setattr(moe, "KERNEL_MAX_ROWS", 4)
+    mlp = _moe_layer(torch.bfloat16, seed=2)
+    x = torch.randn(11, 64).bfloat16()
+    calls = []
+    real = mxfp4_kernel.moe_rows
+    monkeypatch.setattr(mxfp4_kernel, "moe_rows",
+                        lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    groups = [slice(0, 2), slice(2, 9), slice(9, 11)]  # 2 and 2 rows: one call; 7: per expert
+    with torch.inference_mode():
+        w, i = mlp.router(x)
+        together = mlp.experts(x, w, i, groups)
+        alone = torch.cat([mlp.experts(x[g], w[g], i[g]) for g in groups])
+    assert calls[0] == 4
+    assert torch.equal(together, alone)

@@ -134,6 +134,10 @@ class ExpertsLoRA(_LoraHolder):
                              if name in self.adapters]
         return bool(self._row_adapter)
 
+    def adapted_rows(self, num_rows: int) -> list[slice]:
+        """The row ranges that use one of this layer's adapters."""
+        return [rows for rows, name in self.routing.groups(num_rows) if name in self.adapters]
+
     def delta(self, proj: str, e: int, rows: torch.Tensor, x: torch.Tensor,
               y: torch.Tensor) -> torch.Tensor:
         """Expert e's output y (n, out) for input x (n, in) of flat rows `rows` (n,), plus deltas."""

@@ -120,6 +120,37 @@ class MXFP4Experts(Experts):
         return PackedExpert(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e],
                             self.down_proj_blocks[e], self.down_proj_scales[e], dtype)
 
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                groups: list[slice] | None = None) -> torch.Tensor:
+        """Groups (sequences) of up to KERNEL_MAX_ROWS rows without an adapter here go through
+        one native call for the whole layer (mxfp4_kernel.moe_rows: the same operations and
+        roundings as Experts.forward, without a PyTorch op per expert); the rest through
+        Experts.forward. The choice depends only on the group itself (batch invariance)."""
+        N = x.shape[0]
+        groups = groups or [slice(0, N)]
+        if not (mxfp4_kernel.available() and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and x.dtype in (torch.bfloat16, torch.float32)):
+            return super().forward(x, weights, indices, groups)
+        adapted = self.lora.adapted_rows(N) if self.lora is not None else []
+        fast = [g for g in groups if g.stop - g.start <= KERNEL_MAX_ROWS
+                and not any(g.start < r.stop and r.start < g.stop for r in adapted)]
+        if not fast:
+            return super().forward(x, weights, indices, groups)
+        rest = [g for g in groups if g not in fast]
+        out = super().forward(x, weights, indices, rest) if rest else None
+        rows = (slice(0, N) if out is None and len(fast) == len(groups) else
+                torch.cat([torch.arange(g.start, g.stop) for g in fast]))
+        y = mxfp4_kernel.moe_rows(
+            x[rows], weights[rows], indices[rows],
+            (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias),
+            (self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias),
+            self.alpha, self.limit)
+        if out is None and isinstance(rows, slice):
+            return y
+        out = torch.zeros_like(x) if out is None else out
+        out[rows] = y
+        return out
+
 
 class DenseExperts(Experts):
     def __init__(self, config: ModelConfig) -> None:

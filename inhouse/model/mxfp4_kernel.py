@@ -30,6 +30,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.inhouse_mxfp4_matmul_bf16.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p,
                                               c.c_int64, c.c_int64, c.c_void_p, c.c_int]
     lib.inhouse_mxfp4_matmul_bf16.restype = c.c_int
+    lib.inhouse_moe_rows.argtypes = ([c.c_void_p, c.c_int, c.c_int64, c.c_int64] + [c.c_void_p] * 8
+                                     + [c.c_int64, c.c_int64, c.c_float, c.c_float, c.c_void_p,
+                                        c.c_int, c.c_int])
+    lib.inhouse_moe_rows.restype = c.c_int
     return lib
 
 
@@ -78,3 +82,34 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch
     if rc != 0:
         raise MemoryError("the MXFP4 kernel could not allocate its row buffer")
     return y.to(x.dtype)
+
+
+def moe_rows(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+             gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+             down: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha: float,
+             limit: float) -> torch.Tensor:
+    """One MoE layer in one call: x (M, H) bf16 or fp32, the router's weights and indices (M, k),
+    gate_up / down as (blocks [E, out, in/32, 16], scales [E, out, in/32], bias [E, out]) ->
+    (M, H) in x's dtype. The operations and bf16 roundings of moe.Experts.forward in its order,
+    each expert's bytes read once for all rows; every row is computed as if alone."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("the fused MXFP4 kernel is not built")
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"moe_rows takes bf16 or fp32 rows, not {x.dtype}")
+    (b1, s1, bias1), (b2, s2, bias2) = gate_up, down
+    M, H = x.shape
+    I = b2.shape[2] * BLOCK_SIZE
+    keep = [t.contiguous() for t in (x, b1, s1, bias1.to(x.dtype), b2, s2, bias2.to(x.dtype))]
+    xc, b1, s1, bias1, b2, s2, bias2 = keep
+    idx = indices.to(torch.int64).contiguous()
+    w = weights.to(torch.float32).contiguous()
+    out = torch.empty(M, H, dtype=x.dtype)
+    rc = lib.inhouse_moe_rows(xc.data_ptr(), int(x.dtype == torch.bfloat16), M, idx.shape[1],
+                              idx.data_ptr(), w.data_ptr(), b1.data_ptr(), s1.data_ptr(),
+                              bias1.data_ptr(), b2.data_ptr(), s2.data_ptr(), bias2.data_ptr(),
+                              H, I, alpha, limit, out.data_ptr(), torch.get_num_threads(),
+                              _level())
+    if rc != 0:
+        raise MemoryError("the MoE kernel could not allocate its buffers")
+    return out

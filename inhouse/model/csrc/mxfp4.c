@@ -12,7 +12,9 @@
  * count, so results are batch-invariant (the engine's reproducible mode relies on this). The paths
  * sum in different orders, so they differ from each other in the last bits.
  * The SIMD path is chosen at run time; the scalar path is the portable fallback. Plain C on raw
- * pointers, called through ctypes (which releases the GIL). */
+ * pointers, called through ctypes (which releases the GIL).
+ * inhouse_moe_rows runs a whole MoE layer for a few rows (decode) in one call and one parallel
+ * region: gate_up, the clamped SwiGLU, down and the weighted sum, as moe.Experts does it. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -324,7 +326,8 @@ static void fused_rows(int path, const void *xp, int64_t R, const uint8_t *b, co
 #endif
     (void)t;
     decode_row_scalar(b, s, G, wbuf);
-    for (int64_t m = 0; m < R; m++) y[m * O] = dot_scalar((const float *)xp + m * G * 32, wbuf, G * 32);
+    for (int64_t m = 0; m < R; m++)
+        y[m * O] = dot_scalar((const float *)xp + m * G * 32, wbuf, G * 32);
 }
 
 /* y[m, o] for the prepared rows xp [M, G*32] and output rows [o0, o0 + count) of one matrix, rows
@@ -345,25 +348,39 @@ static void matmul_shared(int path, const char *xp, int64_t M, const uint8_t *bl
         }
 }
 
+/* The portable path's decode buffers, G*32 floats per thread, allocated before the parallel region
+ * (so that every thread runs the same loops); NULL on the SIMD paths (and if memory ran out). */
+static float *decode_buffers(int path, int nthreads, int64_t G) {
+    return path ? NULL : (float *)malloc((size_t)nthreads * (size_t)(G * 32) * sizeof(float));
+}
+
+static inline float *thread_buffer(float *buffers, int64_t G) {
+#ifdef _OPENMP
+    return buffers ? buffers + (size_t)omp_get_thread_num() * (size_t)(G * 32) : NULL;
+#else
+    return buffers;
+#endif
+}
+
 static int matmul(const void *x, int x_bf16, int64_t M, const uint8_t *blocks,
                   const uint8_t *scales, int64_t O, int64_t G, float *y, int nthreads, int level) {
     const int path = path_for(level, x_bf16);
     tables_t t;
     fill_tables(&t);
-    char *xp = (char *)malloc((size_t)(M * G * 32) * prepared_item(path));
-    if (!xp) return -1;
-    prepare_rows(path, x, x_bf16, M, G, xp);
-    int failed = 0;
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-    {
-        float *wbuf = path ? NULL : (float *)malloc((size_t)(G * 32) * sizeof(float));
-        if (!path && !wbuf) failed = 1;  /* every thread still meets the loop's barrier */
-        matmul_shared(path, xp, failed ? 0 : M, blocks, scales, O, G, y, &t, wbuf);
-        free(wbuf);
+    char *xp = (char *)malloc((size_t)(M * G * 32) * prepared_item(path));
+    float *wbufs = decode_buffers(path, nthreads, G);
+    if (!xp || (!path && !wbufs)) {
+        free(xp);
+        free(wbufs);
+        return -1;
     }
+    prepare_rows(path, x, x_bf16, M, G, xp);
+#pragma omp parallel num_threads(nthreads)
+    matmul_shared(path, xp, M, blocks, scales, O, G, y, &t, thread_buffer(wbufs, G));
     free(xp);
-    return failed ? -1 : 0;
+    free(wbufs);
+    return 0;
 }
 
 /* x [M, G*32] fp32, blocks [O, G, 16], scales [O, G] -> y [M, O] fp32. level: the most SIMD to
@@ -379,4 +396,127 @@ int inhouse_mxfp4_matmul_bf16(const uint16_t *x, int64_t M, const uint8_t *block
                               const uint8_t *scales, int64_t O, int64_t G, float *y, int nthreads) {
     if (inhouse_mxfp4_simd_level() < 3) return -2;
     return matmul(x, 1, M, blocks, scales, O, G, y, nthreads, 3);
+}
+
+/* ---- one MoE layer for a few rows ----------------------------------------------------------- */
+/* x [M, H] (bf16 if bf16, else fp32), experts/weights [M, k] (the router's choice and its weights,
+ * fp32 values of the model's dtype), the layer's packed experts (gate_up [E, 2I, H/32, 16] with
+ * gate and up interleaved, down [E, H, I/32, 16]) and biases [E, 2I], [E, H] in the model's dtype
+ * -> out [M, H] in the model's dtype. The same operations as the PyTorch path (moe.Experts), in
+ * its order and with its bf16 roundings: gate_up + bias, the clamped SwiGLU, down + bias, times
+ * the routing weight, summed over the row's experts in ascending order. One parallel region for
+ * the layer: each expert's weights are read once for all rows routed to it, and every row is
+ * computed as if it were alone (batch-invariant). Returns 0, or -1 if memory ran out. */
+static inline float round_as(int bf16, float v) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_t *experts,
+                     const float *weights, const uint8_t *gu_blocks, const uint8_t *gu_scales,
+                     const void *gu_bias, const uint8_t *dn_blocks, const uint8_t *dn_scales,
+                     const void *dn_bias, int64_t H, int64_t I, float alpha, float limit,
+                     void *out, int nthreads, int level) {
+    const int path = path_for(level, bf16);
+    const int64_t S = M * k, GH = H / 32, GI = I / 32, O1 = 2 * I;
+    const size_t item = prepared_item(path), act_item = bf16 ? 2 : 4;
+    /* slots (row, choice) ordered by expert, then row: each expert's rows are contiguous */
+    int64_t *slot = (int64_t *)malloc((size_t)S * sizeof(int64_t));
+    int64_t *group = (int64_t *)malloc((size_t)(S + 1) * sizeof(int64_t));  /* first slots */
+    char *xp = (char *)malloc((size_t)(S * H) * item);
+    char *ap = (char *)malloc((size_t)(S * I) * item);
+    char *act = (char *)malloc((size_t)(S * I) * act_item);
+    float *h1 = (float *)malloc((size_t)(S * O1) * sizeof(float));
+    float *h2 = (float *)malloc((size_t)(S * H) * sizeof(float));
+    if (nthreads < 1) nthreads = 1;
+    float *wbufs = decode_buffers(path, nthreads, GH > GI ? GH : GI);
+    int failed = !slot || !group || !xp || !ap || !act || !h1 || !h2 || (!path && !wbufs);
+    int64_t groups = 0;
+    if (!failed) {
+        for (int64_t s = 0; s < S; s++) {  /* insertion sort: S is small */
+            int64_t j = s;
+            while (j > 0 && experts[slot[j - 1]] > experts[s]) {
+                slot[j] = slot[j - 1];
+                j--;
+            }
+            slot[j] = s;
+        }
+        for (int64_t s = 0; s < S; s++)
+            if (s == 0 || experts[slot[s]] != experts[slot[s - 1]]) group[groups++] = s;
+        group[groups] = S;
+        for (int64_t s = 0; s < S; s++)
+            prepare_rows(path, (const char *)x + (size_t)(slot[s] / k * H) * act_item, bf16, 1,
+                         GH, xp + (size_t)(s * H) * item);
+    }
+    tables_t t;
+    fill_tables(&t);
+    const int64_t ng = failed ? 0 : groups;  /* every thread runs the same loops */
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *wbuf = thread_buffer(wbufs, GH > GI ? GH : GI);
+        /* gate_up for every (expert, output row), then SwiGLU per slot, then down */
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t i = 0; i < ng * O1; i++) {
+            const int64_t gi = i / O1, o = i % O1, e = experts[slot[group[gi]]];
+            for (int64_t s0 = group[gi]; s0 < group[gi + 1]; s0 += MAX_FUSED_ROWS) {
+                int64_t rows = group[gi + 1] - s0 < MAX_FUSED_ROWS ? group[gi + 1] - s0
+                                                                   : MAX_FUSED_ROWS;
+                fused_rows(path, xp + (size_t)(s0 * H) * item, rows,
+                           gu_blocks + (e * O1 + o) * GH * 16, gu_scales + (e * O1 + o) * GH, GH,
+                           h1 + s0 * O1 + o, O1, &t, wbuf);
+            }
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t s = 0; s < (ng ? S : 0); s++) {
+            const int64_t e = experts[slot[s]];
+            char *a = act + (size_t)(s * I) * act_item;
+            for (int64_t j = 0; j < I; j++) {
+                float gate = round_as(bf16, round_as(bf16, h1[s * O1 + 2 * j]) +
+                                                load_f(gu_bias, bf16, e * O1 + 2 * j));
+                float up = round_as(bf16, round_as(bf16, h1[s * O1 + 2 * j + 1]) +
+                                              load_f(gu_bias, bf16, e * O1 + 2 * j + 1));
+                gate = gate > limit ? limit : gate;  /* NaN stays NaN, as in torch.clamp */
+                up = up < -limit ? -limit : (up > limit ? limit : up);
+                float z = round_as(bf16, alpha * gate);
+                float sig = round_as(bf16, 1.0f / (1.0f + expf(-z)));
+                float v = round_as(bf16, round_as(bf16, up + 1.0f) * round_as(bf16, gate * sig));
+                if (bf16) ((uint16_t *)a)[j] = f32_to_bf16(v);
+                else ((float *)a)[j] = v;
+            }
+            prepare_rows(path, a, bf16, 1, GI, ap + (size_t)(s * I) * item);
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t i = 0; i < ng * H; i++) {
+            const int64_t gi = i / H, o = i % H, e = experts[slot[group[gi]]];
+            for (int64_t s0 = group[gi]; s0 < group[gi + 1]; s0 += MAX_FUSED_ROWS) {
+                int64_t rows = group[gi + 1] - s0 < MAX_FUSED_ROWS ? group[gi + 1] - s0
+                                                                   : MAX_FUSED_ROWS;
+                fused_rows(path, ap + (size_t)(s0 * I) * item, rows,
+                           dn_blocks + (e * H + o) * GI * 16, dn_scales + (e * H + o) * GI, GI,
+                           h2 + s0 * H + o, H, &t, wbuf);
+            }
+        }
+        /* each row's experts in ascending order (the slots' order), as torch's index_add_ */
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t m = 0; m < (ng ? M : 0); m++)
+            for (int64_t o = 0; o < H; o++) {
+                float acc = 0.0f;
+                for (int64_t s = 0; s < S; s++) {
+                    if (slot[s] / k != m) continue;
+                    const int64_t e = experts[slot[s]];
+                    float y = round_as(bf16, round_as(bf16, h2[s * H + o]) +
+                                                 load_f(dn_bias, bf16, e * H + o));
+                    acc = round_as(bf16, acc + round_as(bf16, y * weights[slot[s]]));
+                }
+                if (bf16) ((uint16_t *)out)[m * H + o] = f32_to_bf16(acc);
+                else ((float *)out)[m * H + o] = acc;
+            }
+    }
+    free(slot); free(group); free(xp); free(ap); free(act); free(h1); free(h2); free(wbufs);
+    return failed ? -1 : 0;
 }
