@@ -13,8 +13,8 @@ from inhouse.convert import write_random_checkpoint
 from inhouse.convert.convert import convert
 from inhouse.convert.quantize import quantize_int8, quantize_mxfp4, quantize_mxfp4_reference
 from inhouse.errors import InhouseError
-from inhouse.model import load_model, lora
-from inhouse.model.int8 import Int8Linear, int8_linear_reference
+from inhouse.model import dense_kernel, load_model, lora
+from inhouse.model.int8 import Int8Linear, int8_kernel_reference, int8_linear_reference
 from inhouse.model.mxfp4 import dequantize
 from inhouse.model.peft_format import attach_adapter, save_adapter
 from tests.conftest import random_ids
@@ -71,8 +71,14 @@ def test_int8_kernel_matches_its_reference():
     layer.weight_scale.copy_(scale)
     layer.bias.data.normal_(generator=g)
     x = torch.randn(5, 64, generator=g)
+    many = torch.randn(40, 64, generator=g)  # prefill-sized: torch's int8 kernel
     with torch.inference_mode():
-        assert torch.allclose(layer(x), int8_linear_reference(x, q, scale, layer.bias), atol=1e-5)
+        got = layer(x)
+        if dense_kernel.applies(x, q):  # decode rows: ours, rows rounded to int16
+            assert torch.equal(got, int8_kernel_reference(x, q, scale, layer.bias))
+        assert torch.allclose(got, int8_linear_reference(x, q, scale, layer.bias), atol=1e-3)
+        assert torch.allclose(layer(many), int8_linear_reference(many, q, scale, layer.bias),
+                              atol=1e-5)
 
 
 @pytest.mark.parametrize("first", ["original", "hf-sharded"])

@@ -106,16 +106,24 @@ def test_bf16_decoding_through_the_kernel_agrees_with_torch(checkpoints, monkeyp
 @pytest.mark.parametrize("simd", LEVELS)
 @pytest.mark.parametrize("M, O, K", [(1, 5, 16), (4, 33, 200), (16, 64, 2880)])
 def test_int8_kernel_matches_the_reference(monkeypatch, simd, M, O, K):
-    from inhouse.model.int8 import Int8Linear, int8_linear_reference
+    from inhouse.model.int8 import Int8Linear, int8_kernel_reference, int8_linear_reference
 
     monkeypatch.setenv("INHOUSE_DENSE_KERNEL", simd)
     g = torch.Generator().manual_seed(2)
-    w = torch.randint(-127, 128, (O, K), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (O, K), generator=g, dtype=torch.int8)
     scale, bias = torch.rand(O, generator=g) / 100, torch.randn(O, generator=g)
-    x = torch.randn(M, K, generator=g)
-    want = int8_linear_reference(x.double(), w, scale.double(), bias.double())
+    x = torch.randn(M, K, generator=g) * 3
+    x[0, :3] = torch.tensor([40.0, -40.0, 1e-3])  # a large activation sets the row's int16 step
     got = dense_kernel.int8_matmul(x, w, scale, bias)
-    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+    # the kernel's own arithmetic (int16 rows, exact integer sums), bit for bit on every path
+    assert torch.equal(got, int8_kernel_reference(x, w, scale, bias))
+    assert torch.equal(dense_kernel.int8_matmul(x.bfloat16(), w, scale, bias),
+                       int8_kernel_reference(x.bfloat16(), w, scale, bias))
+    # and the exact product to within the rows' rounding: half a step times sum |w| times scale
+    exact = int8_linear_reference(x.double(), w, scale.double(), bias.double())
+    step = x.abs().amax(-1, keepdim=True).double() / 32767
+    bound = 0.5 * step * (w.abs().double().sum(-1) * scale.double())[None, :]
+    assert ((got.double() - exact).abs() <= bound + 1e-5).all()
     alone = torch.cat([dense_kernel.int8_matmul(x[i:i + 1], w, scale, bias) for i in range(M)])
     assert torch.equal(got, alone)
     lin = Int8Linear(K, O)
@@ -123,4 +131,17 @@ def test_int8_kernel_matches_the_reference(monkeypatch, simd, M, O, K):
     with torch.no_grad():
         lin.bias.copy_(bias)
         assert lin.rows_independent(M)
-        assert torch.allclose(lin(x).double(), want, rtol=1e-5, atol=1e-4)
+        assert torch.equal(lin(x), got)
+
+
+def test_int8_kernel_rows_with_zeros_or_nan():
+    from inhouse.model.int8 import int8_kernel_reference
+
+    w = torch.randint(-128, 128, (8, 64), dtype=torch.int8)
+    scale = torch.rand(8)
+    x = torch.randn(3, 64)
+    x[0] = 0
+    x[1, 5] = float("nan")
+    got = dense_kernel.int8_matmul(x, w, scale)
+    assert torch.equal(got[0], torch.zeros(8)) and got[1].isnan().all()
+    assert torch.equal(got[2], int8_kernel_reference(x[2:], w, scale)[0])

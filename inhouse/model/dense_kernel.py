@@ -84,8 +84,9 @@ def _run(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
         raise ValueError(f"shape/dtype mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)} "
                          f"{weight.dtype}, scale {None if scale is None else tuple(scale.shape)}")
     level = _level()
-    # bf16 rows go in as they are where vdpbf16ps can take them (exact products), else as fp32
-    rows_bf16 = x.dtype == torch.bfloat16 and dtype == torch.bfloat16 and level >= 3
+    # bf16 rows go in as they are where vdpbf16ps can take them (exact products) and for int8
+    # weights (the kernel rounds rows to int16 itself), else as fp32
+    rows_bf16 = x.dtype == torch.bfloat16 and (dtype == torch.int8 or level >= 3)
     xc = x.contiguous() if rows_bf16 else x.to(torch.float32).contiguous()
     s, b = (t.to(torch.float32).contiguous() if t is not None else None for t in (scale, bias))
     w = weight.contiguous()
@@ -107,7 +108,9 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor,
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K), weight int8 (O, K), scale (O,) -> (M, O) fp32 = scale * (x @ weight.T) + bias."""
+    """x (M, K), weight int8 (O, K), scale (O,) -> (M, O) fp32 = scale * (x @ weight.T) + bias,
+    each row of x rounded to int16 with one scale (|error| <= max|x[m]| / 65534) and the products
+    summed exactly: the same bits on every SIMD path."""
     return _run("inhouse_int8_matmul", x, weight, torch.int8, scale, bias)
 
 

@@ -5,7 +5,8 @@ int8`): each output row is int8 with one scale, W[o, :] ~= weight[o, :] * weight
 matrix-vector kernel (dense_kernel.int8_matmul) at decode (up to 16 rows; a byte per weight read
 once at close to the memory bandwidth, rows independent of the batch) and torch's weight-only
 int8 CPU kernel (`_weight_int8pack_mm`, the one gpt-fast uses) for more rows. Gradients (LoRA
-training on an int8 base) take the reference.
+training on an int8 base) take the reference. The decode kernel rounds each input row to int16
+first (`int16_rows`); `int8_kernel_reference` is that arithmetic in PyTorch, bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +25,27 @@ def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (N, in) as the int8 kernel rounds them: q = round(x * (32767 / max|x|)) int16 (ties
+    to even, fp32 arithmetic) and the row scale max|x| / 32767 (N,)."""
+    x = x.float()
+    amax = x.abs().amax(-1, keepdim=True)
+    full = torch.full_like(amax, 32767.0)  # NOTE: a tensor, so that both divisions are IEEE
+    inv = torch.where(amax > 0, full / amax, torch.zeros_like(amax))  # (not times a reciprocal)
+    q = torch.round(x * inv).clamp(-32767, 32767).to(torch.int16)
+    return q, (amax / full).squeeze(-1)
+
+
+def int8_kernel_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What dense_kernel.int8_matmul computes, fp32 (N, out): int16 rows . int8 weights summed
+    exactly (int64), then * row scale * scale + bias in fp32."""
+    q, row_scale = int16_rows(x)
+    dots = (q.long() @ weight.long().T).float()
+    y = dots * row_scale[:, None] * scale.float()
+    return y + bias.float() if bias is not None else y
 
 
 class Int8Linear(nn.Module):

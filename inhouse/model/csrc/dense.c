@@ -1,5 +1,8 @@
 /* Matrix-vector products for decode: y[m, o] = sum_k x[m, k] * W[o, k] (+ bias), W bf16 [O, K],
  * or W int8 [O, K] with one fp32 scale per row (y = scale[o] * sum_k x[m, k] * W[o, k]).
+ * int8 weights meet the rows rounded to int16 (one scale per row, |error| <= max|x[m]| / 65534):
+ * 16-bit products summed exactly in integers (vpmaddwd), so every path gives the same bits, and
+ * the weights are read at the memory bandwidth instead of being converted to floats.
  *
  * A decode step reads each attention and unembedding weight once per token, so these products are
  * bound by memory bandwidth: the kernel streams W once, converts bf16 to fp32 with a 16-bit shift
@@ -8,7 +11,10 @@
  * thread count (batch-invariant), so the engine's reproducible mode can give several sequences'
  * rows to one call. AVX-512 BF16 (bf16 rows), AVX-512F or AVX2/FMA are chosen at run time; plain
  * C is the fallback. */
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -16,7 +22,6 @@ static inline float bf16_to_f32(uint16_t h) {
     return v.f;
 }
 
-static inline float i8_to_f32(int8_t q) { return (float)q; }
 
 /* The dot products of up to MAX_ROWS input rows with one weight row, one per weight type (T, its
  * scalar conversion TO_F32, its 16- and 8-lane loads), written once as templates. The weight row is
@@ -45,7 +50,19 @@ typedef void (*dots_fn)(const void *x, int64_t K, int64_t R, const void *w, floa
         }                                                                                        \
     }
 DOTS_SCALAR(dots_scalar, uint16_t, bf16_to_f32)
-DOTS_SCALAR(dots_scalar_i8, int8_t, i8_to_f32)
+
+/* int16 rows . int8 weights, summed exactly: 32-bit lanes are folded into 64 bits every Q_CHUNK
+ * elements (a lane then holds at most 512 products of |x| <= 32767 and |w| <= 128: < 2**31). */
+#define Q_CHUNK 4096
+static void dots_scalar_q(const void *xv, int64_t K, int64_t R, const void *wv, float *out) {
+    const int16_t *x = (const int16_t *)xv;
+    const int8_t *w = (const int8_t *)wv;
+    for (int64_t m = 0; m < R; m++) {
+        int64_t s = 0;
+        for (int64_t k = 0; k < K; k++) s += (int32_t)x[m * K + k] * w[k];
+        out[m] = (float)s;
+    }
+}
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -83,21 +100,67 @@ DOTS_SCALAR(dots_scalar_i8, int8_t, i8_to_f32)
         DISPATCH_ROWS(R, NAME##_rows, (const float *)x, K, (const T *)w, out)                    \
     }
 
-/* bf16 -> fp32 is a 16-bit shift (exact); int8 -> fp32 a sign-extend and convert */
+/* bf16 -> fp32 is a 16-bit shift (exact) */
 #define BF16x16(p) _mm512_castsi512_ps(_mm512_slli_epi32( \
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define BF16x8(p) _mm256_castsi256_ps(_mm256_slli_epi32( \
         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
-#define I8x16(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-#define I8x8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 DOTS_SIMD(dots_avx512, "avx512f", uint16_t, bf16_to_f32, __m512, 16, BF16x16, _mm512_loadu_ps,
           _mm512_fmadd_ps, _mm512_setzero_ps, _mm512_add_ps, _mm512_reduce_add_ps)
 DOTS_SIMD(dots_avx2, "avx2,fma", uint16_t, bf16_to_f32, __m256, 8, BF16x8, _mm256_loadu_ps,
           _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_add_ps, hsum_avx2)
-DOTS_SIMD(dots_avx512_i8, "avx512f", int8_t, i8_to_f32, __m512, 16, I8x16, _mm512_loadu_ps,
-          _mm512_fmadd_ps, _mm512_setzero_ps, _mm512_add_ps, _mm512_reduce_add_ps)
-DOTS_SIMD(dots_avx2_i8, "avx2,fma", int8_t, i8_to_f32, __m256, 8, I8x8, _mm256_loadu_ps,
-          _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_add_ps, hsum_avx2)
+
+/* int16 rows . int8 weights: the weights widen to 16 bits once for all rows, vpmaddwd multiplies
+ * and adds pairs into 32-bit lanes; VEC/L: the vector and its int16 lanes, WLOAD the widening
+ * load, LANES64 the lanes' sum in 64 bits. */
+#define DOTS_Q(NAME, TARGET, VEC, L, WLOAD, XLOAD, MADD, ADD, ZERO, LANES64)                        \
+    __attribute__((target(TARGET), always_inline))                                              \
+    static inline void NAME##_rows(const int16_t *x, int64_t K, const int8_t *w, float *out,   \
+                                   const int R) {                                                \
+        int64_t total[MAX_ROWS] = {0};                                                           \
+        for (int64_t k0 = 0; k0 < K; k0 += Q_CHUNK) {                                            \
+            const int64_t end = K - k0 < Q_CHUNK ? K : k0 + Q_CHUNK;                             \
+            VEC acc[MAX_ROWS];                                                                   \
+            for (int m = 0; m < R; m++) acc[m] = ZERO();                                         \
+            int64_t k = k0;                                                                      \
+            for (; k + L <= end; k += L) {                                                       \
+                VEC wv = WLOAD(w + k);                                                           \
+                for (int m = 0; m < R; m++)                                                      \
+                    acc[m] = ADD(acc[m], MADD(XLOAD(x + m * K + k), wv));                        \
+            }                                                                                    \
+            for (int m = 0; m < R; m++) {                                                        \
+                total[m] += LANES64(acc[m]);                                                     \
+                for (int64_t j = k; j < end; j++) total[m] += (int32_t)x[m * K + j] * w[j];      \
+            }                                                                                    \
+        }                                                                                        \
+        for (int m = 0; m < R; m++) out[m] = (float)total[m];                                    \
+    }                                                                                            \
+    __attribute__((target(TARGET)))                                                             \
+    static void NAME(const void *x, int64_t K, int64_t R, const void *w, float *out) {         \
+        DISPATCH_ROWS(R, NAME##_rows, (const int16_t *)x, K, (const int8_t *)w, out)             \
+    }
+
+__attribute__((target("avx512f,avx512bw"))) static inline int64_t lanes64_avx512(__m512i v) {
+    return _mm512_reduce_add_epi64(_mm512_add_epi64(
+        _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+        _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+}
+
+__attribute__((target("avx2"))) static inline int64_t lanes64_avx2(__m256i v) {
+    __m256i s = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                 _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+    __m128i h = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    return _mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1);
+}
+
+#define W8x32(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
+#define W8x16(p) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p)))
+#define X16x32(p) _mm512_loadu_si512((const void *)(p))
+#define X16x16(p) _mm256_loadu_si256((const __m256i *)(p))
+DOTS_Q(dots_avx512_q, "avx512f,avx512bw", __m512i, 32, W8x32, X16x32, _mm512_madd_epi16,
+       _mm512_add_epi32, _mm512_setzero_si512, lanes64_avx512)
+DOTS_Q(dots_avx2_q, "avx2", __m256i, 16, W8x16, X16x16, _mm256_madd_epi16, _mm256_add_epi32,
+       _mm256_setzero_si256, lanes64_avx2)
 
 /* bf16 rows (the model's activations) with bf16 weights, on AVX-512 BF16: vdpbf16ps multiplies
  * them as stored, no conversion, exact products summed in fp32, 32 weights per instruction and half
@@ -146,11 +209,11 @@ int inhouse_dense_simd_level(void) {
     return 0;
 }
 
-/* y[m, o] = scale[o] * dot(x[m], w[o]) + bias[o] (scale, bias optional), rows of W over threads,
- * input rows MAX_ROWS at a time against each weight row. */
+/* y[m, o] = dot(x[m], w[o]) * row_scale[m] * scale[o] + bias[o] (row_scale, scale and bias
+ * optional), rows of W over threads, input rows MAX_ROWS at a time against each weight row. */
 static void matmul_rows(const char *x, size_t x_item, int64_t M, const char *w, size_t w_item,
-                        dots_fn dots, const float *scale, const float *bias, int64_t O, int64_t K,
-                        float *y, int nthreads) {
+                        dots_fn dots, const float *row_scale, const float *scale,
+                        const float *bias, int64_t O, int64_t K, float *y, int nthreads) {
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t o = 0; o < O; o++) {
@@ -160,7 +223,8 @@ static void matmul_rows(const char *x, size_t x_item, int64_t M, const char *w, 
             float s[MAX_ROWS];
             dots(x + (size_t)(m0 * K) * x_item, K, R, wo, s);
             for (int64_t m = 0; m < R; m++) {
-                float v = scale ? s[m] * scale[o] : s[m];
+                float v = row_scale ? s[m] * row_scale[m0 + m] : s[m];
+                v = scale ? v * scale[o] : v;
                 y[(m0 + m) * O + o] = bias ? v + bias[o] : v;
             }
         }
@@ -187,25 +251,59 @@ int inhouse_bf16_matmul(const void *x, int x_bf16, int64_t M, const uint16_t *w,
     else if (lv == 1) dots = dots_avx2;
 #endif
     if (x_bf16 && lv < 3) return -2;
-    matmul_rows((const char *)x, x_bf16 ? 2 : 4, M, (const char *)w, sizeof *w, dots, NULL, bias,
-                O, K, y, nthreads);
+    matmul_rows((const char *)x, x_bf16 ? 2 : 4, M, (const char *)w, sizeof *w, dots, NULL, NULL,
+                bias, O, K, y, nthreads);
     return 0;
 }
 
-/* x [M, K] fp32 (x_bf16 must be 0), w [O, K] int8, scale [O] fp32, bias [O] fp32 or NULL ->
- * y [M, O] fp32: y = scale * (x . w) + bias, the dot product summed in fp32 before the row's
- * scale. Returns 0, or -2 for bf16 rows (not supported). */
+/* Each row to int16 with one scale: q = round(x * 32767 / max|x|), row_scale = max|x| / 32767
+ * (0 for a zero row, NaN for a row with a NaN or an infinity). */
+static void quantize_rows(const void *x, int x_bf16, int64_t M, int64_t K, int16_t *q,
+                          float *row_scale) {
+    for (int64_t m = 0; m < M; m++) {
+        float amax = 0.0f;
+        int finite = 1;
+        for (int64_t k = 0; k < K; k++) {
+            float a = fabsf(x_bf16 ? bf16_to_f32(((const uint16_t *)x)[m * K + k])
+                                   : ((const float *)x)[m * K + k]);
+            if (!(a <= FLT_MAX)) finite = 0;  /* NaN or infinity */
+            else if (a > amax) amax = a;
+        }
+        float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            float v = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[m * K + k])
+                             : ((const float *)x)[m * K + k];
+            float r = nearbyintf(v * inv);
+            q[m * K + k] = (int16_t)(r > 32767.0f ? 32767.0f : (r < -32767.0f ? -32767.0f : r));
+        }
+        row_scale[m] = finite ? amax / 32767.0f : NAN;
+    }
+}
+
+/* x [M, K] fp32 or bf16 (x_bf16), w [O, K] int8, scale [O] fp32, bias [O] fp32 or NULL ->
+ * y [M, O] fp32: y = (q . w) * row_scale * scale + bias, the rows rounded to int16 (quantize_rows)
+ * and the dot product summed exactly. Every path gives the same bits. Returns 0, or -1 if memory
+ * ran out. */
 int inhouse_int8_matmul(const void *x, int x_bf16, int64_t M, const int8_t *w, const float *scale,
                         const float *bias, int64_t O, int64_t K, float *y, int nthreads,
                         int level) {
-    if (x_bf16) return -2;
     int lv = level_of(level);
-    dots_fn dots = dots_scalar_i8;
+    dots_fn dots = dots_scalar_q;
 #ifdef HAVE_X86
-    if (lv >= 2) dots = dots_avx512_i8;
-    else if (lv == 1) dots = dots_avx2_i8;
+    if (lv >= 2 && __builtin_cpu_supports("avx512bw")) dots = dots_avx512_q;
+    else if (lv >= 1) dots = dots_avx2_q;
 #endif
-    matmul_rows((const char *)x, 4, M, (const char *)w, sizeof *w, dots, scale, bias, O, K, y,
-                nthreads);
+    int16_t *q = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
+    float *row_scale = (float *)malloc((size_t)M * sizeof(float));
+    if (!q || !row_scale) {
+        free(q);
+        free(row_scale);
+        return -1;
+    }
+    quantize_rows(x, x_bf16, M, K, q, row_scale);
+    matmul_rows((const char *)q, sizeof *q, M, (const char *)w, sizeof *w, dots, row_scale, scale,
+                bias, O, K, y, nthreads);
+    free(q);
+    free(row_scale);
     return 0;
 }
