@@ -1,10 +1,12 @@
 """Builds the optional C kernels (plain C, OpenMP). Metadata lives in pyproject.toml.
 
   inhouse.model._mxfp4  fused MXFP4 matmul (experts straight from the packed blocks)
-  inhouse.model._dense  bf16 matrix-vector products (attention, router, unembedding at decode)
+  inhouse.model._dense  bf16 and int8 matrix-vector products (attention, router, unembedding at
+                        decode)
+  inhouse.model._attend attention of one query row per head over the KV cache (decode)
 
 `optional=True`: on a machine without a C compiler the install still succeeds and inhouse falls
-back to PyTorch for both (slower, same results within float rounding)."""
+back to PyTorch for all of them (slower, same results within float rounding)."""
 
 from setuptools import Extension, setup
 
@@ -16,4 +18,4 @@ def kernel(name: str) -> Extension:
                      extra_link_args=["-fopenmp"], optional=True)
 
 
-setup(ext_modules=[kernel("mxfp4"), kernel("dense")])
+setup(ext_modules=[kernel("mxfp4"), kernel("dense"), kernel("attend")])

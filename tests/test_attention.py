@@ -59,3 +59,62 @@ def test_a_large_sink_absorbs_the_attention():
     q, k, v, sinks = _inputs(5, 5, 2, 1, 8)
     out = attention(q, k, v, torch.full((2,), 50.0), 0, 0, None, 0.3)
     assert out.abs().max() < 1e-6
+
+
+from inhouse.model import attend_kernel  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(attend_kernel._lib() is None, reason="kernel not built")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S, q_start, window", [(40, 39, None), (6, 45, 6), (129, 300, 128),
+                                                 (300, 299, None), (1, 0, None), (3, 2, 1)])
+@pytest.mark.parametrize("Hq, Hkv, D", [(8, 2, 16), (64, 8, 64), (4, 4, 32)])
+def test_decode_kernel_matches_the_reference(dtype, S, q_start, window, Hq, Hkv, D):
+    q, k, v, sinks = _inputs(1, S, Hq, Hkv, D, dtype=dtype, seed=S)
+    k_start = q_start + 1 - S
+    assert attend_kernel.applies(q, k)
+    ref = attention_reference(q, k, v, sinks, q_start, k_start, window, D ** -0.5)
+    got = attention(q, k, v, sinks, q_start, k_start, window, D ** -0.5)
+    assert got.dtype == dtype and got.shape == ref.shape
+    if dtype == torch.float32:
+        assert torch.allclose(got, ref, atol=2e-6, rtol=1e-5)
+    else:  # computed in fp32, rounded once: at most one bf16 step from the reference
+        assert ((got.float() - ref.float()).abs() <= ref.float().abs() / 128 + 1e-6).all()
+
+
+@needs_kernel
+def test_decode_kernel_reads_the_cache_buffer_and_ignores_the_threads():
+    # keys/values as the full-attention cache hands them: a prefix of a larger buffer per head
+    q, k, v, sinks = _inputs(1, 64, 8, 2, 32, dtype=torch.bfloat16, seed=3)
+    k_view, v_view = k[:, :50], v[:, :50]
+    assert not k_view.is_contiguous()
+    got = attention(q, k_view, v_view, sinks, 49, 0, None, 0.2)
+    want = attention(q, k_view.contiguous(), v_view.contiguous(), sinks, 49, 0, None, 0.2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = attention(q, k_view, v_view, sinks, 49, 0, None, 0.2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, want) and torch.equal(got, single)
+
+
+@needs_kernel
+def test_decode_kernel_with_no_allowed_key_returns_zeros():
+    q, k, v, sinks = _inputs(1, 4, 2, 1, 16)
+    out = attention(q, k, v, sinks, 10, 0, 2, 0.25)  # every key is outside the window
+    assert torch.equal(out, torch.zeros(1, 32))
+    assert torch.equal(out, attention_reference(q, k, v, sinks, 10, 0, 2, 0.25))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_rotary_is_the_pytorch_one_bit_for_bit(dtype):
+    from inhouse.model.layers import apply_rotary, apply_rotary_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(7, 5, 64, generator=g) * 4).to(dtype)
+    cos, sin = torch.randn(7, 32, generator=g), torch.randn(7, 32, generator=g)
+    assert torch.equal(apply_rotary(x, cos, sin), apply_rotary_reference(x, cos, sin))

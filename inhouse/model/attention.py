@@ -8,14 +8,17 @@ Sinks (https://arxiv.org/abs/2309.17453, as in gpt-oss): each head has a learned
 an extra column before the softmax and dropped after: it absorbs probability and carries no value.
 
 `attention_reference` is the obvious einsum version (fp32, full score matrix). `attention` is the
-fast path: torch's fused CPU flash kernel over query chunks, which also returns the log-sum-exp L of
-each row; the sink then enters exactly as out * sigmoid(L - sink), since
-softmax-with-sink = softmax * Z / (Z + e^sink) and Z = e^L.
+fast path: a single query row (decode) goes to our C kernel (attend_kernel: one call, sinks and the
+allowed key range included); more rows to torch's fused CPU flash kernel over query chunks, which
+also returns the log-sum-exp L of each row; the sink then enters exactly as out * sigmoid(L - sink),
+since softmax-with-sink = softmax * Z / (Z + e^sink) and Z = e^L.
 """
 
 from __future__ import annotations
 
 import torch
+
+from inhouse.model import attend_kernel
 
 _NEG_INF = float("-inf")
 # Elements of (queries x keys x heads-per-group) in one chunk of the fast path's score tile.
@@ -58,6 +61,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     carries the sinks, has no derivative."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad or sinks.requires_grad)
+    if not needs_grad and attend_kernel.applies(q, k):  # one query row: keys lo..hi-1 allowed
+        S = k.shape[1]
+        lo = 0 if window is None else max(0, q_start - window + 1 - k_start)
+        hi = max(lo, min(S, q_start - k_start + 1))
+        return attend_kernel.attend_one(q, k, v, sinks, lo, hi, scale)
     if q.device.type != "cpu" or not _has_cpu_flash() or needs_grad:
         return _chunked(attention_reference, q, k, v, sinks, q_start, k_start, window, scale)
     return _chunked(_flash_with_sinks, q, k, v, sinks, q_start, k_start, window, scale)

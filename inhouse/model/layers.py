@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from inhouse.config import ModelConfig
+from inhouse.model import attend_kernel
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +69,15 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D), cos/sin (T, D/2) -> (T, H, D): [x1*cos - x2*sin, x2*cos + x1*sin]."""
+    """x (T, H, D), cos/sin (T, D/2) -> (T, H, D): [x1*cos - x2*sin, x2*cos + x1*sin]. On CPU in
+    one native call (attend_kernel.rotary, the same operations and roundings)."""
+    if attend_kernel.rotary_applies(x):
+        return attend_kernel.rotary(x, cos, sin)
+    return apply_rotary_reference(x, cos, sin)
+
+
+def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary in PyTorch ops."""
     cos = cos[:, None, :].to(x.dtype)  # (T, 1, D/2)
     sin = sin[:, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)

@@ -1,0 +1,91 @@
+"""Decode attention (csrc/attend.c through ctypes): one query row per head over the KV cache,
+with sinks and the allowed key range, in one call instead of some twenty PyTorch ops; and the
+rotary embedding in one call (`rotary`: PyTorch's operations and roundings, the same bits).
+
+`attention.attention_reference` is the reference the tests compare it with; `attention.attention`
+calls `attend_one` for single-row queries on CPU when the kernel is built and no gradient is
+needed. INHOUSE_ATTEND_KERNEL=0 turns it off. Its arithmetic is the same on every CPU (one set of
+operations in a fixed order; the exp is the kernel's own), so it has one path name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from inhouse.model import native
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    lib = native.load("attend")
+    if lib is None:
+        return None
+    c = ctypes
+    lib.inhouse_attend_one.argtypes = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_void_p,
+                                       c.c_int64, c.c_int64, c.c_int64, c.c_int64, c.c_int64,
+                                       c.c_int64, c.c_float, c.c_void_p, c.c_int]
+    lib.inhouse_attend_one.restype = c.c_int
+    lib.inhouse_rotary.argtypes = [c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_int64,
+                                   c.c_int64, c.c_int64, c.c_void_p]
+    lib.inhouse_rotary.restype = c.c_int
+    return lib
+
+
+def path_name() -> str:
+    """"attend-c" with the kernel, "torch" without; audit records carry it."""
+    return "attend-c" if _lib() is not None else "torch"
+
+
+def applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Would `attend_one` take these (one query row, CPU, bf16/fp32, head_dim a multiple of 16
+    up to 256, keys laid out row after row within each head)?"""
+    T, _, D = q.shape
+    return (_lib() is not None and T == 1 and q.device.type == "cpu" and k.dtype == q.dtype
+            and q.dtype in (torch.bfloat16, torch.float32) and D % 16 == 0 and D <= 256
+            and k.stride(2) == 1 and k.stride(1) == D)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+               lo: int, hi: int, scale: float) -> torch.Tensor:
+    """q (1, Hq, D), k/v (Hkv, S, D) (rows contiguous within a head; heads may be strided, as in
+    the cache's buffer), keys lo..hi-1 allowed -> (1, Hq*D) in q's dtype."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("the attention kernel is not built")
+    _, Hq, D = q.shape
+    Hkv = k.shape[0]
+    if v.stride() != k.stride() or v.dtype != k.dtype or v.shape != k.shape:
+        v = v.contiguous()
+        k = k.contiguous()
+    qc = q.contiguous()
+    s = sinks.to(torch.float32).contiguous()
+    out = torch.empty(1, Hq * D, dtype=q.dtype)
+    rc = lib.inhouse_attend_one(qc.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                int(q.dtype == torch.bfloat16), s.data_ptr(), Hq, Hkv,
+                                k.stride(0), lo, hi, D, scale, out.data_ptr(),
+                                torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"the attention kernel refused its input (code {rc})")
+    return out
+
+
+def rotary_applies(x: torch.Tensor) -> bool:
+    return (_lib() is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16,
+            torch.float32) and x.shape[-1] % 2 == 0
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """layers.apply_rotary in one call: x (T, H, D), cos/sin (T, D/2) fp32 -> (T, H, D)."""
+    T, H, D = x.shape
+    xc = x.contiguous()
+    c, s = (t.to(torch.float32).contiguous() for t in (cos, sin))
+    if c.shape != (T, D // 2) or s.shape != (T, D // 2):
+        raise ValueError(f"rotary: cos/sin {tuple(c.shape)} for x {tuple(x.shape)}")
+    out = torch.empty_like(xc)
+    _lib().inhouse_rotary(xc.data_ptr(), int(x.dtype == torch.bfloat16), c.data_ptr(),
+                          s.data_ptr(), T, H, D, out.data_ptr())
+    return out
