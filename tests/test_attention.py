@@ -118,3 +118,26 @@ def test_native_rotary_is_the_pytorch_one_bit_for_bit(dtype):
     x = (torch.randn(7, 5, 64, generator=g) * 4).to(dtype)
     cos, sin = torch.randn(7, 32, generator=g), torch.randn(7, 32, generator=g)
     assert torch.equal(apply_rotary(x, cos, sin), apply_rotary_reference(x, cos, sin))
+
+
+@pytest.mark.skipif(__import__("inhouse.model.rows_kernel", fromlist=["_lib"])._lib() is None,
+                    reason="kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_rmsnorm_matches_the_reference_and_the_batch(dtype):
+    from inhouse.model.layers import RMSNorm, rmsnorm_reference
+
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(200)
+    norm.weight.data = torch.randn(200, generator=g)
+    x = (torch.randn(9, 200, generator=g) * 5).to(dtype)
+    x[3] = 0  # a zero row: eps keeps it finite
+    with torch.no_grad():
+        got = norm(x)
+        alone = torch.cat([norm(x[i:i + 1]) for i in range(9)])
+        assert norm.rows_independent(9)
+    want = rmsnorm_reference(x, norm.weight, norm.eps)
+    assert got.dtype == dtype and torch.equal(got, alone)
+    if dtype == torch.float32:
+        assert torch.allclose(got, want, rtol=2e-6, atol=1e-6)
+    else:  # fp32 inside, one rounding: at most one bf16 step apart
+        assert ((got.float() - want.float()).abs() <= want.float().abs() / 128 + 1e-6).all()

@@ -8,11 +8,19 @@ import torch
 from torch import nn
 
 from inhouse.config import ModelConfig
-from inhouse.model import attend_kernel
+from inhouse.model import attend_kernel, rows_kernel
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in PyTorch ops, in fp32, returned in x's dtype."""
+    t = x.float()
+    t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
+    return (t * weight).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    """Computed in fp32 whatever the input dtype; the weight stays fp32 (it is tiny)."""
+    """Computed in fp32 whatever the input dtype; the weight stays fp32 (it is tiny). On CPU in
+    one native call (rows_kernel), whose rows do not depend on the batch."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -20,9 +28,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.float()
-        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (t * self.weight).to(x.dtype)
+        if rows_kernel.applies(x, self.weight):
+            return rows_kernel.rmsnorm(x, self.weight, self.eps)
+        return rmsnorm_reference(x, self.weight, self.eps)
+
+    def rows_independent(self, rows: int) -> bool:
+        """Is each result row computed exactly as that row alone (by_rows)?"""
+        return (rows_kernel._lib() is not None and self.weight.device.type == "cpu"
+                and not torch.is_grad_enabled())
 
 
 def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:

@@ -2,7 +2,7 @@
 
 ctypes releases the GIL during a call, and the kernels take plain pointers, so no Python C-API
 code is involved. A kernel that was not built (no C compiler) loads as None and callers fall back
-to PyTorch. INHOUSE_<NAME>_KERNEL (NAME = MXFP4, DENSE or ATTEND): 0 turns one off, portable keeps it off
+to PyTorch. INHOUSE_<NAME>_KERNEL (NAME = MXFP4, DENSE, ATTEND or ROWS): 0 turns one off, portable keeps it off
 its SIMD paths, avx2 keeps it off AVX-512, avx512 off AVX-512 BF16. The paths sum in different
 orders, so a record made on an AVX2-only machine replays bit for bit here with =avx2 set.
 """

@@ -16,26 +16,10 @@
 #include <omp.h>
 #endif
 
+#include "common.h"
+
 #define MAX_HEAD_DIM 256
-#define LANES 16
 #define MAX_GROUP 64 /* query heads per kv head */
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* to nearest even, as torch; NaN stays NaN */
-    union { float f; uint32_t u; } v = {.f = f};
-    if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
-}
 
 /* e**x for x <= 0 (below -87 as at -87, about 1.6e-38): x = n ln2 + r, |r| <= ln2 / 2, and
  * 2**n * (1 + r + r**2 p(r)); branch-free, so loops over it vectorise. */
@@ -56,18 +40,7 @@ static inline float exp_nonpositive(float x) {
 }
 
 static inline void load_row(const void *p, int bf16, int64_t D, float *out) {
-    if (bf16)
-        for (int64_t d = 0; d < D; d++) out[d] = bf16_to_f32(((const uint16_t *)p)[d]);
-    else
-        for (int64_t d = 0; d < D; d++) out[d] = ((const float *)p)[d];
-}
-
-/* the sum of 16 partial sums, pairwise (a fixed tree, written out so that it stays in registers) */
-static inline float sum_lanes(const float p[LANES]) {
-    float a0 = p[0] + p[8], a1 = p[1] + p[9], a2 = p[2] + p[10], a3 = p[3] + p[11];
-    float a4 = p[4] + p[12], a5 = p[5] + p[13], a6 = p[6] + p[14], a7 = p[7] + p[15];
-    float b0 = a0 + a4, b1 = a1 + a5, b2 = a2 + a6, b3 = a3 + a7;
-    return (b0 + b2) + (b1 + b3);
+    for (int64_t d = 0; d < D; d++) out[d] = load_as(p, bf16, d);
 }
 
 /* The G query heads q [G, D] (fp32) of one kv head: keys/values rows [n] at kh/vh (storage
@@ -144,10 +117,7 @@ int inhouse_attend_one(const void *q, const void *k, const void *v, int bf16, co
         const size_t first = (size_t)(j * head_stride + lo * D) * item;
         attend_group(qf, G, (const char *)k + first, (const char *)v + first, bf16, item, n, D,
                      scale, sinks + j * G, scores, o);
-        for (int64_t i = 0; i < G * D; i++) {
-            if (bf16) ((uint16_t *)out)[j * G * D + i] = f32_to_bf16(o[i]);
-            else ((float *)out)[j * G * D + i] = o[i];
-        }
+        for (int64_t i = 0; i < G * D; i++) store_as(out, bf16, j * G * D + i, o[i]);
     }
     free(scratch);
     return 0;
@@ -156,7 +126,6 @@ int inhouse_attend_one(const void *q, const void *k, const void *v, int bf16, co
 /* Rotary embedding in place of PyTorch's ops (layers.apply_rotary), with their roundings: x [T, H,
  * D] bf16 (bf16) or fp32, cos/sin [T, D/2] fp32 (rounded to x's dtype first, as .to(x.dtype)),
  * out [T, H, D]: [x1 * cos - x2 * sin, x2 * cos + x1 * sin], each product and sum rounded. */
-static inline float round_as(int bf16, float v) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
 int inhouse_rotary(const void *x, int bf16, const float *cos, const float *sin, int64_t T,
                    int64_t H, int64_t D, void *out) {
@@ -166,19 +135,10 @@ int inhouse_rotary(const void *x, int bf16, const float *cos, const float *sin, 
             const int64_t base = (t * H + h) * D;
             for (int64_t i = 0; i < half; i++) {
                 float c = round_as(bf16, cos[t * half + i]), s = round_as(bf16, sin[t * half + i]);
-                float x1 = bf16 ? bf16_to_f32(((const uint16_t *)x)[base + i])
-                                : ((const float *)x)[base + i];
-                float x2 = bf16 ? bf16_to_f32(((const uint16_t *)x)[base + half + i])
-                                : ((const float *)x)[base + half + i];
-                float a = round_as(bf16, round_as(bf16, x1 * c) - round_as(bf16, x2 * s));
-                float b = round_as(bf16, round_as(bf16, x2 * c) + round_as(bf16, x1 * s));
-                if (bf16) {
-                    ((uint16_t *)out)[base + i] = f32_to_bf16(a);
-                    ((uint16_t *)out)[base + half + i] = f32_to_bf16(b);
-                } else {
-                    ((float *)out)[base + i] = a;
-                    ((float *)out)[base + half + i] = b;
-                }
+                float x1 = load_as(x, bf16, base + i), x2 = load_as(x, bf16, base + half + i);
+                store_as(out, bf16, base + i, round_as(bf16, x1 * c) - round_as(bf16, x2 * s));
+                store_as(out, bf16, base + half + i,
+                         round_as(bf16, x2 * c) + round_as(bf16, x1 * s));
             }
         }
     return 0;

@@ -17,10 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
-    return v.f;
-}
+#include "common.h"
+
 
 
 /* The dot products of up to MAX_ROWS input rows with one weight row, one per weight type (T, its

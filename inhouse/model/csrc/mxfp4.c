@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -253,22 +255,6 @@ static int path_for(int level, int x_bf16) {
     return lv;
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
-    return v.f;
-}
-
-/* round to nearest even, as torch does; NaN stays NaN */
-static inline uint16_t f32_to_bf16(float f) {
-    union { float f; uint32_t u; } v = {.f = f};
-    if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
-}
-
-static inline float load_f(const void *x, int x_bf16, int64_t i) {
-    return x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-}
-
 static size_t prepared_item(int path) { return path == 3 ? sizeof(uint16_t) : sizeof(float); }
 
 /* M rows of G*32 (bf16 if x_bf16, else fp32) into the layout `path` reads (path 3 needs bf16). */
@@ -282,7 +268,7 @@ static void prepare_rows(int path, const void *x, int x_bf16, int64_t M, int64_t
     float *out = (float *)xp;
     for (int64_t i = 0; i < M * G * 32; i += 32)
         for (int j = 0; j < 16; j++) {
-            float even = load_f(x, x_bf16, i + 2 * j), odd = load_f(x, x_bf16, i + 2 * j + 1);
+            float even = load_as(x, x_bf16, i + 2 * j), odd = load_as(x, x_bf16, i + 2 * j + 1);
             if (path == 2) {
                 out[i + j] = even;
                 out[i + 16 + j] = odd;
@@ -407,8 +393,6 @@ int inhouse_mxfp4_matmul_bf16(const uint16_t *x, int64_t M, const uint8_t *block
  * the routing weight, summed over the row's experts in ascending order. One parallel region for
  * the layer: each expert's weights are read once for all rows routed to it, and every row is
  * computed as if it were alone (batch-invariant). Returns 0, or -1 if memory ran out. */
-static inline float round_as(int bf16, float v) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
-
 int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_t *experts,
                      const float *weights, const uint8_t *gu_blocks, const uint8_t *gu_scales,
                      const void *gu_bias, const uint8_t *dn_blocks, const uint8_t *dn_scales,
@@ -473,16 +457,14 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
             char *a = act + (size_t)(s * I) * act_item;
             for (int64_t j = 0; j < I; j++) {
                 float gate = round_as(bf16, round_as(bf16, h1[s * O1 + 2 * j]) +
-                                                load_f(gu_bias, bf16, e * O1 + 2 * j));
+                                                load_as(gu_bias, bf16, e * O1 + 2 * j));
                 float up = round_as(bf16, round_as(bf16, h1[s * O1 + 2 * j + 1]) +
-                                              load_f(gu_bias, bf16, e * O1 + 2 * j + 1));
+                                              load_as(gu_bias, bf16, e * O1 + 2 * j + 1));
                 gate = gate > limit ? limit : gate;  /* NaN stays NaN, as in torch.clamp */
                 up = up < -limit ? -limit : (up > limit ? limit : up);
                 float z = round_as(bf16, alpha * gate);
                 float sig = round_as(bf16, 1.0f / (1.0f + expf(-z)));
-                float v = round_as(bf16, round_as(bf16, up + 1.0f) * round_as(bf16, gate * sig));
-                if (bf16) ((uint16_t *)a)[j] = f32_to_bf16(v);
-                else ((float *)a)[j] = v;
+                store_as(a, bf16, j, round_as(bf16, up + 1.0f) * round_as(bf16, gate * sig));
             }
             prepare_rows(path, a, bf16, 1, GI, ap + (size_t)(s * I) * item);
         }
@@ -510,11 +492,10 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
                     if (slot[s] / k != m) continue;
                     const int64_t e = experts[slot[s]];
                     float y = round_as(bf16, round_as(bf16, h2[s * H + o]) +
-                                                 load_f(dn_bias, bf16, e * H + o));
+                                                 load_as(dn_bias, bf16, e * H + o));
                     acc = round_as(bf16, acc + round_as(bf16, y * weights[slot[s]]));
                 }
-                if (bf16) ((uint16_t *)out)[m * H + o] = f32_to_bf16(acc);
-                else ((float *)out)[m * H + o] = acc;
+                store_as(out, bf16, m * H + o, acc);
             }
     }
     free(slot); free(group); free(xp); free(ap); free(act); free(h1); free(h2); free(wbufs);

@@ -1,0 +1,49 @@
+/* Plain-C helpers shared by the kernels (no intrinsics): bf16 conversions as torch does them, and
+ * the fixed-order sums of the target_clones kernels. */
+#ifndef INHOUSE_COMMON_H
+#define INHOUSE_COMMON_H
+#include <stddef.h>
+#include <stdint.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    return v.f;
+}
+
+/* to nearest even, as torch; NaN stays NaN */
+static inline uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {.f = f};
+    if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* v as stored in the model's dtype: rounded to bf16 (bf16), or as it is (fp32) */
+static inline float round_as(int bf16, float v) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+static inline float load_as(const void *x, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+static inline void store_as(void *x, int bf16, int64_t i, float v) {
+    if (bf16) ((uint16_t *)x)[i] = f32_to_bf16(v);
+    else ((float *)x)[i] = v;
+}
+
+/* Loops written over LANES partial sums vectorise without reordering a sum, so the build variants
+ * of a function (CLONES: AVX-512, AVX2, baseline; ISO C fuses no multiply-adds) give the same
+ * bits. */
+#define LANES 16
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+/* the sum of LANES partial sums, pairwise (a fixed tree, written out to stay in registers) */
+static inline float sum_lanes(const float p[LANES]) {
+    float a0 = p[0] + p[8], a1 = p[1] + p[9], a2 = p[2] + p[10], a3 = p[3] + p[11];
+    float a4 = p[4] + p[12], a5 = p[5] + p[13], a6 = p[6] + p[14], a7 = p[7] + p[15];
+    float b0 = a0 + a4, b1 = a1 + a5, b2 = a2 + a6, b3 = a3 + a7;
+    return (b0 + b2) + (b1 + b3);
+}
+#endif

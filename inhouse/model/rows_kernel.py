@@ -1,0 +1,54 @@
+"""Row-wise ops in one native call each (csrc/rows.c through ctypes): RMSNorm.
+
+At decode a norm is some eight small PyTorch ops on one row of 2880 values, which cost more than
+the arithmetic. The kernel sums each row's squares in its own fixed order (so a row's result does
+not depend on the batch: `by_rows` gives it every sequence's rows at once) and gives the same bits
+on every CPU. `layers.rmsnorm_reference` is the reference the tests compare it with.
+INHOUSE_ROWS_KERNEL=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from inhouse.model import native
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    lib = native.load("rows")
+    if lib is None:
+        return None
+    c = ctypes
+    lib.inhouse_rmsnorm.argtypes = [c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_void_p,
+                                    c.c_float, c.c_void_p]
+    lib.inhouse_rmsnorm.restype = c.c_int
+    return lib
+
+
+def path_name() -> str:
+    """"rows-c" with the kernel, "torch" without; audit records carry it."""
+    return "rows-c" if _lib() is not None else "torch"
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Would `rmsnorm` take x (CPU, bf16/fp32, fp32 weight, no gradient)?"""
+    return (_lib() is not None and x.device.type == "cpu"
+            and x.dtype in (torch.bfloat16, torch.float32) and weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., H) -> x / sqrt(mean(x^2) + eps) * weight, computed in fp32, in x's dtype."""
+    H = x.shape[-1]
+    xc = x.contiguous()
+    w = weight.contiguous()
+    if w.shape != (H,):
+        raise ValueError(f"rmsnorm: weight {tuple(w.shape)} for rows of {H}")
+    out = torch.empty_like(xc)
+    _lib().inhouse_rmsnorm(xc.data_ptr(), int(x.dtype == torch.bfloat16), xc.numel() // H, H,
+                           w.data_ptr(), eps, out.data_ptr())
+    return out
