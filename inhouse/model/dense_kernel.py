@@ -73,7 +73,8 @@ def rows_independent(weight: torch.Tensor, rows: int) -> bool:
 
 
 def _run(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
-         scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+         scale: torch.Tensor | None, bias: torch.Tensor | None,
+         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     lib = _lib()
     if lib is None:
         raise RuntimeError("the dense kernel is not built")
@@ -88,10 +89,16 @@ def _run(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
     # weights (the kernel rounds rows to int16 itself), else as fp32
     rows_bf16 = x.dtype == torch.bfloat16 and (dtype == torch.int8 or level >= 3)
     xc = x.contiguous() if rows_bf16 else x.to(torch.float32).contiguous()
-    s, b = (t.to(torch.float32).contiguous() if t is not None else None for t in (scale, bias))
+    s = scale.to(torch.float32).contiguous() if scale is not None else None
+    b = None
+    if bias is not None:
+        b = bias.contiguous() if bias.dtype == torch.bfloat16 else bias.float().contiguous()
+    bf16 = torch.bfloat16
+    dtypes = (rows_bf16 | (2 if b is not None and b.dtype == bf16 else 0)
+              | (4 if out_dtype == bf16 else 0))  # X_BF16 | BIAS_BF16 | Y_BF16 in dense.c
     w = weight.contiguous()
-    y = torch.empty(M, O, dtype=torch.float32)
-    rc = getattr(lib, fn)(xc.data_ptr(), int(rows_bf16), M, w.data_ptr(),
+    y = torch.empty(M, O, dtype=torch.bfloat16 if out_dtype == bf16 else torch.float32)
+    rc = getattr(lib, fn)(xc.data_ptr(), dtypes, M, w.data_ptr(),
                           s.data_ptr() if s is not None else None,
                           b.data_ptr() if b is not None else None, O, K, y.data_ptr(),
                           torch.get_num_threads(), level)
@@ -100,18 +107,20 @@ def _run(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
     return y
 
 
-def bf16_matmul(x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) any float dtype, weight (O, K) bf16, bias (O,) -> (M, O) fp32, by the kernel."""
-    return _run("inhouse_bf16_matmul", x, weight, torch.bfloat16, None, bias)
+def bf16_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x (M, K) any float dtype, weight (O, K) bf16, bias (O,) -> (M, O) by the kernel, summed in
+    fp32 and rounded once to out_dtype (fp32 or bf16)."""
+    return _run("inhouse_bf16_matmul", x, weight, torch.bfloat16, None, bias, out_dtype)
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K), weight int8 (O, K), scale (O,) -> (M, O) fp32 = scale * (x @ weight.T) + bias,
+                bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x (M, K), weight int8 (O, K), scale (O,) -> (M, O) = scale * (x @ weight.T) + bias,
     each row of x rounded to int16 with one scale (|error| <= max|x[m]| / 65534) and the products
-    summed exactly: the same bits on every SIMD path."""
-    return _run("inhouse_int8_matmul", x, weight, torch.int8, scale, bias)
+    summed exactly: the same bits on every SIMD path; rounded once to out_dtype."""
+    return _run("inhouse_int8_matmul", x, weight, torch.int8, scale, bias, out_dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,7 +129,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not applies(x, weight):
         return nn.functional.linear(x, weight, bias)
     lead = x.shape[:-1]
-    y = bf16_matmul(x.reshape(-1, x.shape[-1]), weight, bias)
+    out = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    y = bf16_matmul(x.reshape(-1, x.shape[-1]), weight, bias, out)
     return y.to(x.dtype).reshape(*lead, weight.shape[0])
 
 

@@ -66,7 +66,8 @@ class Int8Linear(nn.Module):
             return int8_linear_reference(x2, self.weight, self.weight_scale, self.bias) \
                 .reshape(*lead, self.out_features)
         if dense_kernel.applies(x2, self.weight):
-            y = dense_kernel.int8_matmul(x2, self.weight, self.weight_scale, self.bias)
+            out = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
+            y = dense_kernel.int8_matmul(x2, self.weight, self.weight_scale, self.bias, out)
             return y.to(x2.dtype).reshape(*lead, self.out_features)
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight,
                                                self.weight_scale.to(x2.dtype))

@@ -207,11 +207,16 @@ int inhouse_dense_simd_level(void) {
     return 0;
 }
 
+/* The dtypes argument of both entry points: which of x, bias and y are bf16 (else fp32). */
+enum { X_BF16 = 1, BIAS_BF16 = 2, Y_BF16 = 4 };
+
 /* y[m, o] = dot(x[m], w[o]) * row_scale[m] * scale[o] + bias[o] (row_scale, scale and bias
- * optional), rows of W over threads, input rows MAX_ROWS at a time against each weight row. */
+ * optional; bias and y bf16 or fp32 as `dtypes` says, y rounded once), rows of W over threads,
+ * input rows MAX_ROWS at a time against each weight row. */
 static void matmul_rows(const char *x, size_t x_item, int64_t M, const char *w, size_t w_item,
                         dots_fn dots, const float *row_scale, const float *scale,
-                        const float *bias, int64_t O, int64_t K, float *y, int nthreads) {
+                        const void *bias, int dtypes, int64_t O, int64_t K, void *y,
+                        int nthreads) {
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t o = 0; o < O; o++) {
@@ -223,7 +228,8 @@ static void matmul_rows(const char *x, size_t x_item, int64_t M, const char *w, 
             for (int64_t m = 0; m < R; m++) {
                 float v = row_scale ? s[m] * row_scale[m0 + m] : s[m];
                 v = scale ? v * scale[o] : v;
-                y[(m0 + m) * O + o] = bias ? v + bias[o] : v;
+                v = bias ? v + load_as(bias, dtypes & BIAS_BF16, o) : v;
+                store_as(y, dtypes & Y_BF16, (m0 + m) * O + o, v);
             }
         }
     }
@@ -234,13 +240,15 @@ static int level_of(int level) {
     return level < lv ? level : lv;
 }
 
-/* x [M, K] fp32 (x_bf16 = 0) or bf16 (x_bf16 = 1, AVX-512 BF16 only), w [O, K] bf16, scale
- * unused (NULL), bias [O] fp32 or NULL -> y [M, O] fp32. level: the most SIMD to use (0 = the
- * portable path). Returns 0, or -2 for bf16 rows where the CPU or `level` has no AVX-512 BF16. */
-int inhouse_bf16_matmul(const void *x, int x_bf16, int64_t M, const uint16_t *w,
-                        const float *scale, const float *bias, int64_t O, int64_t K, float *y,
+/* x [M, K] fp32 or bf16 (X_BF16 in dtypes; AVX-512 BF16 only), w [O, K] bf16, scale unused
+ * (NULL), bias [O] or NULL -> y [M, O] (bias and y: fp32, or bf16 as dtypes says). level: the
+ * most SIMD to use (0 = the portable path). Returns 0, or -2 for bf16 rows where the CPU or
+ * `level` has no AVX-512 BF16. */
+int inhouse_bf16_matmul(const void *x, int dtypes, int64_t M, const uint16_t *w,
+                        const float *scale, const void *bias, int64_t O, int64_t K, void *y,
                         int nthreads, int level) {
     (void)scale;
+    const int x_bf16 = dtypes & X_BF16;
     int lv = level_of(level);
     dots_fn dots = dots_scalar;
 #ifdef HAVE_X86
@@ -250,7 +258,7 @@ int inhouse_bf16_matmul(const void *x, int x_bf16, int64_t M, const uint16_t *w,
 #endif
     if (x_bf16 && lv < 3) return -2;
     matmul_rows((const char *)x, x_bf16 ? 2 : 4, M, (const char *)w, sizeof *w, dots, NULL, NULL,
-                bias, O, K, y, nthreads);
+                bias, dtypes, O, K, y, nthreads);
     return 0;
 }
 
@@ -262,28 +270,25 @@ static void quantize_rows(const void *x, int x_bf16, int64_t M, int64_t K, int16
         float amax = 0.0f;
         int finite = 1;
         for (int64_t k = 0; k < K; k++) {
-            float a = fabsf(x_bf16 ? bf16_to_f32(((const uint16_t *)x)[m * K + k])
-                                   : ((const float *)x)[m * K + k]);
+            float a = fabsf(load_as(x, x_bf16, m * K + k));
             if (!(a <= FLT_MAX)) finite = 0;  /* NaN or infinity */
             else if (a > amax) amax = a;
         }
         float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
         for (int64_t k = 0; k < K; k++) {
-            float v = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[m * K + k])
-                             : ((const float *)x)[m * K + k];
-            float r = nearbyintf(v * inv);
+            float r = nearbyintf(load_as(x, x_bf16, m * K + k) * inv);
             q[m * K + k] = (int16_t)(r > 32767.0f ? 32767.0f : (r < -32767.0f ? -32767.0f : r));
         }
         row_scale[m] = finite ? amax / 32767.0f : NAN;
     }
 }
 
-/* x [M, K] fp32 or bf16 (x_bf16), w [O, K] int8, scale [O] fp32, bias [O] fp32 or NULL ->
- * y [M, O] fp32: y = (q . w) * row_scale * scale + bias, the rows rounded to int16 (quantize_rows)
- * and the dot product summed exactly. Every path gives the same bits. Returns 0, or -1 if memory
- * ran out. */
-int inhouse_int8_matmul(const void *x, int x_bf16, int64_t M, const int8_t *w, const float *scale,
-                        const float *bias, int64_t O, int64_t K, float *y, int nthreads,
+/* x [M, K] fp32 or bf16, w [O, K] int8, scale [O] fp32, bias [O] or NULL -> y [M, O] (x, bias
+ * and y: fp32, or bf16 as dtypes says): y = (q . w) * row_scale * scale + bias, the rows rounded
+ * to int16 (quantize_rows) and the dot product summed exactly. Every path gives the same bits.
+ * Returns 0, or -1 if memory ran out. */
+int inhouse_int8_matmul(const void *x, int dtypes, int64_t M, const int8_t *w, const float *scale,
+                        const void *bias, int64_t O, int64_t K, void *y, int nthreads,
                         int level) {
     int lv = level_of(level);
     dots_fn dots = dots_scalar_q;
@@ -298,9 +303,9 @@ int inhouse_int8_matmul(const void *x, int x_bf16, int64_t M, const int8_t *w, c
         free(row_scale);
         return -1;
     }
-    quantize_rows(x, x_bf16, M, K, q, row_scale);
+    quantize_rows(x, dtypes & X_BF16, M, K, q, row_scale);
     matmul_rows((const char *)q, sizeof *q, M, (const char *)w, sizeof *w, dots, row_scale, scale,
-                bias, O, K, y, nthreads);
+                bias, dtypes, O, K, y, nthreads);
     free(q);
     free(row_scale);
     return 0;
