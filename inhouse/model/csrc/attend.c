@@ -12,9 +12,6 @@
  * ISO C (-std=c11) keeps the compiler from fusing multiplies and adds. */
 #include <stdint.h>
 #include <stdlib.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "common.h"
 
@@ -107,11 +104,7 @@ int inhouse_attend_one(const void *q, const void *k, const void *v, int bf16, co
     if (!scratch) return -1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t j = 0; j < Hkv; j++) {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
-        float *scores = scratch + (size_t)tid * per_thread, *qf = scores + G * n, *o = qf + G * D;
+        float *scores = thread_slice(scratch, per_thread), *qf = scores + G * n, *o = qf + G * D;
         for (int64_t g = 0; g < G; g++)
             load_row((const char *)q + (size_t)((j * G + g) * D) * item, bf16, D, qf + g * D);
         const size_t first = (size_t)(j * head_stride + lo * D) * item;

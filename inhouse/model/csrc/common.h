@@ -1,9 +1,12 @@
-/* Plain-C helpers shared by the kernels (no intrinsics): bf16 conversions as torch does them, and
- * the fixed-order sums of the target_clones kernels. */
+/* Plain-C helpers shared by the kernels (no intrinsics): bf16 conversions as torch does them,
+ * per-thread scratch, and the fixed-order sums of the target_clones kernels. */
 #ifndef INHOUSE_COMMON_H
 #define INHOUSE_COMMON_H
 #include <stddef.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
@@ -27,6 +30,17 @@ static inline float load_as(const void *x, int bf16, int64_t i) {
 static inline void store_as(void *x, int bf16, int64_t i, float v) {
     if (bf16) ((uint16_t *)x)[i] = f32_to_bf16(v);
     else ((float *)x)[i] = v;
+}
+
+/* This thread's part of a scratch buffer of per_thread floats per thread, allocated before the
+ * parallel region (so that every thread runs the same loops); NULL stays NULL. */
+static inline float *thread_slice(float *buffer, size_t per_thread) {
+#ifdef _OPENMP
+    return buffer ? buffer + (size_t)omp_get_thread_num() * per_thread : NULL;
+#else
+    (void)per_thread;
+    return buffer;
+#endif
 }
 
 /* Loops written over LANES partial sums vectorise without reordering a sum, so the build variants

@@ -21,9 +21,6 @@
 #include <string.h>
 
 #include "common.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 static const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
@@ -316,9 +313,19 @@ static void fused_rows(int path, const void *xp, int64_t R, const uint8_t *b, co
         y[m * O] = dot_scalar((const float *)xp + m * G * 32, wbuf, G * 32);
 }
 
-/* y[m, o] for the prepared rows xp [M, G*32] and output rows [o0, o0 + count) of one matrix, rows
- * MAX_FUSED_ROWS at a time (every (m, o) is the same chain whatever M). Inside a parallel region:
- * the output rows are shared out over the threads. */
+/* y[m * O] for M prepared rows (row_bytes apart) against one output row, MAX_FUSED_ROWS at a time:
+ * every (m, o) is the same chain whatever M. */
+static void all_rows(int path, const char *xp, size_t row_bytes, int64_t M, const uint8_t *b,
+                     const uint8_t *s, int64_t G, float *y, int64_t O, const tables_t *t,
+                     float *wbuf) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS) {
+        int64_t rows = M - m0 < MAX_FUSED_ROWS ? M - m0 : MAX_FUSED_ROWS;
+        fused_rows(path, xp + m0 * row_bytes, rows, b, s, G, y + m0 * O, O, t, wbuf);
+    }
+}
+
+/* y [M, O] for the prepared rows xp [M, G*32] and one matrix. Inside a parallel region: the
+ * output rows are shared out over the threads. */
 static void matmul_shared(int path, const char *xp, int64_t M, const uint8_t *blocks,
                           const uint8_t *scales, int64_t O, int64_t G, float *y,
                           const tables_t *t, float *wbuf) {
@@ -327,25 +334,14 @@ static void matmul_shared(int path, const char *xp, int64_t M, const uint8_t *bl
 #pragma omp for schedule(static)
 #endif
     for (int64_t o = 0; o < O; o++)
-        for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS) {
-            int64_t rows = M - m0 < MAX_FUSED_ROWS ? M - m0 : MAX_FUSED_ROWS;
-            fused_rows(path, xp + m0 * row_bytes, rows, blocks + o * G * 16, scales + o * G, G,
-                       y + m0 * O + o, O, t, wbuf);
-        }
+        all_rows(path, xp, row_bytes, M, blocks + o * G * 16, scales + o * G, G, y + o, O, t,
+                 wbuf);
 }
 
 /* The portable path's decode buffers, G*32 floats per thread, allocated before the parallel region
  * (so that every thread runs the same loops); NULL on the SIMD paths (and if memory ran out). */
 static float *decode_buffers(int path, int nthreads, int64_t G) {
     return path ? NULL : (float *)malloc((size_t)nthreads * (size_t)(G * 32) * sizeof(float));
-}
-
-static inline float *thread_buffer(float *buffers, int64_t G) {
-#ifdef _OPENMP
-    return buffers ? buffers + (size_t)omp_get_thread_num() * (size_t)(G * 32) : NULL;
-#else
-    return buffers;
-#endif
 }
 
 static int matmul(const void *x, int x_bf16, int64_t M, const uint8_t *blocks,
@@ -363,7 +359,8 @@ static int matmul(const void *x, int x_bf16, int64_t M, const uint8_t *blocks,
     }
     prepare_rows(path, x, x_bf16, M, G, xp);
 #pragma omp parallel num_threads(nthreads)
-    matmul_shared(path, xp, M, blocks, scales, O, G, y, &t, thread_buffer(wbufs, G));
+    matmul_shared(path, xp, M, blocks, scales, O, G, y, &t,
+                  thread_slice(wbufs, (size_t)(G * 32)));
     free(xp);
     free(wbufs);
     return 0;
@@ -385,6 +382,25 @@ int inhouse_mxfp4_matmul_bf16(const uint16_t *x, int64_t M, const uint8_t *block
 }
 
 /* ---- one MoE layer for a few rows ----------------------------------------------------------- */
+/* y [S, O] for S prepared rows grouped by expert (group gi: rows group[gi]..group[gi+1]-1, all
+ * routed to expert experts[slot[group[gi]]]) against that expert's matrix of the layer's
+ * [E, O, G, 16] blocks. Inside a parallel region: (group, output row) pairs are shared out. */
+static void experts_shared(int path, const char *xp, int64_t ng, const int64_t *group,
+                           const int64_t *slot, const int64_t *experts, const uint8_t *blocks,
+                           const uint8_t *scales, int64_t O, int64_t G, float *y,
+                           const tables_t *t, float *wbuf) {
+    const size_t row_bytes = (size_t)(G * 32) * prepared_item(path);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t i = 0; i < ng * O; i++) {
+        const int64_t gi = i / O, o = i % O, e = experts[slot[group[gi]]], s0 = group[gi];
+        all_rows(path, xp + s0 * row_bytes, row_bytes, group[gi + 1] - s0,
+                 blocks + (e * O + o) * G * 16, scales + (e * O + o) * G, G, y + s0 * O + o, O, t,
+                 wbuf);
+    }
+}
+
 /* x [M, H] (bf16 if bf16, else fp32), experts/weights [M, k] (the router's choice and its weights,
  * fp32 values of the model's dtype), the layer's packed experts (gate_up [E, 2I, H/32, 16] with
  * gate and up interleaved, down [E, H, I/32, 16]) and biases [E, 2I], [E, H] in the model's dtype
@@ -434,21 +450,10 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
     const int64_t ng = failed ? 0 : groups;  /* every thread runs the same loops */
 #pragma omp parallel num_threads(nthreads)
     {
-        float *wbuf = thread_buffer(wbufs, GH > GI ? GH : GI);
+        float *wbuf = thread_slice(wbufs, (size_t)((GH > GI ? GH : GI) * 32));
         /* gate_up for every (expert, output row), then SwiGLU per slot, then down */
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t i = 0; i < ng * O1; i++) {
-            const int64_t gi = i / O1, o = i % O1, e = experts[slot[group[gi]]];
-            for (int64_t s0 = group[gi]; s0 < group[gi + 1]; s0 += MAX_FUSED_ROWS) {
-                int64_t rows = group[gi + 1] - s0 < MAX_FUSED_ROWS ? group[gi + 1] - s0
-                                                                   : MAX_FUSED_ROWS;
-                fused_rows(path, xp + (size_t)(s0 * H) * item, rows,
-                           gu_blocks + (e * O1 + o) * GH * 16, gu_scales + (e * O1 + o) * GH, GH,
-                           h1 + s0 * O1 + o, O1, &t, wbuf);
-            }
-        }
+        experts_shared(path, xp, ng, group, slot, experts, gu_blocks, gu_scales, O1, GH, h1, &t,
+                       wbuf);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -468,19 +473,8 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
             }
             prepare_rows(path, a, bf16, 1, GI, ap + (size_t)(s * I) * item);
         }
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t i = 0; i < ng * H; i++) {
-            const int64_t gi = i / H, o = i % H, e = experts[slot[group[gi]]];
-            for (int64_t s0 = group[gi]; s0 < group[gi + 1]; s0 += MAX_FUSED_ROWS) {
-                int64_t rows = group[gi + 1] - s0 < MAX_FUSED_ROWS ? group[gi + 1] - s0
-                                                                   : MAX_FUSED_ROWS;
-                fused_rows(path, ap + (size_t)(s0 * I) * item, rows,
-                           dn_blocks + (e * H + o) * GI * 16, dn_scales + (e * H + o) * GI, GI,
-                           h2 + s0 * H + o, H, &t, wbuf);
-            }
-        }
+        experts_shared(path, ap, ng, group, slot, experts, dn_blocks, dn_scales, H, GI, h2, &t,
+                       wbuf);
         /* each row's experts in ascending order (the slots' order), as torch's index_add_ */
 #ifdef _OPENMP
 #pragma omp for schedule(static)
