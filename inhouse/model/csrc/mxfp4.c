@@ -28,7 +28,12 @@ static const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
 /* input rows multiplied with each decoded block at once (SIMD paths) */
 #define MAX_FUSED_ROWS 8
 
-static float scale_of(uint8_t e) { return ldexpf(1.0f, (int)e - 127); }
+/* 2**(e-127), the E8M0 scale, from the exponent bits (no libm call; the table below is filled
+ * once per call); e == 0 is the subnormal 2**-127, e == 255 infinity, as ldexpf gives them. */
+static float scale_of(uint8_t e) {
+    union { uint32_t u; float f; } v = {.u = e ? (uint32_t)e << 23 : 0x00400000u};
+    return v.f;
+}
 
 static void fill_scale_table(float table[256]) {
     for (int e = 0; e < 256; e++) table[e] = scale_of((uint8_t)e);
