@@ -137,17 +137,15 @@ class MXFP4Experts(Experts):
         if not fast:
             return super().forward(x, weights, indices, groups)
         rest = [g for g in groups if g not in fast]
-        out = super().forward(x, weights, indices, rest) if rest else None
-        rows = (slice(0, N) if out is None and len(fast) == len(groups) else
-                torch.cat([torch.arange(g.start, g.stop) for g in fast]))
+        rows = torch.cat([torch.arange(g.start, g.stop) for g in fast]) if rest else slice(0, N)
         y = mxfp4_kernel.moe_rows(
             x[rows], weights[rows], indices[rows],
             (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias),
             (self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias),
             self.alpha, self.limit)
-        if out is None and isinstance(rows, slice):
+        if not rest:  # every group took the one call
             return y
-        out = torch.zeros_like(x) if out is None else out
+        out = super().forward(x, weights, indices, rest)
         out[rows] = y
         return out
 
