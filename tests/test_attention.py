@@ -61,9 +61,9 @@ def test_a_large_sink_absorbs_the_attention():
     assert out.abs().max() < 1e-6
 
 
-from inhouse.model import attend_kernel  # noqa: E402
+from inhouse.model import attend_kernel, rows_kernel  # noqa: E402
 
-needs_kernel = pytest.mark.skipif(attend_kernel._lib() is None, reason="kernel not built")
+needs_kernel = pytest.mark.skipif(not attend_kernel.available(), reason="kernel not built")
 
 
 @needs_kernel
@@ -120,8 +120,7 @@ def test_native_rotary_is_the_pytorch_one_bit_for_bit(dtype):
     assert torch.equal(apply_rotary(x, cos, sin), apply_rotary_reference(x, cos, sin))
 
 
-@pytest.mark.skipif(__import__("inhouse.model.rows_kernel", fromlist=["_lib"])._lib() is None,
-                    reason="kernel not built")
+@pytest.mark.skipif(not rows_kernel.available(), reason="kernel not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_rmsnorm_matches_the_reference_and_the_batch(dtype):
     from inhouse.model.layers import RMSNorm, rmsnorm_reference

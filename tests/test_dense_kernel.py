@@ -7,7 +7,7 @@ from torch import nn
 
 from inhouse.model import dense_kernel
 
-pytestmark = pytest.mark.skipif(dense_kernel._lib() is None, reason="kernel not built")
+pytestmark = pytest.mark.skipif(not dense_kernel.available(), reason="kernel not built")
 
 LEVELS = ["1", "avx512", "avx2", "portable"]  # "1": AVX-512 BF16 for bf16 rows where present
 

@@ -20,30 +20,30 @@ from inhouse.model import native
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    lib = native.load("attend")
-    if lib is None:
-        return None
     c = ctypes
-    lib.inhouse_attend_one.argtypes = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_void_p,
-                                       c.c_int64, c.c_int64, c.c_int64, c.c_int64, c.c_int64,
-                                       c.c_int64, c.c_float, c.c_void_p, c.c_int]
-    lib.inhouse_attend_one.restype = c.c_int
-    lib.inhouse_rotary.argtypes = [c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_int64,
-                                   c.c_int64, c.c_int64, c.c_void_p]
-    lib.inhouse_rotary.restype = c.c_int
-    return lib
+    return native.bind("attend", {
+        "inhouse_attend_one": [c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_void_p, c.c_int64,
+                               c.c_int64, c.c_int64, c.c_int64, c.c_int64, c.c_int64, c.c_float,
+                               c.c_void_p, c.c_int],
+        "inhouse_rotary": [c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_int64, c.c_int64,
+                           c.c_int64, c.c_void_p],
+    })
+
+
+def available() -> bool:
+    return _lib() is not None
 
 
 def path_name() -> str:
     """"attend-c" with the kernel, "torch" without; audit records carry it."""
-    return "attend-c" if _lib() is not None else "torch"
+    return "attend-c" if available() else "torch"
 
 
 def applies(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Would `attend_one` take these (one query row, CPU, bf16/fp32, head_dim a multiple of 16
     up to 256, keys laid out row after row within each head)?"""
     T, _, D = q.shape
-    return (_lib() is not None and T == 1 and q.device.type == "cpu" and k.dtype == q.dtype
+    return (available() and T == 1 and q.device.type == "cpu" and k.dtype == q.dtype
             and q.dtype in (torch.bfloat16, torch.float32) and D % 16 == 0 and D <= 256
             and k.stride(2) == 1 and k.stride(1) == D)
 
@@ -73,7 +73,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.T
 
 
 def rotary_applies(x: torch.Tensor) -> bool:
-    return (_lib() is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16,
+    return (available() and x.device.type == "cpu" and x.dtype in (torch.bfloat16,
             torch.float32) and x.shape[-1] % 2 == 0
             and not (torch.is_grad_enabled() and x.requires_grad))
 

@@ -28,16 +28,15 @@ MAX_ROWS = 16
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    lib = native.load("dense")
-    if lib is None:
-        return None
     c = ctypes
-    for fn in (lib.inhouse_bf16_matmul, lib.inhouse_int8_matmul):  # one signature for both
-        fn.argtypes = [c.c_void_p, c.c_int, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p,
-                       c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int]
-        fn.restype = c.c_int
-    lib.inhouse_dense_simd_level.restype = c.c_int
-    return lib
+    matmul = [c.c_void_p, c.c_int, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64,
+              c.c_int64, c.c_void_p, c.c_int, c.c_int]  # one signature for both
+    return native.bind("dense", {"inhouse_dense_simd_level": [], "inhouse_bf16_matmul": matmul,
+                                 "inhouse_int8_matmul": matmul})
+
+
+def available() -> bool:
+    return _lib() is not None
 
 
 def _level() -> int:
@@ -49,13 +48,13 @@ def path_name() -> str:
     """The arithmetic this process uses for decode projections: "avx512bf16" (bf16 rows in
     vdpbf16ps; fp32 rows and int8 weights take the AVX-512 path), "avx512", "avx2", "portable",
     or "torch" (no kernel). Audit records carry it with the MXFP4 path."""
-    if _lib() is None:
+    if not available():
         return "torch"
     return {3: "avx512bf16", 2: "avx512", 1: "avx2", 0: "portable"}[_level()]
 
 
 def _takes(weight: torch.Tensor, rows: int) -> bool:
-    return (_lib() is not None and 0 < rows <= MAX_ROWS and weight.device.type == "cpu"
+    return (available() and 0 < rows <= MAX_ROWS and weight.device.type == "cpu"
             and weight.dtype in (torch.bfloat16, torch.int8))
 
 

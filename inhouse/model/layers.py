@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 
     def rows_independent(self, rows: int) -> bool:
         """Is each result row computed exactly as that row alone (by_rows)?"""
-        return (rows_kernel._lib() is not None and self.weight.device.type == "cpu"
+        return (rows_kernel.available() and self.weight.device.type == "cpu"
                 and not torch.is_grad_enabled())
 
 

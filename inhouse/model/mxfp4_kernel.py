@@ -19,22 +19,17 @@ from inhouse.model.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    lib = native.load("mxfp4")
-    if lib is None:
-        return None
     c = ctypes
-    lib.inhouse_mxfp4_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64,
-                                         c.c_int64, c.c_void_p, c.c_int, c.c_int]
-    lib.inhouse_mxfp4_matmul.restype = c.c_int
-    lib.inhouse_mxfp4_simd_level.restype = c.c_int
-    lib.inhouse_mxfp4_matmul_bf16.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p,
-                                              c.c_int64, c.c_int64, c.c_void_p, c.c_int]
-    lib.inhouse_mxfp4_matmul_bf16.restype = c.c_int
-    lib.inhouse_moe_rows.argtypes = ([c.c_void_p, c.c_int, c.c_int64, c.c_int64] + [c.c_void_p] * 8
-                                     + [c.c_int64, c.c_int64, c.c_float, c.c_float, c.c_void_p,
-                                        c.c_int, c.c_int])
-    lib.inhouse_moe_rows.restype = c.c_int
-    return lib
+    return native.bind("mxfp4", {
+        "inhouse_mxfp4_simd_level": [],
+        "inhouse_mxfp4_matmul": [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64,
+                                 c.c_int64, c.c_void_p, c.c_int, c.c_int],
+        "inhouse_mxfp4_matmul_bf16": [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64,
+                                      c.c_int64, c.c_void_p, c.c_int],
+        "inhouse_moe_rows": ([c.c_void_p, c.c_int, c.c_int64, c.c_int64] + [c.c_void_p] * 8
+                             + [c.c_int64, c.c_int64, c.c_float, c.c_float, c.c_void_p, c.c_int,
+                                c.c_int]),
+    })
 
 
 def available() -> bool:

@@ -2,8 +2,8 @@
 
 ctypes releases the GIL during a call, and the kernels take plain pointers, so no Python C-API
 code is involved. A kernel that was not built (no C compiler) loads as None and callers fall back
-to PyTorch. INHOUSE_<NAME>_KERNEL (NAME = MXFP4, DENSE, ATTEND or ROWS): 0 turns one off, portable keeps it off
-its SIMD paths, avx2 keeps it off AVX-512, avx512 off AVX-512 BF16. The paths sum in different
+to PyTorch. INHOUSE_<NAME>_KERNEL (NAME = MXFP4, DENSE, ATTEND or ROWS): 0 turns one off,
+portable keeps it off its SIMD paths, avx2 keeps it off AVX-512, avx512 off AVX-512 BF16. The paths sum in different
 orders, so a record made on an AVX2-only machine replays bit for bit here with =avx2 set.
 """
 
@@ -33,6 +33,18 @@ def load(name: str) -> ctypes.CDLL | None:
     if spec is None or spec.origin is None:
         return None
     return ctypes.CDLL(spec.origin)
+
+
+def bind(name: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
+    """`load(name)` with the argument types of its functions set; every kernel function returns
+    an int (a status code or a level)."""
+    lib = load(name)
+    if lib is None:
+        return None
+    for fn, argtypes in signatures.items():
+        f = getattr(lib, fn)
+        f.argtypes, f.restype = argtypes, ctypes.c_int
+    return lib
 
 
 def simd_level(lib: ctypes.CDLL | None, name: str) -> int:

@@ -19,24 +19,23 @@ from inhouse.model import native
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    lib = native.load("rows")
-    if lib is None:
-        return None
     c = ctypes
-    lib.inhouse_rmsnorm.argtypes = [c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_void_p,
-                                    c.c_float, c.c_void_p]
-    lib.inhouse_rmsnorm.restype = c.c_int
-    return lib
+    return native.bind("rows", {"inhouse_rmsnorm": [c.c_void_p, c.c_int, c.c_int64, c.c_int64,
+                                                    c.c_void_p, c.c_float, c.c_void_p]})
+
+
+def available() -> bool:
+    return _lib() is not None
 
 
 def path_name() -> str:
     """"rows-c" with the kernel, "torch" without; audit records carry it."""
-    return "rows-c" if _lib() is not None else "torch"
+    return "rows-c" if available() else "torch"
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Would `rmsnorm` take x (CPU, bf16/fp32, fp32 weight, no gradient)?"""
-    return (_lib() is not None and x.device.type == "cpu"
+    return (available() and x.device.type == "cpu"
             and x.dtype in (torch.bfloat16, torch.float32) and weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
