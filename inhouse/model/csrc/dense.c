@@ -19,35 +19,32 @@
 
 #include "common.h"
 
-
-
-/* The dot products of up to MAX_ROWS input rows with one weight row, one per weight type (T, its
- * scalar conversion TO_F32, its 16- and 8-lane loads), written once as templates. The weight row is
- * loaded and converted once for all the input rows. For each input row the arithmetic is the same
- * whatever the number of rows (batch-invariant): two FMA chains (even and odd vector chunks), one
- * more chunk into the even chain, then the scalar tail. Scalar: 16 partial sums in a fixed order.
+/* The dot products of up to MAX_ROWS input rows with one bf16 weight row (the SIMD bodies written
+ * once as a template over the vector width; int8 weights have their own, DOTS_Q, below). The
+ * weight row is loaded and converted once for all the input rows. For each input row the
+ * arithmetic is the same whatever the number of rows (batch-invariant): two FMA chains (even and
+ * odd vector chunks), one more chunk into the even chain, then the scalar tail. Scalar: 16 partial
+ * sums in a fixed order.
  * The SIMD bodies are called with R a literal (DISPATCH_ROWS), so rows unroll and accumulators stay
  * in registers. x is fp32 rows, except for dots_bf16x (bf16 rows). */
 #define MAX_ROWS 8
 typedef void (*dots_fn)(const void *x, int64_t K, int64_t R, const void *w, float *out);
 
-#define DOTS_SCALAR(NAME, T, TO_F32)                                                             \
-    static void NAME(const void *xv, int64_t K, int64_t R, const void *wv, float *out) {       \
-        const float *x = (const float *)xv;                                                      \
-        const T *w = (const T *)wv;                                                              \
-        for (int64_t m = 0; m < R; m++) {                                                        \
-            const float *xm = x + m * K;                                                         \
-            float acc[16] = {0};                                                                 \
-            int64_t k = 0;                                                                       \
-            for (; k + 16 <= K; k += 16)                                                         \
-                for (int j = 0; j < 16; j++) acc[j] += xm[k + j] * TO_F32(w[k + j]);             \
-            float s = 0.0f;                                                                      \
-            for (int j = 0; j < 16; j++) s += acc[j];                                            \
-            for (; k < K; k++) s += xm[k] * TO_F32(w[k]);                                        \
-            out[m] = s;                                                                          \
-        }                                                                                        \
+static void dots_scalar(const void *xv, int64_t K, int64_t R, const void *wv, float *out) {
+    const float *x = (const float *)xv;
+    const uint16_t *w = (const uint16_t *)wv;
+    for (int64_t m = 0; m < R; m++) {
+        const float *xm = x + m * K;
+        float acc[16] = {0};
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16)
+            for (int j = 0; j < 16; j++) acc[j] += xm[k + j] * bf16_to_f32(w[k + j]);
+        float s = 0.0f;
+        for (int j = 0; j < 16; j++) s += acc[j];
+        for (; k < K; k++) s += xm[k] * bf16_to_f32(w[k]);
+        out[m] = s;
     }
-DOTS_SCALAR(dots_scalar, uint16_t, bf16_to_f32)
+}
 
 /* int16 rows . int8 weights, summed exactly: 32-bit lanes are folded into 64 bits every Q_CHUNK
  * elements (a lane then holds at most 512 products of |x| <= 32767 and |w| <= 128: < 2**31). */
