@@ -102,7 +102,7 @@ int inhouse_attend_one(const void *q, const void *k, const void *v, int bf16, co
     const size_t per_thread = (size_t)(G * n + 2 * G * D);
     float *scratch = (float *)malloc((size_t)nthreads * per_thread * sizeof(float));
     if (!scratch) return -1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t j = 0; j < Hkv; j++) {
         float *scores = thread_slice(scratch, per_thread), *qf = scores + G * n, *o = qf + G * D;
         for (int64_t g = 0; g < G; g++)

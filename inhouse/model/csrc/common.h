@@ -43,6 +43,17 @@ static inline float *thread_slice(float *buffer, size_t per_thread) {
 #endif
 }
 
+/* Loops over output rows hand them out in chunks, CHUNKS_PER_THREAD per thread on average, to
+ * whichever thread is free (schedule(dynamic, chunk_of(...))): on a shared machine one core is
+ * often slower for a while, and a static split makes the other wait for it (decode step, 20b shape,
+ * 2 cores, interleaved: median 146 ms against 159 ms static). A row's result does not depend on
+ * the thread that computes it, so the split changes no bits. */
+#define CHUNKS_PER_THREAD 16
+static inline int64_t chunk_of(int64_t n, int nthreads) {
+    const int64_t parts = (int64_t)(nthreads < 1 ? 1 : nthreads) * CHUNKS_PER_THREAD;
+    return n > parts ? (n + parts - 1) / parts : 1;
+}
+
 /* Loops written over LANES partial sums vectorise without reordering a sum, so the build variants
  * of a function (CLONES: AVX-512, AVX2, baseline; ISO C fuses no multiply-adds) give the same
  * bits. */

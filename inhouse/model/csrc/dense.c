@@ -215,7 +215,7 @@ static void matmul_rows(const char *x, size_t x_item, int64_t M, const char *w, 
                         const void *bias, int dtypes, int64_t O, int64_t K, void *y,
                         int nthreads) {
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, chunk_of(O, nthreads))
     for (int64_t o = 0; o < O; o++) {
         const void *wo = w + (size_t)(o * K) * w_item;
         for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {

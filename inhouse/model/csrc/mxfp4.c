@@ -336,7 +336,7 @@ static void matmul_shared(int path, const char *xp, int64_t M, const uint8_t *bl
                           const tables_t *t, float *wbuf) {
     const size_t row_bytes = (size_t)(G * 32) * prepared_item(path);
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk_of(O, omp_get_num_threads()))
 #endif
     for (int64_t o = 0; o < O; o++)
         all_rows(path, xp, row_bytes, M, blocks + o * G * 16, scales + o * G, G, y + o, O, t,
@@ -396,7 +396,7 @@ static void experts_shared(int path, const char *xp, int64_t ng, const int64_t *
                            const tables_t *t, float *wbuf) {
     const size_t row_bytes = (size_t)(G * 32) * prepared_item(path);
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk_of(ng * O, omp_get_num_threads()))
 #endif
     for (int64_t i = 0; i < ng * O; i++) {
         const int64_t gi = i / O, o = i % O, e = experts[slot[group[gi]]], s0 = group[gi];
@@ -460,7 +460,7 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
         experts_shared(path, xp, ng, group, slot, experts, gu_blocks, gu_scales, O1, GH, h1, &t,
                        wbuf);
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t s = 0; s < (ng ? S : 0); s++) {
             const int64_t e = experts[slot[s]];
@@ -482,7 +482,7 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
                        wbuf);
         /* each row's experts in ascending order (the slots' order), as torch's index_add_ */
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t m = 0; m < (ng ? M : 0); m++)
             for (int64_t o = 0; o < H; o++) {
