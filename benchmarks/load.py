@@ -1,11 +1,11 @@
 """Load time, peak memory and one decode step for the gpt-oss-20b shape (random weights).
 
-    python benchmarks/load.py [--preset gpt-oss-20b] [--dtype bfloat16] [--decode-steps 3]
+    python benchmarks/load.py [--preset gpt-oss-20b] [--dtype bfloat16] [--decode-steps 3] [--mmap]
 
 Builds (once, cached under ~/.cache/inhouse/bench) a random checkpoint with the exact shape of
 gpt-oss-20b in the HF MXFP4 layout, sharded like the hub's files; then loads it in this process
 and reports load time, RSS (anonymous and file-backed), and prefill/decode times. Target: peak RSS
-< 16 GiB for the 20b shape. Writes benchmarks/results/load-<preset>.json.
+< 16 GiB for the 20b shape. Writes benchmarks/results/load-<preset>-<dtype>[-mmap].json.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--mmap", action="store_true",
+                    help="keep the weights memory-mapped (default: read into memory at load)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,7 +43,7 @@ def main() -> None:
 
     before = memory()
     t0 = time.perf_counter()
-    model = load_model(path, dtype=dtype)
+    model = load_model(path, dtype=dtype, mmap=args.mmap)
     load_s = time.perf_counter() - t0
     after_load = memory()
 
@@ -61,15 +63,15 @@ def main() -> None:
     end = memory()
     on_disk = model.source.num_bytes
     data = {
-        "preset": args.preset, "dtype": args.dtype, "checkpoint": str(path),
+        "preset": args.preset, "dtype": args.dtype, "checkpoint": str(path), "mmap": args.mmap,
         "bytes_on_disk": on_disk, "load_s": load_s,
         "rss_after_load": after_load["VmRSS"], "rss_before_load": before["VmRSS"],
         "prefill_tokens": args.prompt_tokens, "prefill_s": prefill_s,
         "decode_step_s": steps, "decode_tokens_per_s": len(steps) / sum(steps) if steps else None,
         "rss_end": end["VmRSS"], "rss_anon_end": end["RssAnon"], "rss_file_end": end["RssFile"],
         "peak_rss": end["VmHWM"],
-        # if every expert page were touched, file-backed RSS would reach the mapped weights' size
-        "worst_case_rss": end["RssAnon"] + on_disk,
+        # mapped: if every expert page were touched, file-backed RSS would reach the weights' size
+        "worst_case_rss": end["RssAnon"] + (on_disk if args.mmap else 0),
         "threads": torch.get_num_threads(), "machine": machine(),
     }
     rows = [
@@ -85,7 +87,8 @@ def main() -> None:
         ("worst case (anon + all weights resident)", f"{data['worst_case_rss'] / GiB:.2f} GiB"),
         ("target", "peak RSS < 16 GiB"),
     ]
-    report(f"load: {args.preset} ({args.dtype})", rows, data, f"load-{args.preset}-{args.dtype}")
+    name = f"load-{args.preset}-{args.dtype}" + ("-mmap" if args.mmap else "")
+    report(f"load: {args.preset} ({args.dtype}{', mmap' if args.mmap else ''})", rows, data, name)
 
 
 if __name__ == "__main__":

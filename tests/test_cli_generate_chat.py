@@ -27,6 +27,8 @@ def test_generate_json_is_seeded_and_reports_usage(checkpoints):
     assert set(a) >= {"reasoning", "content", "tool_calls", "warnings", "timings"}
     c = _generate(*args[:-3], "43", "--dtype", "float32")
     assert c["content"] != a["content"] or c["reasoning"] != a["reasoning"]
+    mapped = _generate(*args, "--mmap")  # weights left in the file mapping: the same answer
+    assert mapped == {**a, "timings": mapped["timings"]}
 
 
 def test_generate_greedy_and_reasoning_effort_change_the_prompt(checkpoints):

@@ -99,17 +99,55 @@ def _mapped_file(t: torch.Tensor) -> str | None:
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
-def test_weights_stay_memory_mapped(checkpoints, model):
-    """Packed experts are views of the file's mapping, never copies; in bf16 so are the
+def test_mmap_keeps_weights_memory_mapped(checkpoints):
+    """mmap=True: packed experts are views of the file's mapping, never copies; in bf16 so are the
     projections; the embedding table is never converted."""
     file = str(checkpoints["hf"] / "model.safetensors")
-    bf16 = load_model(checkpoints["hf"], dtype=torch.bfloat16)
-    for m in (model, bf16):
+    fp32 = load_model(checkpoints["hf"], mmap=True)
+    bf16 = load_model(checkpoints["hf"], dtype=torch.bfloat16, mmap=True)
+    for m in (fp32, bf16):
         assert _mapped_file(m.model.layers[0].mlp.experts.gate_up_proj_blocks) == file
         assert _mapped_file(m.model.layers[3].mlp.experts.down_proj_scales) == file
         assert _mapped_file(m.model.embed_tokens.weight) == file
     assert _mapped_file(bf16.model.layers[0].self_attn.q_proj.weight) == file
-    assert _mapped_file(model.model.layers[0].self_attn.q_proj.weight) is None  # fp32: converted
+    assert _mapped_file(fp32.model.layers[0].self_attn.q_proj.weight) is None  # converted
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_weights_are_read_into_memory_by_default(checkpoints, tiny_config, layout):
+    """By default no weight stays in a file mapping (a decode step never waits for the disk), and
+    the copies hold the same values as the mapped views (original/: q, k, v split from one
+    tensor, their mapping released one after the other)."""
+    mapped = load_model(checkpoints[layout], dtype=torch.bfloat16, mmap=True)
+    resident = load_model(checkpoints[layout], dtype=torch.bfloat16)
+    assert not any(_mapped_file(t) for t in resident.state_dict().values())
+    for (name, a), (_, b) in zip(mapped.state_dict().items(), resident.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+    ids = random_ids(24, tiny_config.vocab_size)
+    with torch.inference_mode():
+        assert torch.equal(mapped(ids), resident(ids))
+
+
+def test_resident_copy_survives_a_rewritten_file(tmp_path, checkpoints):
+    """Read into memory, the model no longer depends on the file: rewriting the file's bytes
+    under a loaded model changes a memory-mapped model's weights, not a default one's."""
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["hf"], path)
+    resident = load_model(path, dtype=torch.bfloat16)
+    mapped = load_model(path, dtype=torch.bfloat16, mmap=True)
+    blocks = resident.model.layers[0].mlp.experts.gate_up_proj_blocks.clone()
+    assert torch.equal(mapped.model.layers[0].mlp.experts.gate_up_proj_blocks, blocks)
+    file = path / "model.safetensors"
+    header = int.from_bytes(file.read_bytes()[:8], "little")
+    with open(file, "r+b") as f:  # every tensor byte after the header becomes 0x11
+        f.seek(8 + header)
+        f.write(b"\x11" * (file.stat().st_size - 8 - header))
+    assert torch.equal(resident.model.layers[0].mlp.experts.gate_up_proj_blocks, blocks)
+    assert (mapped.model.layers[0].mlp.experts.gate_up_proj_blocks == 0x11).all()
 
 
 def test_greedy_stops_on_a_stop_id(model):

@@ -201,6 +201,9 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print reasoning, answer, tool calls, "
                                           "token counts and timings as JSON.")] = False,
     dtype: Annotated[DType, typer.Option(help="Compute dtype.")] = DType.bfloat16,
+    mmap: Annotated[bool, typer.Option(help="Keep the weights memory-mapped: pages load on first use "
+                                       "and the OS may drop them (less RAM than the model). "
+                                       "Default: read into memory at load.")] = False,
 ) -> None:
     """Answer one prompt and exit (scriptable)."""
     from inhouse.cli.chat import one_turn
@@ -209,7 +212,7 @@ def generate(
 
     messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", prompt)]
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    client, label = open_engine(model, dtype, quiet=as_json)
+    client, label = open_engine(model, dtype, quiet=as_json, mmap=mmap)
     try:
         result = one_turn(client, messages, PromptOptions(reasoning.value), params,
                           show_reasoning=False, stream=not as_json)
@@ -241,12 +244,15 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0, max=2, help="0 is greedy.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for the first answer (then +1 per turn).")] = None,
     dtype: Annotated[DType, typer.Option(help="Compute dtype.")] = DType.bfloat16,
+    mmap: Annotated[bool, typer.Option(help="Keep the weights memory-mapped: pages load on first use "
+                                       "and the OS may drop them (less RAM than the model). "
+                                       "Default: read into memory at load.")] = False,
 ) -> None:
     """Chat in the terminal. /reset starts over, /effort low|medium|high, /quit; Ctrl-C stops an
     answer without quitting."""
     from inhouse.cli.chat import ChatSettings, repl
 
-    client, label = open_engine(model, dtype)
+    client, label = open_engine(model, dtype, mmap=mmap)
     try:
         repl(client, label, ChatSettings(system, reasoning.value, show_reasoning, max_tokens,
                                          temperature, seed))
@@ -282,13 +288,16 @@ def serve(
     adapter: Annotated[list[str] | None, typer.Option(help="LoRA adapter NAME=DIR (PEFT format; "
                                                       "repeatable); requests pick it with "
                                                       "model \"MODEL:NAME\".")] = None,
+    mmap: Annotated[bool, typer.Option(help="Keep the weights memory-mapped: pages load on first use "
+                                       "and the OS may drop them (less RAM than the model). "
+                                       "Default: read into memory at load.")] = False,
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
 
     run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies,
                database_url or "", audit_content, retain_days, pii, pii_pattern or [],
-               adapter or [])
+               adapter or [], mmap=mmap)
 
 
 @app.command()

@@ -58,8 +58,9 @@ def cli_errors(fn):
     return wrapper
 
 
-def open_engine(model: Path | None, dtype: DType, quiet: bool = False):
-    """Load a model (or the demo checkpoint) into an `AsyncEngine`; returns (client, label)."""
+def open_engine(model: Path | None, dtype: DType, quiet: bool = False, mmap: bool = False):
+    """Load a model (or the demo checkpoint) into an `AsyncEngine`; returns (client, label).
+    mmap: keep the weights memory-mapped (load_model)."""
     from inhouse.config import EngineConfig
     from inhouse.convert.demo import demo_model
     from inhouse.engine import AsyncEngine, LLMEngine
@@ -72,5 +73,5 @@ def open_engine(model: Path | None, dtype: DType, quiet: bool = False):
     find_checkpoint(model)  # a bad path fails here, before anything is announced
     if not quiet:
         err.print(f"[dim]loading {label} ...[/dim]")
-    loaded = load_model(model, dtype=dtype.torch)
+    loaded = load_model(model, dtype=dtype.torch, mmap=mmap)
     return AsyncEngine(LLMEngine(loaded, EngineConfig())), label

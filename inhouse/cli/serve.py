@@ -45,7 +45,8 @@ def resolve_model(model: str | None) -> tuple[Path, str, str]:
 def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib: float,
           api_keys: list[str], dtype: DType, mode: str, log_bodies: bool, database_url: str = "",
           audit_content: str = "redacted", retain_days: float = 0.0, pii_mode: str = "off",
-          pii_patterns: list[str] | None = None, adapters: list[str] | None = None) -> None:
+          pii_patterns: list[str] | None = None, adapters: list[str] | None = None,
+          mmap: bool = False) -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -90,7 +91,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               pii_patterns=tuple(patterns))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     err.print(f"[dim]loading {path} ...[/dim]")
-    loaded = load_model(path, dtype=dtype.torch)
+    loaded = load_model(path, dtype=dtype.torch, mmap=mmap)
     digests = tuple((n, attach_adapter(loaded, n, d, contents)) for n, d, contents in read)
     settings = dataclasses.replace(settings, adapters=digests)
     client = AsyncEngine(LLMEngine(loaded, engine_cfg))

@@ -1,4 +1,5 @@
-"""`load_model`: checkpoint directory -> ready `Transformer`, weights memory-mapped where possible."""
+"""`load_model`: checkpoint directory -> ready `Transformer`, weights read into memory (or kept
+memory-mapped with mmap=True)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from inhouse.model.transformer import Transformer
 from inhouse.model.int8 import use_int8
+from inhouse.model.resident import copy_out
 from inhouse.model.weights import CheckpointInfo, find_checkpoint, int8_weight_names, read_tensors
 
 _FP32_SUFFIXES = ("layernorm.weight", "model.norm.weight", ".sinks")
@@ -26,14 +28,17 @@ def target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dt
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> Transformer:
+               dtype: torch.dtype = torch.float32, mmap: bool = False) -> Transformer:
     """Load a gpt-oss checkpoint (HF single/sharded, MXFP4 or dense, or original/) for inference.
 
-    Tensors whose stored dtype is already the target (packed experts always; everything in bf16
-    runs) stay views of the memory-mapped files: no copy, and pages load as they are first used.
+    Every tensor is read into memory of its own at load (see resident.py: a decode step never
+    waits for the disk), one at a time, so peak RSS stays near the model's size. mmap=True keeps
+    tensors whose stored dtype is already the target (packed experts always; everything in bf16
+    runs) as views of the memory-mapped files: no copy, pages load as they are first used, and the
+    OS may drop them again (for machines with less RAM than the model).
     """
     info = find_checkpoint(path)
-    return build_model(info, read_tensors(info), device, dtype)
+    return build_model(info, read_tensors(info), device, dtype, mapped=not mmap)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -45,14 +50,20 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(info: CheckpointInfo, tensors: dict[str, torch.Tensor],
-                device: str | torch.device, dtype: torch.dtype) -> Transformer:
+                device: str | torch.device, dtype: torch.dtype, mapped: bool = False) -> Transformer:
+    """mapped=True: `tensors` are views of memory-mapped files (read_tensors), each to be copied
+    out of its mapping (resident.copy_out); the dict is emptied as they are."""
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(info.config, info.experts_format, dtype)
         if info.int8:
             use_int8(model, int8_weight_names(info.config))
-    state = {name: _aligned(t.to(device=device, dtype=target_dtype(name, t.dtype, dtype)))
-             for name, t in tensors.items()}
+    state = {}
+    for name in list(tensors):
+        t = tensors.pop(name) if mapped else tensors[name]
+        target = target_dtype(name, t.dtype, dtype)
+        state[name] = (copy_out(t, device, target) if mapped
+                       else _aligned(t.to(device=device, dtype=target)))
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.to(device)
     model.eval()
