@@ -71,7 +71,7 @@ def test_int8_kernel_matches_its_reference():
     layer.weight_scale.copy_(scale)
     layer.bias.data.normal_(generator=g)
     x = torch.randn(5, 64, generator=g)
-    many = torch.randn(40, 64, generator=g)  # prefill-sized: torch's int8 kernel
+    many = torch.randn(40, 64, generator=g)  # prefill-sized: torch's GEMM on converted weights
     with torch.inference_mode():
         got = layer(x)
         if dense_kernel.applies(x, q):  # decode rows: ours, rows rounded to int16
@@ -79,6 +79,27 @@ def test_int8_kernel_matches_its_reference():
         assert torch.allclose(got, int8_linear_reference(x, q, scale, layer.bias), atol=1e-3)
         assert torch.allclose(layer(many), int8_linear_reference(many, q, scale, layer.bias),
                               atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_int8_prefill_converts_the_weights_a_slab_at_a_time(monkeypatch, dtype, tol):
+    """Rows above the decode kernel's: weights converted SLAB_ROWS output rows at a time (so
+    the unembedding is never converted whole), the same products as the reference."""
+    from inhouse.model import int8
+
+    monkeypatch.setattr(int8, "SLAB_ROWS", 16)
+    g = torch.Generator().manual_seed(3)
+    q, scale = quantize_int8(torch.randn(50, 64, generator=g))  # 3 slabs and 2 rows
+    layer = Int8Linear(64, 50)
+    layer.weight.copy_(q)
+    layer.weight_scale.copy_(scale)
+    layer.bias.data.normal_(generator=g)
+    x = torch.randn(40, 64, generator=g).to(dtype)
+    with torch.inference_mode():
+        got = layer(x)
+    want = int8_linear_reference(x.double(), q, scale.double(), layer.bias.double())
+    assert got.dtype == dtype and got.shape == (40, 50)
+    assert torch.allclose(got.double(), want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("first", ["original", "hf-sharded"])

@@ -3,9 +3,11 @@ int8`): each output row is int8 with one scale, W[o, :] ~= weight[o, :] * weight
 
 `int8_linear_reference` dequantises and multiplies (obvious, slow); `Int8Linear` uses our
 matrix-vector kernel (dense_kernel.int8_matmul) at decode (up to 16 rows; a byte per weight read
-once at close to the memory bandwidth, rows independent of the batch) and torch's weight-only
-int8 CPU kernel (`_weight_int8pack_mm`, the one gpt-fast uses) for more rows. Gradients (LoRA
-training on an int8 base) take the reference. The decode kernel rounds each input row to int16
+once at close to the memory bandwidth, rows independent of the batch). For more rows (prefill) it
+converts the int8 weights (exact in bf16 and fp32) to the rows' dtype a slab at a time and uses
+torch's GEMM: 39 ms for 512 rows x a 4096x2880 projection here, against 85 ms for torch's
+weight-only int8 kernel (`_weight_int8pack_mm`). Gradients (LoRA training on an int8 base) take
+the reference. The decode kernel rounds each input row to int16
 first (`int16_rows`); `int8_kernel_reference` is that arithmetic in PyTorch, bit for bit.
 """
 
@@ -25,6 +27,22 @@ def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# output rows converted at a time by the prefill path (a bf16 slab of 4096 x 2880 is 24 MB; the
+# unembedding is never converted whole)
+SLAB_ROWS = 4096
+
+
+def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, in) float, weight int8 (out, in), scale (out,) -> (N, out) in x's dtype: torch's
+    GEMM on the weights converted to x's dtype, then times scale plus bias (in x's dtype)."""
+    dt = x.dtype
+    parts = [nn.functional.linear(x, weight[o:o + SLAB_ROWS].to(dt))
+             for o in range(0, weight.shape[0], SLAB_ROWS)]
+    y = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * scale.to(dt)
+    return y + bias.to(dt) if bias is not None else y
 
 
 def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,10 +87,7 @@ class Int8Linear(nn.Module):
             out = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
             y = dense_kernel.int8_matmul(x2, self.weight, self.weight_scale, self.bias, out)
             return y.to(x2.dtype).reshape(*lead, self.out_features)
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight,
-                                               self.weight_scale.to(x2.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        y = int8_gemm(x2, self.weight, self.weight_scale, self.bias)
         return y.reshape(*lead, self.out_features)
 
     def rows_independent(self, rows: int) -> bool:

@@ -2,10 +2,11 @@
 
 Replay reproduces a record bit for bit only on the same arithmetic: the MXFP4 expert path and the
 bf16 decode-projection path each sum in their own order (see mxfp4_kernel, dense_kernel). int8
-weights meet rows rounded to int16 ("int8-a16", the same bits on every path; records made before
-that rounding carry no such part and are refused). Decode attention runs our kernel ("attend-c":
-fp32 sums in a fixed order, one rounding at the end) where it is built, and RMSNorm ("rows-c")
-likewise."""
+weights meet rows rounded to int16 at decode and torch's GEMM on converted weights at prefill
+("int8-a16-gemm", the same bits on every path; "int8-gemm" without the decode kernel). Records
+made before carry "int8-a16" (prefill by torch's int8 kernel) or no such part, and are refused.
+Decode attention runs our kernel ("attend-c": fp32 sums in a fixed order, one rounding at the
+end) where it is built, and RMSNorm ("rows-c") likewise."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from inhouse.model import attend_kernel, dense_kernel, mxfp4_kernel, rows_kernel
 
 
 def path_name() -> str:
-    """e.g. "avx2-fused+dense-avx512+int8-a16+attend-c+rows-c"; "torch+dense-torch+torch+torch"
-    where nothing was built."""
+    """e.g. "avx2-fused+dense-avx512+int8-a16-gemm+attend-c+rows-c";
+    "torch+dense-torch+int8-gemm+torch+torch" where nothing was built."""
     dense = dense_kernel.path_name()
-    int8 = "" if dense == "torch" else "+int8-a16"
+    int8 = "+int8-gemm" if dense == "torch" else "+int8-a16-gemm"
     return (f"{mxfp4_kernel.path_name()}+dense-{dense}{int8}+{attend_kernel.path_name()}"
             f"+{rows_kernel.path_name()}")

@@ -41,14 +41,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return build_model(info, read_tensors(info), device, dtype, mapped=not mmap)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """NOTE: torch's int8 weight kernel (_weight_int8pack_mm) faults on weights that are not
-    64-byte aligned, which a view into a memory-mapped file may not be: those are copied."""
-    if t.dtype == torch.int8 and t.device.type == "cpu" and t.data_ptr() % 64:
-        return t.clone()
-    return t
-
-
 def build_model(info: CheckpointInfo, tensors: dict[str, torch.Tensor],
                 device: str | torch.device, dtype: torch.dtype, mapped: bool = False) -> Transformer:
     """mapped=True: `tensors` are views of memory-mapped files (read_tensors), each to be copied
@@ -62,8 +54,7 @@ def build_model(info: CheckpointInfo, tensors: dict[str, torch.Tensor],
     for name in list(tensors):
         t = tensors.pop(name) if mapped else tensors[name]
         target = target_dtype(name, t.dtype, dtype)
-        state[name] = (copy_out(t, device, target) if mapped
-                       else _aligned(t.to(device=device, dtype=target)))
+        state[name] = copy_out(t, device, target) if mapped else t.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.to(device)
     model.eval()
