@@ -480,22 +480,23 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
         }
         experts_shared(path, ap, ng, group, slot, experts, dn_blocks, dn_scales, H, GI, h2, &t,
                        wbuf);
-        /* each row's experts in ascending order (the slots' order), as torch's index_add_ */
+        /* each row's experts in ascending order (the slots' order), as torch's index_add_; the
+         * (row, column) pairs are shared out, so that one row (decode) uses every thread */
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk_of(M * H, omp_get_num_threads()))
 #endif
-        for (int64_t m = 0; m < (ng ? M : 0); m++)
-            for (int64_t o = 0; o < H; o++) {
-                float acc = 0.0f;
-                for (int64_t s = 0; s < S; s++) {
-                    if (slot[s] / k != m) continue;
-                    const int64_t e = experts[slot[s]];
-                    float y = round_as(bf16, round_as(bf16, h2[s * H + o]) +
-                                                 load_as(dn_bias, bf16, e * H + o));
-                    acc = round_as(bf16, acc + round_as(bf16, y * weights[slot[s]]));
-                }
-                store_as(out, bf16, m * H + o, acc);
+        for (int64_t i = 0; i < (ng ? M * H : 0); i++) {
+            const int64_t m = i / H, o = i % H;
+            float acc = 0.0f;
+            for (int64_t s = 0; s < S; s++) {
+                if (slot[s] / k != m) continue;
+                const int64_t e = experts[slot[s]];
+                float y = round_as(bf16, round_as(bf16, h2[s * H + o]) +
+                                             load_as(dn_bias, bf16, e * H + o));
+                acc = round_as(bf16, acc + round_as(bf16, y * weights[slot[s]]));
             }
+            store_as(out, bf16, m * H + o, acc);
+        }
     }
     free(slot); free(group); free(xp); free(ap); free(act); free(h1); free(h2); free(wbufs);
     return failed ? -1 : 0;
