@@ -130,6 +130,19 @@ def test_weights_are_read_into_memory_by_default(checkpoints, tiny_config, layou
         assert torch.equal(mapped(ids), resident(ids))
 
 
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_weights_larger_than_free_memory_stay_mapped(checkpoints, monkeypatch, caplog):
+    """Rather than copying weights into an OOM kill, load_model keeps them mapped and says so."""
+    from inhouse.model import resident
+
+    monkeypatch.setattr(resident, "available_memory", lambda: 1 << 20)  # 1 MiB free
+    with caplog.at_level("WARNING", logger="inhouse.model.loader"):
+        model = load_model(checkpoints["hf"], dtype=torch.bfloat16)
+    file = str(checkpoints["hf"] / "model.safetensors")
+    assert _mapped_file(model.model.layers[0].mlp.experts.gate_up_proj_blocks) == file
+    assert "memory-mapped" in caplog.text and "GiB of memory available" in caplog.text
+
+
 def test_resident_copy_survives_a_rewritten_file(tmp_path, checkpoints):
     """Read into memory, the model no longer depends on the file: rewriting the file's bytes
     under a loaded model changes a memory-mapped model's weights, not a default one's."""

@@ -3,14 +3,17 @@ memory-mapped with mmap=True)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from inhouse.model.transformer import Transformer
 from inhouse.model.int8 import use_int8
-from inhouse.model.resident import copy_out
+from inhouse.model import resident
 from inhouse.model.weights import CheckpointInfo, find_checkpoint, int8_weight_names, read_tensors
+
+log = logging.getLogger(__name__)
 
 _FP32_SUFFIXES = ("layernorm.weight", "model.norm.weight", ".sinks")
 
@@ -35,9 +38,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     waits for the disk), one at a time, so peak RSS stays near the model's size. mmap=True keeps
     tensors whose stored dtype is already the target (packed experts always; everything in bf16
     runs) as views of the memory-mapped files: no copy, pages load as they are first used, and the
-    OS may drop them again (for machines with less RAM than the model).
+    OS may drop them again (for machines with less RAM than the model). Weights larger than the
+    memory available now are kept mapped, with a warning, rather than copied into an OOM kill.
     """
     info = find_checkpoint(path)
+    free = resident.available_memory()
+    if not mmap and free is not None and info.num_bytes > free:
+        log.warning("checkpoint %s: %.1f GiB of weights, %.1f GiB of memory available: keeping "
+                    "them memory-mapped (pages load as they are used; decode may wait for the "
+                    "disk)", info.root, info.num_bytes / 2**30, free / 2**30)
+        mmap = True
     return build_model(info, read_tensors(info), device, dtype, mapped=not mmap)
 
 
@@ -54,7 +64,8 @@ def build_model(info: CheckpointInfo, tensors: dict[str, torch.Tensor],
     for name in list(tensors):
         t = tensors.pop(name) if mapped else tensors[name]
         target = target_dtype(name, t.dtype, dtype)
-        state[name] = copy_out(t, device, target) if mapped else t.to(device=device, dtype=target)
+        state[name] = (resident.copy_out(t, device, target) if mapped
+                       else t.to(device=device, dtype=target))
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.to(device)
     model.eval()

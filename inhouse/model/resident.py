@@ -7,7 +7,8 @@ per 48 decode steps of the 20b shape, each step that met one taking 0.35-0.86 s 
 0.15-0.2 s. `load_model` therefore copies each tensor into process memory as it loads (as
 llama.cpp reads its whole file at load) and drops the copied pages from this process's mapping at
 once, so that peak RSS stays near the model's size instead of twice it. `load_model(mmap=True)`
-keeps the mapping (less RAM than the model: the OS pages weights in and out).
+keeps the mapping (less RAM than the model: the OS pages weights in and out); `load_model` keeps
+it too, with a warning, when the weights would not fit in the memory available now.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ def _madvise():
     fn = ctypes.CDLL(None, use_errno=True).madvise
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return fn
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says it can give without swapping (Linux MemAvailable), or None where
+    there is no /proc/meminfo."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _pages(t: torch.Tensor) -> tuple[int, int]:
