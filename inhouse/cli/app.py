@@ -27,6 +27,11 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
 app.command()(finetune)
 
+# --mmap of the commands that load a model (serve, generate, chat)
+MmapOption = Annotated[bool, typer.Option(help="Keep the weights memory-mapped: pages load on "
+                                          "first use and the OS may drop them (less RAM than the "
+                                          "model). Default: read into memory at load.")]
+
 def _gib(n: int) -> str:
     if n >= 2**28:
         return f"{n / 2**30:.2f} GiB"
@@ -201,9 +206,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print reasoning, answer, tool calls, "
                                           "token counts and timings as JSON.")] = False,
     dtype: Annotated[DType, typer.Option(help="Compute dtype.")] = DType.bfloat16,
-    mmap: Annotated[bool, typer.Option(help="Keep the weights memory-mapped: pages load on first use "
-                                       "and the OS may drop them (less RAM than the model). "
-                                       "Default: read into memory at load.")] = False,
+    mmap: MmapOption = False,
 ) -> None:
     """Answer one prompt and exit (scriptable)."""
     from inhouse.cli.chat import one_turn
@@ -244,9 +247,7 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0, max=2, help="0 is greedy.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for the first answer (then +1 per turn).")] = None,
     dtype: Annotated[DType, typer.Option(help="Compute dtype.")] = DType.bfloat16,
-    mmap: Annotated[bool, typer.Option(help="Keep the weights memory-mapped: pages load on first use "
-                                       "and the OS may drop them (less RAM than the model). "
-                                       "Default: read into memory at load.")] = False,
+    mmap: MmapOption = False,
 ) -> None:
     """Chat in the terminal. /reset starts over, /effort low|medium|high, /quit; Ctrl-C stops an
     answer without quitting."""
@@ -288,9 +289,7 @@ def serve(
     adapter: Annotated[list[str] | None, typer.Option(help="LoRA adapter NAME=DIR (PEFT format; "
                                                       "repeatable); requests pick it with "
                                                       "model \"MODEL:NAME\".")] = None,
-    mmap: Annotated[bool, typer.Option(help="Keep the weights memory-mapped: pages load on first use "
-                                       "and the OS may drop them (less RAM than the model). "
-                                       "Default: read into memory at load.")] = False,
+    mmap: MmapOption = False,
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
