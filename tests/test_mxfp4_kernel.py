@@ -45,6 +45,29 @@ def test_bf16_inputs_accumulate_in_fp32(monkeypatch, simd, M):
     assert torch.allclose(got.double(), want, rtol=8e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 5, 6, 7, 8, 12, 15, 16, 17, 18, 19, 23, 36, 90])
+def test_bf16_rows_meet_every_block_layout(G):
+    """The AVX-512 BF16 path reads blocks in pairs, then a single block if G is odd: every
+    remainder, at 1, 8 and 11 rows, against the reference."""
+    blocks, scales = _packed(24, G, seed=G)
+    x = torch.randn(11, G * 32, generator=torch.Generator().manual_seed(G)).bfloat16()
+    want = x.double() @ dequantize_reference(blocks, scales).double().T
+    for rows in (x, x[:1], x[:8]):
+        got = mxfp4_kernel.matmul(rows, blocks, scales).double()
+        ref = want[:rows.shape[0]]
+        assert torch.allclose(got, ref, rtol=8e-3, atol=1e-3 * float(ref.abs().max()))
+
+
+def test_the_smallest_and_largest_scales_are_kept():
+    """E8M0 0 is 2**-127 (a float subnormal), 255 is infinity, on every path."""
+    blocks = torch.full((2, 4, 16), 0x77, dtype=torch.uint8)  # every element 6.0
+    scales = torch.tensor([[0] * 4, [255] * 4], dtype=torch.uint8)
+    x = torch.full((1, 128), 1e30).bfloat16()
+    got = mxfp4_kernel.matmul(x, blocks, scales).double()
+    tiny = 128 * 6.0 * float(x[0, 0]) * 2.0 ** -127
+    assert got[0, 0].item() == pytest.approx(tiny, rel=1e-2) and got[0, 1].item() == float("inf")
+
+
 @pytest.mark.parametrize("simd", LEVELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_do_not_depend_on_the_batch_or_the_threads(monkeypatch, simd, dtype):
