@@ -102,6 +102,24 @@ def test_decode_kernel_reads_the_cache_buffer_and_ignores_the_threads():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S, lo", [(15, 0), (16, 0), (17, 0), (48, 0), (200, 0), (300, 171)])
+@pytest.mark.parametrize("Hq, Hkv, D", [(64, 8, 64), (6, 1, 16), (10, 2, 80), (4, 2, 256)])
+def test_decode_kernel_vector_tiles_give_the_plain_loops_bits(monkeypatch, dtype, S, lo, Hq, Hkv,
+                                                               D):
+    """On AVX-512 the kernel scores 16 keys at a time and sums values in registers: the plain
+    loops' operations in their order, so the same bits (INHOUSE_ATTEND_KERNEL=portable keeps to
+    the loops). Key counts around a tile, head dims over 64, groups not a multiple of 4."""
+    q, k, v, sinks = _inputs(1, S, Hq, Hkv, D, dtype=dtype, seed=S + D)
+    got = attend_kernel.attend_one(q, k, v, sinks, lo, S, D ** -0.5)
+    monkeypatch.setenv("INHOUSE_ATTEND_KERNEL", "portable")
+    plain = attend_kernel.attend_one(q, k, v, sinks, lo, S, D ** -0.5)
+    assert torch.equal(got, plain)
+    ref = attention_reference(q, k[:, lo:], v[:, lo:], sinks, S - 1, lo, None, D ** -0.5)
+    assert torch.allclose(got.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+@needs_kernel
 def test_decode_kernel_with_no_allowed_key_returns_zeros():
     q, k, v, sinks = _inputs(1, 4, 2, 1, 16)
     out = attention(q, k, v, sinks, 10, 0, 2, 0.25)  # every key is outside the window

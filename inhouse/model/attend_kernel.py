@@ -5,7 +5,9 @@ rotary embedding in one call (`rotary`: PyTorch's operations and roundings, the 
 `attention.attention_reference` is the reference the tests compare it with; `attention.attention`
 calls `attend_one` for single-row queries on CPU when the kernel is built and no gradient is
 needed. INHOUSE_ATTEND_KERNEL=0 turns it off. Its arithmetic is the same on every CPU (one set of
-operations in a fixed order; the exp is the kernel's own), so it has one path name.
+operations in a fixed order; the exp is the kernel's own), so it has one path name. On AVX-512 it
+runs those operations 16 keys at a time in registers; INHOUSE_ATTEND_KERNEL=portable (or avx2)
+keeps it to the plain loops, which give the same bits.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def _lib() -> ctypes.CDLL | None:
     return native.bind("attend", {
         "inhouse_attend_one": [c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_void_p, c.c_int64,
                                c.c_int64, c.c_int64, c.c_int64, c.c_int64, c.c_int64, c.c_float,
-                               c.c_void_p, c.c_int],
+                               c.c_void_p, c.c_int, c.c_int],
         "inhouse_rotary": [c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_int64, c.c_int64,
                            c.c_int64, c.c_void_p],
     })
@@ -66,7 +68,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.T
     rc = lib.inhouse_attend_one(qc.data_ptr(), k.data_ptr(), v.data_ptr(),
                                 int(q.dtype == torch.bfloat16), s.data_ptr(), Hq, Hkv,
                                 k.stride(0), lo, hi, D, scale, out.data_ptr(),
-                                torch.get_num_threads())
+                                torch.get_num_threads(), int(native.max_level("attend") >= 2))
     if rc != 0:
         raise RuntimeError(f"the attention kernel refused its input (code {rc})")
     return out
