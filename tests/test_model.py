@@ -76,6 +76,35 @@ def test_sliding_cache_memory_is_bounded(model, tiny_config):
     assert max(sizes) == min(sizes)
 
 
+def _window_reference(held_k, held_v, start, k, v, window):
+    """What a sliding layer attends over and keeps: concatenate, keep the last `window`."""
+    keys, vals = torch.cat([held_k, k], dim=1), torch.cat([held_v, v], dim=1)
+    keep = min(keys.shape[1], window)
+    return keys, vals, start, keys[:, -keep:], vals[:, -keep:], start + keys.shape[1] - keep
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_sliding_layer_hands_attention_what_concatenation_would(window):
+    """The sliding layer's buffer keeps room after the held keys and moves them back only when it
+    runs out: every step's keys, values and first position equal the plain concatenation's, for
+    decode steps and chunks shorter and longer than the window."""
+    from inhouse.model.kv_cache import LayerKVCache
+
+    layer = LayerKVCache(2, 4, window, torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(window)
+    ref_k, ref_v, ref_start = torch.empty(2, 0, 4), torch.empty(2, 0, 4), 0
+    sizes = [3, 1, 1, window + 7, 1] + [1] * (3 * window + 9) + [2, window, 1, 1]
+    for T in sizes:
+        k, v = torch.randn(2, T, 4, generator=g), torch.randn(2, T, 4, generator=g)
+        want_k, want_v, want_first, ref_k, ref_v, ref_start = _window_reference(
+            ref_k, ref_v, ref_start, k, v, window)
+        got_k, got_v, got_first = layer.extend(k, v)
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+        assert got_first == want_first and layer.start == ref_start
+        assert layer.length == ref_k.shape[1] <= window
+    assert layer.k.shape[1] == window + max(1, window // 8)  # no larger than the window's room
+
+
 def test_bf16_is_close_to_fp32(checkpoints, model, tiny_config):
     ids = random_ids(40, tiny_config.vocab_size)
     bf16 = load_model(checkpoints["hf"], dtype=torch.bfloat16)
