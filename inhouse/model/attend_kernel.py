@@ -18,6 +18,7 @@ import functools
 import torch
 
 from inhouse.model import native
+from inhouse.model.native import as_dtype
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,7 +46,7 @@ def applies(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Would `attend_one` take these (one query row, CPU, bf16/fp32, head_dim a multiple of 16
     up to 256, keys laid out row after row within each head)?"""
     T, _, D = q.shape
-    return (available() and T == 1 and q.device.type == "cpu" and k.dtype == q.dtype
+    return (T == 1 and available() and q.is_cpu and k.dtype == q.dtype
             and q.dtype in (torch.bfloat16, torch.float32) and D % 16 == 0 and D <= 256
             and k.stride(2) == 1 and k.stride(1) == D)
 
@@ -63,7 +64,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.T
         v = v.contiguous()
         k = k.contiguous()
     qc = q.contiguous()
-    s = sinks.to(torch.float32).contiguous()
+    s = as_dtype(sinks, torch.float32).contiguous()
     out = torch.empty(1, Hq * D, dtype=q.dtype)
     rc = lib.inhouse_attend_one(qc.data_ptr(), k.data_ptr(), v.data_ptr(),
                                 int(q.dtype == torch.bfloat16), s.data_ptr(), Hq, Hkv,
@@ -75,7 +76,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.T
 
 
 def rotary_applies(x: torch.Tensor) -> bool:
-    return (available() and x.device.type == "cpu" and x.dtype in (torch.bfloat16,
+    return (available() and x.is_cpu and x.dtype in (torch.bfloat16,
             torch.float32) and x.shape[-1] % 2 == 0
             and not (torch.is_grad_enabled() and x.requires_grad))
 
@@ -84,7 +85,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """layers.apply_rotary in one call: x (T, H, D), cos/sin (T, D/2) fp32 -> (T, H, D)."""
     T, H, D = x.shape
     xc = x.contiguous()
-    c, s = (t.to(torch.float32).contiguous() for t in (cos, sin))
+    c, s = as_dtype(cos, torch.float32).contiguous(), as_dtype(sin, torch.float32).contiguous()
     if c.shape != (T, D // 2) or s.shape != (T, D // 2):
         raise ValueError(f"rotary: cos/sin {tuple(c.shape)} for x {tuple(x.shape)}")
     out = torch.empty_like(xc)

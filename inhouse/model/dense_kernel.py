@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from inhouse.model import native
+from inhouse.model.native import as_dtype
 
 # Up to this many rows the kernel runs (it reads the weights once and computes each row against
 # them from cache); prefill's hundreds of rows go to PyTorch's blocked GEMM.
@@ -54,14 +55,14 @@ def path_name() -> str:
 
 
 def _takes(weight: torch.Tensor, rows: int) -> bool:
-    return (available() and 0 < rows <= MAX_ROWS and weight.device.type == "cpu"
-            and weight.dtype in (torch.bfloat16, torch.int8))
+    return (0 < rows <= MAX_ROWS and weight.is_cpu and weight.dtype in (torch.bfloat16, torch.int8)
+            and available())
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Would `linear(x, weight)` / `int8_matmul(x, weight, ...)` run the kernel (x's row count,
     device, grad; a bf16 or int8 weight)?"""
-    return (_takes(weight, x.numel() // x.shape[-1] if x.dim() else 0) and x.device.type == "cpu"
+    return (x.dim() > 0 and _takes(weight, x.numel() // x.shape[-1]) and x.is_cpu
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
@@ -87,11 +88,12 @@ def _run(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
     # bf16 rows go in as they are where vdpbf16ps can take them (exact products) and for int8
     # weights (the kernel rounds rows to int16 itself), else as fp32
     rows_bf16 = x.dtype == torch.bfloat16 and (dtype == torch.int8 or level >= 3)
-    xc = x.contiguous() if rows_bf16 else x.to(torch.float32).contiguous()
-    s = scale.to(torch.float32).contiguous() if scale is not None else None
+    f32 = torch.float32
+    xc = x.contiguous() if rows_bf16 else as_dtype(x, f32).contiguous()
+    s = as_dtype(scale, f32).contiguous() if scale is not None else None
     b = None
     if bias is not None:
-        b = bias.contiguous() if bias.dtype == torch.bfloat16 else bias.float().contiguous()
+        b = bias.contiguous() if bias.dtype == torch.bfloat16 else as_dtype(bias, f32).contiguous()
     bf16 = torch.bfloat16
     dtypes = (rows_bf16 | (2 if b is not None and b.dtype == bf16 else 0)
               | (4 if out_dtype == bf16 else 0))  # X_BF16 | BIAS_BF16 | Y_BF16 in dense.c
@@ -127,10 +129,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     fp32-accumulating bf16 GEMM)."""
     if not applies(x, weight):
         return nn.functional.linear(x, weight, bias)
-    lead = x.shape[:-1]
     out = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    if x.dim() == 2:  # decode's rows: no reshapes
+        return as_dtype(bf16_matmul(x, weight, bias, out), x.dtype)
     y = bf16_matmul(x.reshape(-1, x.shape[-1]), weight, bias, out)
-    return y.to(x.dtype).reshape(*lead, weight.shape[0])
+    return as_dtype(y, x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):

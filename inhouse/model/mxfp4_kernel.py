@@ -14,6 +14,7 @@ import functools
 import torch
 
 from inhouse.model import native
+from inhouse.model.native import as_dtype
 from inhouse.model.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK
 
 
@@ -95,10 +96,11 @@ def moe_rows(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     (b1, s1, bias1), (b2, s2, bias2) = gate_up, down
     M, H = x.shape
     I = b2.shape[2] * BLOCK_SIZE
-    keep = [t.contiguous() for t in (x, b1, s1, bias1.to(x.dtype), b2, s2, bias2.to(x.dtype))]
-    xc, b1, s1, bias1, b2, s2, bias2 = keep
-    idx = indices.to(torch.int64).contiguous()
-    w = weights.to(torch.float32).contiguous()
+    xc, b1, s1 = x.contiguous(), b1.contiguous(), s1.contiguous()
+    b2, s2 = b2.contiguous(), s2.contiguous()
+    bias1, bias2 = as_dtype(bias1, x.dtype).contiguous(), as_dtype(bias2, x.dtype).contiguous()
+    idx = as_dtype(indices, torch.int64).contiguous()
+    w = as_dtype(weights, torch.float32).contiguous()
     out = torch.empty(M, H, dtype=x.dtype)
     rc = lib.inhouse_moe_rows(xc.data_ptr(), int(x.dtype == torch.bfloat16), M, idx.shape[1],
                               idx.data_ptr(), w.data_ptr(), b1.data_ptr(), s1.data_ptr(),

@@ -3,15 +3,19 @@
 ctypes releases the GIL during a call, and the kernels take plain pointers, so no Python C-API
 code is involved. A kernel that was not built (no C compiler) loads as None and callers fall back
 to PyTorch. INHOUSE_<NAME>_KERNEL (NAME = MXFP4, DENSE, ATTEND or ROWS): 0 turns one off,
-portable keeps it off its SIMD paths, avx2 keeps it off AVX-512, avx512 off AVX-512 BF16. The paths sum in different
-orders, so a record made on an AVX2-only machine replays bit for bit here with =avx2 set.
+portable keeps it off its SIMD paths, avx2 keeps it off AVX-512, avx512 off AVX-512 BF16. The
+paths sum in different orders, so a record made on an AVX2-only machine replays bit for bit here
+with =avx2 set. `as_dtype` is the wrappers' conversion that skips `.to` when nothing changes.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
+
+import torch
 
 
 def setting(name: str) -> str:
@@ -47,9 +51,20 @@ def bind(name: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
     return lib
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_level(lib: ctypes.CDLL, name: str) -> int:
+    return getattr(lib, f"inhouse_{name}_simd_level")()
+
+
 def simd_level(lib: ctypes.CDLL | None, name: str) -> int:
-    """The SIMD level kernel `name` runs at: what the CPU has (its inhouse_<name>_simd_level),
-    capped by INHOUSE_<NAME>_KERNEL; 0 without the library."""
+    """The SIMD level kernel `name` runs at: what the CPU has (its inhouse_<name>_simd_level, asked
+    once), capped by INHOUSE_<NAME>_KERNEL (read at every call); 0 without the library."""
     if lib is None:
         return 0
-    return min(getattr(lib, f"inhouse_{name}_simd_level")(), max_level(name))
+    return min(_cpu_level(lib, name), max_level(name))
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype: t itself when it already is (`.to` costs a microsecond even then, and the
+    wrappers run a few hundred times per decoded token)."""
+    return t if t.dtype == dtype else t.to(dtype)

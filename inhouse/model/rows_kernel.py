@@ -35,7 +35,7 @@ def path_name() -> str:
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Would `rmsnorm` take x (CPU, bf16/fp32, fp32 weight, no gradient)?"""
-    return (available() and x.device.type == "cpu"
+    return (available() and x.is_cpu
             and x.dtype in (torch.bfloat16, torch.float32) and weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
