@@ -86,15 +86,18 @@ def test_bf16_decoding_through_the_kernel_agrees_with_torch(checkpoints, monkeyp
     model = load_model(checkpoints["hf"], dtype=torch.bfloat16)
     ids = random_ids(12, model.config.vocab_size, seed=5)
     calls = []
-    real = dense_kernel.bf16_matmul
-    monkeypatch.setattr(dense_kernel, "bf16_matmul",
-                        lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = dense_kernel._run
+    monkeypatch.setattr(dense_kernel, "_run",
+                        lambda *a: calls.append((a[1].shape[0], len(a[2]))) or real(*a))
     with torch.inference_mode():
         cache = model.new_cache()
         model(ids, cache=cache)
         with_kernel = model(torch.tensor([7]), cache=cache).float()
-    # 4 projections per layer, the router per layer, and the unembedding, at one row each
-    assert calls.count(1) == 5 * model.config.num_hidden_layers + 1
+    # per layer q, k and v in one call, o, the router; and the unembedding: at one row each
+    L = model.config.num_hidden_layers
+    one_row = [c for c in calls if c[0] == 1]
+    assert one_row.count((1, 3)) == L and one_row.count((1, 1)) == 2 * L + 1
+    assert len(one_row) == 3 * L + 1
     monkeypatch.setattr(dense_kernel, "applies", lambda x, w: False)
     with torch.inference_mode():
         cache = model.new_cache()
@@ -145,3 +148,31 @@ def test_int8_kernel_rows_with_zeros_or_nan():
     got = dense_kernel.int8_matmul(x, w, scale)
     assert torch.equal(got[0], torch.zeros(8)) and got[1].isnan().all()
     assert torch.equal(got[2], int8_kernel_reference(x[2:], w, scale)[0])
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("M", [1, 5])
+def test_projections_in_one_call_give_each_projection_alone(monkeypatch, simd, M):
+    """linear_many (a layer's q, k and v in one call) against each layer's own forward, bit for
+    bit: bf16 Linear layers, int8 layers, with and without biases; a mix of kinds is declined."""
+    from inhouse.model.int8 import Int8Linear
+
+    monkeypatch.setenv("INHOUSE_DENSE_KERNEL", simd)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 96, generator=g).bfloat16()
+    bf16_layers = [dense_kernel.Linear(96, o, bias=o != 33).bfloat16() for o in (64, 33, 16)]
+    int8_layers = []
+    for o in (48, 16, 16):
+        layer = Int8Linear(96, o, bias=True)
+        layer.weight.copy_(torch.randint(-127, 128, (o, 96), generator=g, dtype=torch.int8))
+        layer.weight_scale.copy_(torch.rand(o, generator=g) / 100)
+        layer.bias.data = torch.randn(o, generator=g).bfloat16()
+        int8_layers.append(layer)
+    with torch.inference_mode():
+        for layers in (bf16_layers, int8_layers):
+            together = dense_kernel.linear_many(x, layers)
+            assert together is not None
+            for layer, y in zip(layers, together, strict=True):
+                assert y.dtype == x.dtype and torch.equal(y, layer(x))
+        assert dense_kernel.linear_many(x, [bf16_layers[0], int8_layers[0]]) is None
+        assert dense_kernel.linear_many(x.float(), [nn.Linear(96, 8)]) is None  # fp32 weights

@@ -29,11 +29,14 @@ MAX_ROWS = 16
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    c = ctypes
-    matmul = [c.c_void_p, c.c_int, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64,
-              c.c_int64, c.c_void_p, c.c_int, c.c_int]  # one signature for both
-    return native.bind("dense", {"inhouse_dense_simd_level": [], "inhouse_bf16_matmul": matmul,
-                                 "inhouse_int8_matmul": matmul})
+    c, p = ctypes, ctypes.c_void_p
+    return native.bind("dense", {
+        "inhouse_dense_simd_level": [],
+        "inhouse_bf16_matmul_many": [p, c.c_int, c.c_int64, c.c_int, p, p, p, c.c_int64, p,
+                                     c.c_int, c.c_int],
+        "inhouse_int8_matmul_many": [p, c.c_int, c.c_int64, c.c_int, p, p, p, p, c.c_int64, p,
+                                     c.c_int, c.c_int],
+    })
 
 
 def available() -> bool:
@@ -72,47 +75,56 @@ def rows_independent(weight: torch.Tensor, rows: int) -> bool:
     return _takes(weight, rows) and not torch.is_grad_enabled()
 
 
-def _run(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
-         scale: torch.Tensor | None, bias: torch.Tensor | None,
-         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _run(kind: str, x: torch.Tensor, weights: list[torch.Tensor],
+         scales: list[torch.Tensor] | None, biases: list[torch.Tensor | None],
+         out_dtype: torch.dtype) -> list[torch.Tensor]:
+    """x (M, K) against each of `weights` ((O_i, K), bf16 or int8 as `kind` says; int8 with
+    `scales`), in one kernel call: their rows are shared out over the threads together."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("the dense kernel is not built")
     M, K = x.shape
-    O = weight.shape[0]
-    bad_scale = scale is not None and scale.shape != (O,)
-    if weight.shape != (O, K) or weight.dtype != dtype or bad_scale:
-        raise ValueError(f"shape/dtype mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)} "
-                         f"{weight.dtype}, scale {None if scale is None else tuple(scale.shape)}")
+    f32, bf16 = torch.float32, torch.bfloat16
+    dtype = torch.int8 if kind == "int8" else bf16
+    for i, w in enumerate(weights):
+        scale = scales[i] if scales is not None else None
+        if w.shape != (w.shape[0], K) or w.dtype != dtype or (
+                scale is not None and scale.shape != (w.shape[0],)):
+            raise ValueError(f"shape/dtype mismatch: x {tuple(x.shape)}, weight {tuple(w.shape)} "
+                             f"{w.dtype}, scale {None if scale is None else tuple(scale.shape)}")
     level = _level()
     # bf16 rows go in as they are where vdpbf16ps can take them (exact products) and for int8
     # weights (the kernel rounds rows to int16 itself), else as fp32
-    rows_bf16 = x.dtype == torch.bfloat16 and (dtype == torch.int8 or level >= 3)
-    f32 = torch.float32
+    rows_bf16 = x.dtype == bf16 and (dtype == torch.int8 or level >= 3)
     xc = x.contiguous() if rows_bf16 else as_dtype(x, f32).contiguous()
-    s = as_dtype(scale, f32).contiguous() if scale is not None else None
-    b = None
-    if bias is not None:
-        b = bias.contiguous() if bias.dtype == torch.bfloat16 else as_dtype(bias, f32).contiguous()
-    bf16 = torch.bfloat16
-    dtypes = (rows_bf16 | (2 if b is not None and b.dtype == bf16 else 0)
+    bs = [None if b is None else as_dtype(b, bf16 if b.dtype == bf16 else f32).contiguous()
+          for b in biases]
+    bias_dtypes = {b.dtype for b in bs if b is not None}
+    if len(bias_dtypes) > 1:
+        raise ValueError("the biases of one call must share a dtype")
+    dtypes = (rows_bf16 | (2 if bf16 in bias_dtypes else 0)
               | (4 if out_dtype == bf16 else 0))  # X_BF16 | BIAS_BF16 | Y_BF16 in dense.c
-    w = weight.contiguous()
-    y = torch.empty(M, O, dtype=torch.bfloat16 if out_dtype == bf16 else torch.float32)
-    rc = getattr(lib, fn)(xc.data_ptr(), dtypes, M, w.data_ptr(),
-                          s.data_ptr() if s is not None else None,
-                          b.data_ptr() if b is not None else None, O, K, y.data_ptr(),
-                          torch.get_num_threads(), level)
+    ws = [w.contiguous() for w in weights]
+    ys = [torch.empty(M, w.shape[0], dtype=bf16 if out_dtype == bf16 else f32) for w in ws]
+    n = len(ws)
+    ptrs = ctypes.c_void_p * n
+    args = [ptrs(*(w.data_ptr() for w in ws))]
+    if kind == "int8":
+        args.append(ptrs(*(as_dtype(s, f32).contiguous().data_ptr() for s in scales)))
+    args += [ptrs(*(None if b is None else b.data_ptr() for b in bs)),
+             (ctypes.c_int64 * n)(*(w.shape[0] for w in ws)), K, ptrs(*(y.data_ptr() for y in ys))]
+    fn = getattr(lib, f"inhouse_{kind}_matmul_many")
+    rc = fn(xc.data_ptr(), dtypes, M, n, *args, torch.get_num_threads(), level)
     if rc != 0:
-        raise RuntimeError(f"{fn} refused its rows (code {rc})")
-    return y
+        raise RuntimeError(f"the {kind} kernel refused its rows (code {rc})")
+    return ys
 
 
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x (M, K) any float dtype, weight (O, K) bf16, bias (O,) -> (M, O) by the kernel, summed in
     fp32 and rounded once to out_dtype (fp32 or bf16)."""
-    return _run("inhouse_bf16_matmul", x, weight, torch.bfloat16, None, bias, out_dtype)
+    return _run("bf16", x, [weight], None, [bias], out_dtype)[0]
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -121,7 +133,26 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """x (M, K), weight int8 (O, K), scale (O,) -> (M, O) = scale * (x @ weight.T) + bias,
     each row of x rounded to int16 with one scale (|error| <= max|x[m]| / 65534) and the products
     summed exactly: the same bits on every SIMD path; rounded once to out_dtype."""
-    return _run("inhouse_int8_matmul", x, weight, torch.int8, scale, bias, out_dtype)
+    return _run("int8", x, [weight], [scale], [bias], out_dtype)[0]
+
+
+def linear_many(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor] | None:
+    """x (M, K) through several projections of it (a layer's q, k and v) in one kernel call:
+    each result is what that layer's forward gives (Linear with bf16 weights, or int8 layers
+    with `weight` and `weight_scale`: all of one kind). None where the kernel does not take them
+    all together; the caller then runs them one by one."""
+    weights = [layer.weight for layer in layers]
+    if x.dim() != 2 or not all(applies(x, w) and w.dtype == weights[0].dtype for w in weights):
+        return None
+    int8 = weights[0].dtype == torch.int8
+    scales = [getattr(layer, "weight_scale", None) for layer in layers] if int8 else None
+    biases = [layer.bias for layer in layers]
+    if (scales is not None and any(s is None for s in scales)
+            or len({b.dtype for b in biases if b is not None}) > 1):
+        return None
+    out = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    ys = _run("int8" if int8 else "bf16", x, weights, scales, biases, out)
+    return [as_dtype(y, x.dtype) for y in ys]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from inhouse.model import dense_kernel
+from inhouse.model.native import as_dtype
 
 
 def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -77,8 +78,8 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features)
-        fast = (x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.bfloat16)
+        lead, x2 = x.shape[:-1], x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        fast = (x2.is_cpu and x2.dtype in (torch.float32, torch.bfloat16)
                 and not (torch.is_grad_enabled() and x2.requires_grad))
         if not fast:
             return int8_linear_reference(x2, self.weight, self.weight_scale, self.bias) \
@@ -86,7 +87,8 @@ class Int8Linear(nn.Module):
         if dense_kernel.applies(x2, self.weight):
             out = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
             y = dense_kernel.int8_matmul(x2, self.weight, self.weight_scale, self.bias, out)
-            return y.to(x2.dtype).reshape(*lead, self.out_features)
+            y = as_dtype(y, x2.dtype)
+            return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
         y = int8_gemm(x2, self.weight, self.weight_scale, self.bias)
         return y.reshape(*lead, self.out_features)
 

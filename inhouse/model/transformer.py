@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from inhouse.config import ModelConfig
 from inhouse.errors import InhouseError
+from inhouse.model import dense_kernel
 from inhouse.model.attention import attention
 from inhouse.model.dense_kernel import Linear
 from inhouse.model.kv_cache import KVCache
@@ -63,15 +64,31 @@ class Attention(nn.Module):
         y = by_rows(getattr(self, name), x, groups)
         return y if self.lora is None else self.lora.delta(name, x, y)
 
+    def _qkv(self, x: torch.Tensor, groups: list[slice] | None) -> list[torch.Tensor]:
+        """q, k and v of x's rows: at decode one kernel call for the three (each row computed as
+        if alone, so groups may share it); otherwise projection by projection."""
+        names = ("q_proj", "k_proj", "v_proj")
+        layers = [getattr(self, name) for name in names]
+        together = None
+        if groups is None or len(groups) == 1 or all(
+                getattr(layer, "rows_independent", lambda n: False)(x.shape[0]) for layer in layers):
+            together = dense_kernel.linear_many(x, layers)
+        if together is None:
+            return [self._proj(name, x, groups) for name in names]
+        if self.lora is None:
+            return together
+        return [self.lora.delta(name, x, y) for name, y in zip(names, together)]
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 segments: list[Segment], groups: list[slice] | None = None) -> torch.Tensor:
         """x (N, H): the rows of all segments; cos/sin (N, D/2) at each row's position -> (N, H).
         Projections run over all rows at once (or per group); attention runs per segment against
         its own cache."""
         N = x.shape[0]
-        q = self._proj("q_proj", x, groups).view(N, self.num_heads, self.head_dim)
-        k = self._proj("k_proj", x, groups).view(N, self.num_kv_heads, self.head_dim)
-        v = self._proj("v_proj", x, groups).view(N, self.num_kv_heads, self.head_dim)
+        q, k, v = self._qkv(x, groups)
+        q = q.view(N, self.num_heads, self.head_dim)
+        k = k.view(N, self.num_kv_heads, self.head_dim)
+        v = v.view(N, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         outs = []
         for seg in segments:

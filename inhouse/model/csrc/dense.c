@@ -207,26 +207,35 @@ int inhouse_dense_simd_level(void) {
 /* The dtypes argument of both entry points: which of x, bias and y are bf16 (else fp32). */
 enum { X_BF16 = 1, BIAS_BF16 = 2, Y_BF16 = 4 };
 
-/* y[m, o] = dot(x[m], w[o]) * row_scale[m] * scale[o] + bias[o] (row_scale, scale and bias
- * optional; bias and y bf16 or fp32 as `dtypes` says, y rounded once), rows of W over threads,
- * input rows MAX_ROWS at a time against each weight row. */
-static void matmul_rows(const char *x, size_t x_item, int64_t M, const char *w, size_t w_item,
-                        dots_fn dots, const float *row_scale, const float *scale,
-                        const void *bias, int dtypes, int64_t O, int64_t K, void *y,
-                        int nthreads) {
+/* For n matrices w[i] [O[i], K] (with scale[i], bias[i], output y[i] [M, O[i]]):
+ * y[i][m, o] = dot(x[m], w[i][o]) * row_scale[m] * scale[i][o] + bias[i][o] (row_scale, scale and
+ * bias optional; bias and y bf16 or fp32 as `dtypes` says, y rounded once). The rows of all the
+ * matrices are shared out over the threads in one parallel loop (one call for a layer's q, k and
+ * v), input rows MAX_ROWS at a time against each weight row. */
+static void matmul_rows(const char *x, size_t x_item, int64_t M, int n, const char *const *w,
+                        size_t w_item, dots_fn dots, const float *row_scale,
+                        const float *const *scale, const void *const *bias, int dtypes,
+                        const int64_t *O, int64_t K, void *const *y, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, chunk_of(O, nthreads))
-    for (int64_t o = 0; o < O; o++) {
-        const void *wo = w + (size_t)(o * K) * w_item;
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += O[i];
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, chunk_of(total, nthreads))
+    for (int64_t r = 0; r < total; r++) {
+        int i = 0;
+        int64_t o = r;
+        while (o >= O[i]) o -= O[i++];
+        const void *wo = w[i] + (size_t)(o * K) * w_item;
+        const float *sc = scale ? scale[i] : NULL;
+        const void *b = bias ? bias[i] : NULL;
         for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             int64_t R = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
             float s[MAX_ROWS];
             dots(x + (size_t)(m0 * K) * x_item, K, R, wo, s);
             for (int64_t m = 0; m < R; m++) {
                 float v = row_scale ? s[m] * row_scale[m0 + m] : s[m];
-                v = scale ? v * scale[o] : v;
-                v = bias ? v + load_as(bias, dtypes & BIAS_BF16, o) : v;
-                store_as(y, dtypes & Y_BF16, (m0 + m) * O + o, v);
+                v = sc ? v * sc[o] : v;
+                v = b ? v + load_as(b, dtypes & BIAS_BF16, o) : v;
+                store_as(y[i], dtypes & Y_BF16, (m0 + m) * O[i] + o, v);
             }
         }
     }
@@ -237,14 +246,13 @@ static int level_of(int level) {
     return level < lv ? level : lv;
 }
 
-/* x [M, K] fp32 or bf16 (X_BF16 in dtypes; AVX-512 BF16 only), w [O, K] bf16, scale unused
- * (NULL), bias [O] or NULL -> y [M, O] (bias and y: fp32, or bf16 as dtypes says). level: the
- * most SIMD to use (0 = the portable path). Returns 0, or -2 for bf16 rows where the CPU or
- * `level` has no AVX-512 BF16. */
-int inhouse_bf16_matmul(const void *x, int dtypes, int64_t M, const uint16_t *w,
-                        const float *scale, const void *bias, int64_t O, int64_t K, void *y,
-                        int nthreads, int level) {
-    (void)scale;
+/* x [M, K] fp32 or bf16 (X_BF16 in dtypes; AVX-512 BF16 only) against n bf16 matrices w[i]
+ * [O[i], K] with bias[i] [O[i]] (bias NULL, or an entry NULL: none) -> y[i] [M, O[i]] (bias and y:
+ * fp32, or bf16 as dtypes says). level: the most SIMD to use (0 = the portable path). Returns 0,
+ * or -2 for bf16 rows where the CPU or `level` has no AVX-512 BF16. */
+int inhouse_bf16_matmul_many(const void *x, int dtypes, int64_t M, int n, const uint16_t *const *w,
+                             const void *const *bias, const int64_t *O, int64_t K, void *const *y,
+                             int nthreads, int level) {
     const int x_bf16 = dtypes & X_BF16;
     int lv = level_of(level);
     dots_fn dots = dots_scalar;
@@ -254,8 +262,8 @@ int inhouse_bf16_matmul(const void *x, int dtypes, int64_t M, const uint16_t *w,
     else if (lv == 1) dots = dots_avx2;
 #endif
     if (x_bf16 && lv < 3) return -2;
-    matmul_rows((const char *)x, x_bf16 ? 2 : 4, M, (const char *)w, sizeof *w, dots, NULL, NULL,
-                bias, dtypes, O, K, y, nthreads);
+    matmul_rows((const char *)x, x_bf16 ? 2 : 4, M, n, (const char *const *)w, sizeof **w, dots,
+                NULL, NULL, bias, dtypes, O, K, y, nthreads);
     return 0;
 }
 
@@ -280,13 +288,15 @@ static void quantize_rows(const void *x, int x_bf16, int64_t M, int64_t K, int16
     }
 }
 
-/* x [M, K] fp32 or bf16, w [O, K] int8, scale [O] fp32, bias [O] or NULL -> y [M, O] (x, bias
- * and y: fp32, or bf16 as dtypes says): y = (q . w) * row_scale * scale + bias, the rows rounded
- * to int16 (quantize_rows) and the dot product summed exactly. Every path gives the same bits.
- * Returns 0, or -1 if memory ran out. */
-int inhouse_int8_matmul(const void *x, int dtypes, int64_t M, const int8_t *w, const float *scale,
-                        const void *bias, int64_t O, int64_t K, void *y, int nthreads,
-                        int level) {
+/* x [M, K] fp32 or bf16 against n int8 matrices w[i] [O[i], K] with scale[i] [O[i]] fp32 and
+ * bias[i] [O[i]] (or none) -> y[i] [M, O[i]] (x, bias and y: fp32, or bf16 as dtypes says):
+ * y = (q . w) * row_scale * scale + bias, the rows rounded to int16 once (quantize_rows) and each
+ * dot product summed exactly. Every path gives the same bits. Returns 0, or -1 if memory ran
+ * out. */
+int inhouse_int8_matmul_many(const void *x, int dtypes, int64_t M, int n, const int8_t *const *w,
+                             const float *const *scale, const void *const *bias,
+                             const int64_t *O, int64_t K, void *const *y, int nthreads,
+                             int level) {
     int lv = level_of(level);
     dots_fn dots = dots_scalar_q;
 #ifdef HAVE_X86
@@ -301,8 +311,8 @@ int inhouse_int8_matmul(const void *x, int dtypes, int64_t M, const int8_t *w, c
         return -1;
     }
     quantize_rows(x, dtypes & X_BF16, M, K, q, row_scale);
-    matmul_rows((const char *)q, sizeof *q, M, (const char *)w, sizeof *w, dots, row_scale, scale,
-                bias, dtypes, O, K, y, nthreads);
+    matmul_rows((const char *)q, sizeof *q, M, n, (const char *const *)w, sizeof **w, dots,
+                row_scale, scale, bias, dtypes, O, K, y, nthreads);
     free(q);
     free(row_scale);
     return 0;
