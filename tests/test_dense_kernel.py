@@ -176,3 +176,15 @@ def test_projections_in_one_call_give_each_projection_alone(monkeypatch, simd, M
                 assert y.dtype == x.dtype and torch.equal(y, layer(x))
         assert dense_kernel.linear_many(x, [bf16_layers[0], int8_layers[0]]) is None
         assert dense_kernel.linear_many(x.float(), [nn.Linear(96, 8)]) is None  # fp32 weights
+
+
+def test_scales_converted_for_the_call_stay_alive_through_it():
+    """int8 scales in another dtype are converted for the call; the kernel gets their address,
+    so the converted tensors must live until it returns (else it reads freed memory)."""
+    g = torch.Generator().manual_seed(9)
+    w = [torch.randint(-127, 128, (o, 64), generator=g, dtype=torch.int8) for o in (40, 24)]
+    scales = [torch.rand(o, generator=g, dtype=torch.float64) / 50 for o in (40, 24)]
+    x = torch.randn(1, 64, generator=g)
+    together = dense_kernel._run("int8", x, w, scales, [None, None], torch.float32)
+    for wi, si, y in zip(w, scales, together, strict=True):
+        assert torch.equal(y, dense_kernel.int8_matmul(x, wi, si.float()))

@@ -109,8 +109,9 @@ def _run(kind: str, x: torch.Tensor, weights: list[torch.Tensor],
     n = len(ws)
     ptrs = ctypes.c_void_p * n
     args = [ptrs(*(w.data_ptr() for w in ws))]
-    if kind == "int8":
-        args.append(ptrs(*(as_dtype(s, f32).contiguous().data_ptr() for s in scales)))
+    if kind == "int8":  # the converted scales must outlive the call: only their addresses go in
+        ss = [as_dtype(s, f32).contiguous() for s in scales]
+        args.append(ptrs(*(s.data_ptr() for s in ss)))
     args += [ptrs(*(None if b is None else b.data_ptr() for b in bs)),
              (ctypes.c_int64 * n)(*(w.shape[0] for w in ws)), K, ptrs(*(y.data_ptr() for y in ys))]
     fn = getattr(lib, f"inhouse_{kind}_matmul_many")
