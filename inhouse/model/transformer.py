@@ -32,15 +32,21 @@ class Segment:
     adapter: str | None = None  # LoRA adapter name (see lora.py), None for the base model
 
 
+def one_call(fn, rows: int, groups: list[slice] | None) -> bool:
+    """May fn take all groups' `rows` in one call? Yes for one group, and for a function whose
+    rows never depend on each other (`rows_independent`): its weights are then read once per
+    step, not once per sequence."""
+    if groups is None or len(groups) == 1:
+        return True
+    independent = getattr(fn, "rows_independent", None)
+    return independent is not None and independent(rows)
+
+
 def by_rows(fn, x: torch.Tensor, groups: list[slice] | None) -> torch.Tensor:
     """fn over x's rows, group by group when `groups` is given (batch-invariant numerics: a
-    matmul or reduction over a group's rows gives what that sequence alone would). A function
-    whose rows never depend on each other (`rows_independent`) takes all groups in one call: its
-    weights are read once per step, not once per sequence."""
-    if groups is None or len(groups) == 1:
-        return fn(x)
-    independent = getattr(fn, "rows_independent", None)
-    if independent is not None and independent(x.shape[0]):
+    matmul or reduction over a group's rows gives what that sequence alone would), in one call
+    where `one_call` allows it."""
+    if one_call(fn, x.shape[0], groups):
         return fn(x)
     return torch.cat([fn(x[g]) for g in groups])
 
@@ -70,8 +76,7 @@ class Attention(nn.Module):
         names = ("q_proj", "k_proj", "v_proj")
         layers = [getattr(self, name) for name in names]
         together = None
-        if groups is None or len(groups) == 1 or all(
-                getattr(layer, "rows_independent", lambda n: False)(x.shape[0]) for layer in layers):
+        if all(one_call(layer, x.shape[0], groups) for layer in layers):
             together = dense_kernel.linear_many(x, layers)
         if together is None:
             return [self._proj(name, x, groups) for name in names]
