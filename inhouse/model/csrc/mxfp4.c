@@ -407,36 +407,49 @@ static void experts_shared(int path, const char *xp, int64_t ng, const int64_t *
 }
 
 /* The clamped SwiGLU of moe.Experts (layers.swiglu) on one slot's gate_up row h [2I] (gate and up
- * interleaved, before the bias b), with its bf16 roundings (bf16) or none (fp32), in two halves
- * around the exp (libm's expf, called by the caller): swiglu_in gives the clamped gate and up and
- * z = alpha * gate; swiglu_out, given e = exp(-z), the activation (up + 1) * gate * sigmoid(z).
- * Split out of the loop so that these vectorise (the same operations in the same order; no sums,
- * so every build variant gives the same bits). */
-#define SWIGLU_IN(NAME, BIAS_T, BIAS_LOAD, R)                                                      \
-    CLONES static void NAME(const float *h, const BIAS_T *b, int64_t I, float alpha, float limit,       \
-                     float *gate, float *up, float *z) {                                          \
-        for (int64_t j = 0; j < I; j++) {                                                         \
-            float g = R(R(h[2 * j]) + BIAS_LOAD(b[2 * j]));                                       \
-            float u = R(R(h[2 * j + 1]) + BIAS_LOAD(b[2 * j + 1]));                               \
-            g = g > limit ? limit : g; /* NaN stays NaN, as in torch.clamp */                     \
-            up[j] = u < -limit ? -limit : (u > limit ? limit : u);                                \
-            gate[j] = g;                                                                          \
-            z[j] = R(alpha * g);                                                                  \
-        }                                                                                         \
+ * interleaved, before the bias b, in the model's dtype), with its bf16 roundings (bf16) or none
+ * (fp32), in two halves around the exp (libm's expf, called by the caller): swiglu_in gives the
+ * clamped gate and up and z = alpha * gate; swiglu_out, given e = exp(-z), the activation
+ * (up + 1) * gate * sigmoid(z) in the model's dtype. Split out of the loop so that these
+ * vectorise: each is compiled once per dtype (bf16 a literal) and per SIMD level (CLONES), the
+ * same operations in the same order; no sums, so every variant gives the same bits. */
+__attribute__((always_inline))
+static inline void swiglu_in(const int bf16, const float *h, const void *b, int64_t I, float alpha,
+                             float limit, float *gate, float *up, float *z) {
+    for (int64_t j = 0; j < I; j++) {
+        float g = round_as(bf16, round_as(bf16, h[2 * j]) + load_as(b, bf16, 2 * j));
+        float u = round_as(bf16, round_as(bf16, h[2 * j + 1]) + load_as(b, bf16, 2 * j + 1));
+        gate[j] = g > limit ? limit : g;  /* NaN stays NaN, as in torch.clamp */
+        up[j] = u < -limit ? -limit : (u > limit ? limit : u);
+        z[j] = round_as(bf16, alpha * gate[j]);
     }
-#define SWIGLU_OUT(NAME, OUT_T, STORE, R)                                                          \
-    CLONES static void NAME(const float *gate, const float *up, const float *e, int64_t I, OUT_T *a) {   \
-        for (int64_t j = 0; j < I; j++) {                                                         \
-            float sig = R(1.0f / (1.0f + e[j]));                                                  \
-            a[j] = STORE(R(up[j] + 1.0f) * R(gate[j] * sig));                                     \
-        }                                                                                         \
+}
+
+__attribute__((always_inline))
+static inline void swiglu_out(const int bf16, const float *gate, const float *up, const float *e,
+                              int64_t I, void *a) {
+    for (int64_t j = 0; j < I; j++) {
+        float sig = round_as(bf16, 1.0f / (1.0f + e[j]));
+        store_as(a, bf16, j, round_as(bf16, up[j] + 1.0f) * round_as(bf16, gate[j] * sig));
     }
-static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
-static inline float same(float v) { return v; }
-SWIGLU_IN(swiglu_in_bf16, uint16_t, bf16_to_f32, round_bf16)
-SWIGLU_IN(swiglu_in_f32, float, same, same)
-SWIGLU_OUT(swiglu_out_bf16, uint16_t, f32_to_bf16, round_bf16)
-SWIGLU_OUT(swiglu_out_f32, float, same, same)
+}
+
+CLONES static void swiglu_in_bf16(const float *h, const void *b, int64_t I, float alpha,
+                                  float limit, float *gate, float *up, float *z) {
+    swiglu_in(1, h, b, I, alpha, limit, gate, up, z);
+}
+CLONES static void swiglu_in_f32(const float *h, const void *b, int64_t I, float alpha,
+                                 float limit, float *gate, float *up, float *z) {
+    swiglu_in(0, h, b, I, alpha, limit, gate, up, z);
+}
+CLONES static void swiglu_out_bf16(const float *gate, const float *up, const float *e, int64_t I,
+                                   void *a) {
+    swiglu_out(1, gate, up, e, I, a);
+}
+CLONES static void swiglu_out_f32(const float *gate, const float *up, const float *e, int64_t I,
+                                  void *a) {
+    swiglu_out(0, gate, up, e, I, a);
+}
 
 /* x [M, H] (bf16 if bf16, else fp32), experts/weights [M, k] (the router's choice and its weights,
  * fp32 values of the model's dtype), the layer's packed experts (gate_up [E, 2I, H/32, 16] with
@@ -499,16 +512,14 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
         for (int64_t s = 0; s < (ng ? S : 0); s++) {
             char *a = act + (size_t)(s * I) * act_item;
             float *gate = thread_slice(swiglu_bufs, (size_t)(3 * I)), *up = gate + I, *z = up + I;
-            const float *h = h1 + s * O1, *gb = NULL;
-            const uint16_t *gb16 = NULL;
-            if (bf16) gb16 = (const uint16_t *)gu_bias + experts[slot[s]] * O1;
-            else gb = (const float *)gu_bias + experts[slot[s]] * O1;
+            const float *h = h1 + s * O1;
+            const char *b = (const char *)gu_bias + (size_t)(experts[slot[s]] * O1) * act_item;
             /* in three loops, so that the two without the exp vectorise: the same operations */
-            if (bf16) swiglu_in_bf16(h, gb16, I, alpha, limit, gate, up, z);
-            else swiglu_in_f32(h, gb, I, alpha, limit, gate, up, z);
+            if (bf16) swiglu_in_bf16(h, b, I, alpha, limit, gate, up, z);
+            else swiglu_in_f32(h, b, I, alpha, limit, gate, up, z);
             for (int64_t j = 0; j < I; j++) z[j] = expf(-z[j]);
-            if (bf16) swiglu_out_bf16(gate, up, z, I, (uint16_t *)a);
-            else swiglu_out_f32(gate, up, z, I, (float *)a);
+            if (bf16) swiglu_out_bf16(gate, up, z, I, a);
+            else swiglu_out_f32(gate, up, z, I, a);
             prepare_rows(path, a, bf16, 1, GI, ap + (size_t)(s * I) * item);
         }
         experts_shared(path, ap, ng, group, slot, experts, dn_blocks, dn_scales, H, GI, h2, &t,
