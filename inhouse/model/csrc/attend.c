@@ -48,7 +48,7 @@ static inline void load_row(const void *p, int bf16, int64_t D, float *out) {
 #include <immintrin.h>
 #define HAVE_X86 1
 
-/* 16 rows of 16 floats (rows[t], 64 bytes apart... any stride) -> cols[j] = {rows[0][j], ...}. */
+/* r[t] (16 floats each) -> r[j] = {r[0][j], r[1][j], ..., r[15][j]}: a 16 x 16 transpose. */
 __attribute__((target("avx512f"), always_inline))
 static inline void transpose16(__m512 r[16]) {
     __m512 t[16];
@@ -56,13 +56,15 @@ static inline void transpose16(__m512 r[16]) {
         t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
         t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
     }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    for (int i = 0; i < 16; i += 4) {  /* pairs of floats as doubles */
+        __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+        __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
     }
-    /* r[4a + b] now holds, in 128-bit lane L, element 4a+b... of rows 4L..4L+3: regroup the lanes */
+    /* each 128-bit lane of r[i] now holds 4 floats of one column: regroup the lanes */
     for (int i = 0; i < 4; i++) {
         t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);       /* lanes 0,2 of each */
         t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);   /* lanes 1,3 of each */
@@ -100,7 +102,8 @@ static void score_tiles_avx512(const float *q, int64_t G, const char *kh, int bf
         const char *k0 = kh + (size_t)(tile * 16 * D) * item;
         for (int64_t c = 0; c < D; c += 16) {
             __m512 r[16];
-            for (int t = 0; t < 16; t++) r[t] = load16_avx512(k0 + (size_t)(t * D) * item, bf16, c);
+            for (int t = 0; t < 16; t++)
+                r[t] = load16_avx512(k0 + (size_t)(t * D) * item, bf16, c);
             transpose16(r);
             for (int j = 0; j < 16; j++) kt[c + j] = r[j];
         }
@@ -191,7 +194,7 @@ static void attend_group(const float *q, int64_t G, const char *kh, const char *
         float *sc = scores + g * n, m = sinks[g];
         for (int64_t s = 0; s < n; s++) m = sc[s] > m ? sc[s] : m;
         for (int j = 0; j < LANES; j++) part[j] = 0.0f;
-        int64_t s = 0;
+        s = 0;
         for (; s + LANES <= n; s += LANES)
             for (int j = 0; j < LANES; j++) {
                 sc[s + j] = exp_nonpositive(sc[s + j] - m);
@@ -204,13 +207,14 @@ static void attend_group(const float *q, int64_t G, const char *kh, const char *
         totals[g] = sum_lanes(part) + exp_nonpositive(sinks[g] - m);
     }
     for (int64_t i = 0; i < G * D; i++) out[i] = 0.0f;
+    s = 0;
 #ifdef HAVE_X86
     if (simd) {
         values_avx512(scores, G, vh, bf16, item, n, D, out);
-        n = 0;  /* done */
+        s = n;
     }
 #endif
-    for (int64_t s = 0; s < n; s++) {  /* values: each row converted once for the G heads */
+    for (; s < n; s++) {  /* values: each row converted once for the G heads */
         load_row(vh + (size_t)(s * D) * item, bf16, D, row);
         for (int64_t g = 0; g < G; g++) {
             const float p = scores[g * n + s];
