@@ -16,7 +16,7 @@ from torch import nn
 
 from inhouse.config import ModelConfig
 from inhouse.model.layers import swiglu
-from inhouse.model import dense_kernel, mxfp4_kernel
+from inhouse.model import dense_kernel, mxfp4_kernel, rows_kernel
 from inhouse.model.mxfp4 import BYTES_PER_BLOCK, BLOCK_SIZE, dequantize
 
 # Up to this many rows (of one sequence, routed to one expert) the fused kernel multiplies straight
@@ -24,6 +24,15 @@ from inhouse.model.mxfp4 import BYTES_PER_BLOCK, BLOCK_SIZE, dequantize
 # (5760x2880 expert, 2 cores: kernel 11 / 28 / 136 ms at 32 / 64 / 128 rows, decode + matmul
 # 34-38 ms from 64 rows up).
 KERNEL_MAX_ROWS = 64
+
+
+def route_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, E) -> weights (N, k) in logits' dtype summing to 1, experts (N, k): the k
+    largest logits, largest first, ties to the lower expert (a stable sort; torch.topk leaves
+    their order open), and their softmax in fp32."""
+    values, experts = torch.sort(logits, dim=-1, descending=True, stable=True)
+    values, experts = values[..., :k], experts[..., :k]
+    return torch.softmax(values.float(), dim=-1).to(logits.dtype), experts
 
 
 class Router(nn.Module):
@@ -36,8 +45,9 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> weights (N, k) summing to 1, expert indices (N, k)."""
         logits = dense_kernel.linear(x, self.weight, self.bias)  # (N, E)
-        top = torch.topk(logits, self.top_k, dim=-1, sorted=True)
-        return torch.softmax(top.values.float(), dim=-1).to(x.dtype), top.indices
+        if rows_kernel.route_applies(logits):  # one call, not four ops (decode)
+            return rows_kernel.route(logits, self.top_k)
+        return route_reference(logits, self.top_k)
 
 
 class Experts(nn.Module):

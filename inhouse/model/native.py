@@ -2,7 +2,7 @@
 
 ctypes releases the GIL during a call, and the kernels take plain pointers, so no Python C-API
 code is involved. A kernel that was not built (no C compiler) loads as None and callers fall back
-to PyTorch. INHOUSE_<NAME>_KERNEL (NAME = MXFP4, DENSE, ATTEND or ROWS): 0 turns one off,
+to PyTorch. INHOUSE_<NAME>_KERNEL (NAME = MXFP4, DENSE, ATTEND, ROWS or STEP): 0 turns one off,
 portable keeps it off its SIMD paths, avx2 keeps it off AVX-512, avx512 off AVX-512 BF16. The
 paths sum in different orders, so a record made on an AVX2-only machine replays bit for bit here
 with =avx2 set. `as_dtype` is the wrappers' conversion that skips `.to` when nothing changes.
@@ -30,10 +30,11 @@ def max_level(name: str) -> int:
 
 
 def load(name: str) -> ctypes.CDLL | None:
-    """The built extension `inhouse.model._<name>`, or None (not built, or turned off)."""
+    """The built kernels library (`inhouse.model._kernels`, all the kernels in one) for kernel
+    `name`, or None (not built, or this kernel turned off)."""
     if setting(name) == "0":
         return None
-    spec = importlib.util.find_spec(f"inhouse.model._{name}")
+    spec = importlib.util.find_spec("inhouse.model._kernels")
     if spec is None or spec.origin is None:
         return None
     return ctypes.CDLL(spec.origin)

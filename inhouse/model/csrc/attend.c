@@ -18,6 +18,7 @@
 #include <stdlib.h>
 
 #include "common.h"
+#include "kernels.h"
 
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 64 /* query heads per kv head */

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "kernels.h"
 
 /* The dot products of up to MAX_ROWS input rows with one bf16 weight row (the SIMD bodies written
  * once as a template over the vector width; int8 weights have their own, DOTS_Q, below). The
@@ -204,8 +205,8 @@ int inhouse_dense_simd_level(void) {
     return 0;
 }
 
-/* The dtypes argument of both entry points: which of x, bias and y are bf16 (else fp32). */
-enum { X_BF16 = 1, BIAS_BF16 = 2, Y_BF16 = 4 };
+/* The dtypes argument of both entry points (X_BF16, BIAS_BF16, Y_BF16: kernels.h) says which of
+ * x, bias and y are bf16 (else fp32). */
 
 /* For n matrices w[i] [O[i], K] (with scale[i], bias[i], output y[i] [M, O[i]]):
  * y[i][m, o] = dot(x[m], w[i][o]) * row_scale[m] * scale[i][o] + bias[i][o] (row_scale, scale and
