@@ -35,41 +35,58 @@ class LayerKVCache:
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """k/v (Hkv, T, D) for positions end..end+T-1 -> (keys, values, first key position)."""
         T = k.shape[1]
-        if self.window is not None:
-            return self._extend_window(k, v)
-        need = self.length + T
-        if need > self.k.shape[1]:
-            capacity = max(need, 2 * self.k.shape[1], 16)
-            if self.max_tokens is not None:
-                capacity = max(need, min(capacity, self.max_tokens))
-            self._grow(capacity)
-        self.k[:, self.length:need] = k
-        self.v[:, self.length:need] = v
-        self.length = need
-        return self.k[:, :need], self.v[:, :need], self.start
+        if self.window is not None and not self._fits(T):
+            return self._extend_past_room(k, v)
+        at, first, k_start = self.reserve(T)
+        self.k[:, at:at + T] = k
+        self.v[:, at:at + T] = v
+        return self.k[:, first:at + T], self.v[:, first:at + T], k_start
 
-    def _extend_window(self, k: torch.Tensor,
-                       v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        held, first, window = self.length, self.start, self.window
-        need = held + k.shape[1]  # the keys this step attends over: the held ones, then the new
-        keep = min(need, window)  # the next query needs fewer than `window` back
-        capacity = window + max(1, window // 8)
-        if self.offset + need > self.k.shape[1]:  # no room after the held keys
-            if need > capacity:  # a chunk longer than the room (prefill): a one-off buffer
-                keys = torch.cat([self._held(self.k), k], dim=1)
-                vals = torch.cat([self._held(self.v), v], dim=1)
-                self.k = self._roomy(keys[:, -keep:], capacity)
-                self.v = self._roomy(vals[:, -keep:], capacity)
-                self.offset, self.start, self.length = 0, first + need - keep, keep
-                return keys, vals, first
+    def reserve(self, T: int) -> tuple[int, int, int]:
+        """Room for T new positions, the bookkeeping advanced as if they were written: returns
+        (where in the buffer they go, where the keys to attend over begin (they end with the new
+        ones), the first of those keys' position). The caller writes the new keys and values
+        there before anything else touches this cache (decode_step writes them in C). A sliding
+        layer takes at most the room of its buffer (`_fits`); longer chunks go through extend."""
+        held, first = self.length, self.start
+        need = held + T
+        if self.window is None:
+            if need > self.k.shape[1]:
+                capacity = max(need, 2 * self.k.shape[1], 16)
+                if self.max_tokens is not None:
+                    capacity = max(need, min(capacity, self.max_tokens))
+                self._grow(capacity)
+            self.length = need
+            return held, 0, first
+        if not self._fits(T):
+            raise ValueError(f"{T} new positions do not fit a window of {self.window}")
+        if self.offset + need > self.k.shape[1]:  # no room after the held keys: move them back
+            capacity = self._capacity()
             self.k = self._roomy(self._held(self.k), capacity)
             self.v = self._roomy(self._held(self.v), capacity)
             self.offset = 0
         a = self.offset
-        self.k[:, a + held:a + need] = k
-        self.v[:, a + held:a + need] = v
-        keys, vals = self.k[:, a:a + need], self.v[:, a:a + need]
+        keep = min(need, self.window)  # the next query needs fewer than `window` back
         self.offset, self.start, self.length = a + need - keep, first + need - keep, keep
+        return a + held, a, first
+
+    def _capacity(self) -> int:
+        return self.window + max(1, self.window // 8)
+
+    def _fits(self, T: int) -> bool:
+        return self.length + T <= self._capacity()
+
+    def _extend_past_room(self, k: torch.Tensor,
+                          v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A chunk longer than a sliding layer's room (prefill): attend over a one-off
+        concatenation and keep its last `window` positions in a fresh buffer."""
+        first, need = self.start, self.length + k.shape[1]
+        keep = min(need, self.window)
+        keys = torch.cat([self._held(self.k), k], dim=1)
+        vals = torch.cat([self._held(self.v), v], dim=1)
+        self.k = self._roomy(keys[:, -keep:], self._capacity())
+        self.v = self._roomy(vals[:, -keep:], self._capacity())
+        self.offset, self.start, self.length = 0, first + need - keep, keep
         return keys, vals, first
 
     def _held(self, buffer: torch.Tensor) -> torch.Tensor:
