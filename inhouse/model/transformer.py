@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from inhouse.config import ModelConfig
 from inhouse.errors import InhouseError
-from inhouse.model import dense_kernel
+from inhouse.model import decode_step, dense_kernel
 from inhouse.model.attention import attention
 from inhouse.model.dense_kernel import Linear
 from inhouse.model.kv_cache import KVCache
@@ -151,8 +151,18 @@ class Transformer(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lora_routing = None  # set by lora.attach
         self.gradient_checkpointing = False  # recompute each layer in backward (training)
+        self.step_plan = None  # decode_step's table of weight pointers, built at first use
+        self.register_load_state_dict_post_hook(Transformer._forget_step_plan)
         with torch.device("cpu"):  # NOTE: not on meta even when the rest is built there
             self.rotary = RotaryEmbedding(config)
+
+    def _forget_step_plan(self, *_) -> None:
+        self.step_plan = None
+
+    def _apply(self, fn, *args, **kwargs):
+        """nn.Module's (.to, .float, ...: tensors may move), then the step plan is out of date."""
+        self._forget_step_plan()
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -219,15 +229,23 @@ class Transformer(nn.Module):
             routing.assignment = [(slice(s.row0, s.row0 + s.num_tokens), s.adapter)
                                   for s in segments]
         try:
-            for i, layer in enumerate(self.model.layers):
-                if self.gradient_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(layer, x, cos, sin, i, segments, groups, use_reentrant=False)
-                else:
-                    x = layer(x, cos, sin, i, segments, groups)
+            fused = decode_step.run(self, x, cos, sin, segments)  # decode: all layers, one call
+            x = fused if fused is not None else self._layers(x, cos, sin, segments, groups)
         finally:
             if routing is not None:
                 routing.assignment = None
         for seg in segments:
             if seg.cache is not None:
                 seg.cache.num_tokens += seg.num_tokens
+        return x
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                segments: list[Segment], groups: list[slice] | None) -> torch.Tensor:
+        """x (N, H) through the decoder layers, module by module (decode_step.run is the same
+        in one native call, where it applies)."""
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, i, segments, groups, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, i, segments, groups)
         return x
