@@ -6,7 +6,9 @@ weights meet rows rounded to int16 at decode and torch's GEMM on converted weigh
 ("int8-a16-gemm", the same bits on every path; "int8-gemm" without the decode kernel). Records
 made before carry "int8-a16" (prefill by torch's int8 kernel) or no such part, and are refused.
 Decode attention runs our kernel ("attend-c": fp32 sums in a fixed order, one rounding at the
-end) where it is built, and RMSNorm ("rows-c") likewise."""
+end) where it is built, and RMSNorm and the router's top-k and softmax ("rows-route-c") likewise;
+records made before the router's kernel carry "rows-c" (torch's topk and softmax) and are refused.
+The whole-step decode kernel (decode_step) makes these kernels' calls, so it needs no name."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from inhouse.model import attend_kernel, dense_kernel, mxfp4_kernel, rows_kernel
 
 
 def path_name() -> str:
-    """e.g. "avx2-fused+dense-avx512+int8-a16-gemm+attend-c+rows-c";
+    """e.g. "avx2-fused+dense-avx512+int8-a16-gemm+attend-c+rows-route-c";
     "torch+dense-torch+int8-gemm+torch+torch" where nothing was built."""
     dense = dense_kernel.path_name()
     int8 = "+int8-gemm" if dense == "torch" else "+int8-a16-gemm"

@@ -35,8 +35,9 @@ def available() -> bool:
 
 
 def path_name() -> str:
-    """"rows-c" with the kernel, "torch" without; audit records carry it."""
-    return "rows-c" if available() else "torch"
+    """"rows-route-c" with the kernel (RMSNorm and the router's top-k and softmax), "torch"
+    without; audit records carry it."""
+    return "rows-route-c" if available() else "torch"
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
