@@ -29,6 +29,16 @@
  * The SIMD bodies are called with R a literal (DISPATCH_ROWS), so rows unroll and accumulators stay
  * in registers. x is fp32 rows, except for dots_bf16x (bf16 rows). */
 #define MAX_ROWS 8
+
+/* With more than two rows the products are bound by arithmetic, and the hardware prefetcher falls
+ * behind the weights (8 rows against the 201088 x 2880 unembedding: 122-132 ms a call without
+ * this, 85-97 ms with it), so those loops ask for the weights 16 KB ahead themselves. It changes no
+ * arithmetic. Bytes past the thread's rows or the matrix are never read: a prefetch does not
+ * fault. */
+#define PREFETCH_AHEAD 16384
+static inline void prefetch_ahead(const void *p, int R) {
+    if (R > 2) __builtin_prefetch((const char *)p + PREFETCH_AHEAD);
+}
 typedef void (*dots_fn)(const void *x, int64_t K, int64_t R, const void *w, float *out);
 
 static void dots_scalar(const void *xv, int64_t K, int64_t R, const void *wv, float *out) {
@@ -75,6 +85,7 @@ static void dots_scalar_q(const void *xv, int64_t K, int64_t R, const void *wv, 
         int64_t k = 0;                                                                           \
         for (; k + 2 * L <= K; k += 2 * L) {                                                     \
             VEC w0 = LOAD(w + k), w1 = LOAD(w + k + L);                                          \
+            prefetch_ahead(w + k, R);                                                            \
             for (int m = 0; m < R; m++) {                                                        \
                 a0[m] = FMA(XLOAD(x + m * K + k), w0, a0[m]);                                    \
                 a1[m] = FMA(XLOAD(x + m * K + k + L), w1, a1[m]);                                \
@@ -121,6 +132,7 @@ DOTS_SIMD(dots_avx2, "avx2,fma", uint16_t, bf16_to_f32, __m256, 8, BF16x8, _mm25
             int64_t k = k0;                                                                      \
             for (; k + L <= end; k += L) {                                                       \
                 VEC wv = WLOAD(w + k);                                                           \
+                prefetch_ahead(w + k, R);                                                        \
                 for (int m = 0; m < R; m++)                                                      \
                     acc[m] = ADD(acc[m], MADD(XLOAD(x + m * K + k), wv));                        \
             }                                                                                    \
@@ -170,6 +182,8 @@ static inline void dots_bf16x_rows(const uint16_t *x, int64_t K, const uint16_t 
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
         __m512bh w0 = BH(w + k), w1 = BH(w + k + 32);
+        prefetch_ahead(w + k, R);
+        prefetch_ahead(w + k + 32, R);
         for (int m = 0; m < R; m++) {
             a0[m] = _mm512_dpbf16_ps(a0[m], BH(x + m * K + k), w0);
             a1[m] = _mm512_dpbf16_ps(a1[m], BH(x + m * K + k + 32), w1);
