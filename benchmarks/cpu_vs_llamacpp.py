@@ -1,7 +1,7 @@
 """inhouse against llama.cpp on this CPU, same weights: decode, prompt, time to first token, RSS.
 
     python benchmarks/cpu_vs_llamacpp.py [--rounds 2] [--prompt 512] [--decode 64] [--int8]
-                                         [--engines llama.cpp,inhouse]
+                                         [--batch 8] [--engines llama.cpp,inhouse]
 
 Builds (once, cached) the random checkpoint of the exact gpt-oss-20b shape, exports the same
 weights to GGUF with inhouse's exporter (`inhouse convert --layout gguf`; MXFP4 experts stay MXFP4,
@@ -12,7 +12,10 @@ once so both start from a warm page cache. Both decode greedily from a random pr
 per step, with the same thread count; no sampling, no server: the model loop only.
 
 It also measures this machine's read bandwidth and prints each engine's decode speed as a share of
-the bandwidth bound (bytes one decoded token must read / bandwidth). Decode speed is given twice:
+the bandwidth bound (bytes one decoded token must read / bandwidth). inhouse also decodes `--batch`
+sequences together (aggregate tokens/s, against its own batch 1); that is bound by arithmetic as
+much as by bytes, so the table gives its share of the compute bound too (multiply-adds per token
+/ the rate of our bf16 kernel on that many rows from cache). Decode speed is given twice:
 over the whole run (the target's figure), and at the median step, which a burst of the shared
 machine's load moves less. Writes
 benchmarks/results/cpu_vs_llamacpp.json. Nothing here asserts a speed.
@@ -112,7 +115,59 @@ def run_llamacpp(path: Path, threads: int, prompt: list[int], decode: int) -> di
     return {"load_s": load_s, "ttft_s": ttft, "decode_s": sum(steps), "steps_s": steps}
 
 
-def run_inhouse(path: Path, threads: int, prompt: list[int], decode: int) -> dict:
+def macs_per_token(int8: bool = False) -> int:
+    """Multiply-adds of one decoded token: every weight it reads, once (both columns of the
+    bandwidth figure's bytes, without the biases)."""
+    from inhouse.config import preset
+
+    c = preset(PRESET)
+    H, D, I = c.hidden_size, c.head_dim, c.intermediate_size
+    attn = H * c.num_attention_heads * D * 2 + H * c.num_key_value_heads * D * 2
+    experts = c.experts_per_token * 3 * H * I
+    return c.num_hidden_layers * (attn + c.num_experts * H + experts) + c.vocab_size * H
+
+
+def compute_gmacs(threads: int, rows: int) -> float:
+    """The best rate, GMAC/s, of our bf16 decode kernel on `rows` rows against a matrix that
+    stays in cache (1024 x 2880): what the cores can multiply when memory is not the limit."""
+    import torch
+
+    from inhouse.model import dense_kernel
+
+    torch.set_num_threads(threads)
+    w = torch.randn(1024, 2880).bfloat16()
+    x = torch.randn(rows, 2880).bfloat16()
+    best = float("inf")
+    for _ in range(20):
+        t = time.perf_counter()
+        for _ in range(20):
+            dense_kernel.bf16_matmul(x, w, None, torch.bfloat16)
+        best = min(best, (time.perf_counter() - t) / 20)
+    return w.numel() * rows / best / 1e9
+
+
+def batch_decode(model, batch: int, steps: int, seed: int = 1) -> float:
+    """Aggregate tokens/s of `batch` sequences (16-token random prompts) decoded together, one
+    token each per step (the engine's batched forward), over `steps` steps."""
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    caches = [model.new_cache() for _ in range(batch)]
+    toks = []
+    for cache in caches:
+        ids = torch.tensor([rng.randrange(0, 199998) for _ in range(16)])
+        toks.append(model(ids, cache=cache, last_only=True)[-1].argmax().view(1))
+    t = time.perf_counter()
+    for _ in range(steps):
+        logits = model.forward_batch(list(zip(toks, caches)))
+        toks = [row.argmax().view(1) for row in logits]
+    return batch * steps / (time.perf_counter() - t)
+
+
+def run_inhouse(path: Path, threads: int, prompt: list[int], decode: int,
+                batch: int = 8) -> dict:
     import torch
 
     from inhouse.model import kernels, load_model
@@ -133,8 +188,9 @@ def run_inhouse(path: Path, threads: int, prompt: list[int], decode: int) -> dic
             t = time.perf_counter()
             tok = model(tok.view(1), cache=cache)[-1].argmax()
             steps.append(time.perf_counter() - t)
+        batch_tok_s = batch_decode(model, batch, 16) if batch > 1 else None
     return {"load_s": load_s, "ttft_s": ttft, "decode_s": sum(steps), "steps_s": steps,
-            "kernels": kernels.path_name()}
+            "kernels": kernels.path_name(), "batch": batch, "batch_tok_s": batch_tok_s}
 
 
 def child(args) -> None:
@@ -142,8 +198,10 @@ def child(args) -> None:
 
     rng = random.Random(0)
     prompt = [rng.randrange(0, 199998) for _ in range(args.prompt)]
-    run = run_llamacpp if args.child == "llama.cpp" else run_inhouse
-    out = run(Path(args.path), args.threads, prompt, args.decode)
+    if args.child == "llama.cpp":
+        out = run_llamacpp(Path(args.path), args.threads, prompt, args.decode)
+    else:
+        out = run_inhouse(Path(args.path), args.threads, prompt, args.decode, args.batch)
     out |= {"prompt_tokens": args.prompt, "decode_tokens": args.decode,
             "peak_rss": memory()["VmHWM"]}
     print("RESULT " + json.dumps(out), flush=True)
@@ -175,7 +233,7 @@ def measure(engine: str, path: Path, args) -> dict:
     warm = read_files(path)
     cmd = [sys.executable, __file__, "--child", "llama.cpp" if engine == "llama.cpp" else "inhouse",
            "--path", str(path), "--threads", str(args.threads), "--prompt", str(args.prompt),
-           "--decode", str(args.decode)]
+           "--decode", str(args.decode), "--batch", str(args.batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -188,7 +246,9 @@ def measure(engine: str, path: Path, args) -> dict:
           "prompt_tok_s": r["prompt_tokens"] / r["ttft_s"]}
     print(f"  {engine}: decode {r['decode_tok_s']:.2f} tok/s (median step "
           f"{r['decode_tok_s_median']:.2f}), prompt {r['prompt_tok_s']:.1f} tok/s, "
-          f"TTFT {r['ttft_s']:.1f} s, peak RSS {r['peak_rss'] / 2**30:.1f} GiB", flush=True)
+          f"TTFT {r['ttft_s']:.1f} s, peak RSS {r['peak_rss'] / 2**30:.1f} GiB"
+          + (f", batch {r['batch']}: {r['batch_tok_s']:.2f} tok/s" if r.get("batch_tok_s") else ""),
+          flush=True)
     return r
 
 
@@ -201,6 +261,8 @@ def main() -> None:
     ap.add_argument("--engines", default="llama.cpp,inhouse")
     ap.add_argument("--int8", action="store_true",
                     help="also inhouse with int8 attention/unembedding (converted once, cached)")
+    ap.add_argument("--batch", type=int, default=8,
+                    help="inhouse also decodes this many sequences together (0: skip)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -215,18 +277,22 @@ def main() -> None:
                              "minutes on 2 cores)") from None
     paths = prepare(args)
     bw = bandwidth_gbs(args.threads)
-    print(f"read bandwidth: {bw:.1f} GB/s", flush=True)
+    gmacs = compute_gmacs(args.threads, max(args.batch, 1))
+    print(f"read bandwidth: {bw:.1f} GB/s; {max(args.batch, 1)}-row bf16 kernel from cache: "
+          f"{gmacs:.0f} GMAC/s", flush=True)
     runs: dict[str, list[dict]] = {e: [] for e in paths}
     for i in range(args.rounds):
         print(f"round {i + 1}/{args.rounds}", flush=True)
         for engine, path in paths.items():
             runs[engine].append(measure(engine, path, args))
+    keys = ("decode_tok_s", "decode_tok_s_median", "prompt_tok_s", "ttft_s", "peak_rss",
+            "batch_tok_s")
     best = {e: {k: (max if "tok_s" in k else min)(r[k] for r in rs)
-                for k in ("decode_tok_s", "decode_tok_s_median", "prompt_tok_s", "ttft_s",
-                          "peak_rss")}
+                for k in keys if all(r.get(k) is not None for r in rs)}
             for e, rs in runs.items()}
     base = best.get("llama.cpp")
-    rows = [("read bandwidth (GB/s)", f"{bw:.1f}")]
+    rows = [("read bandwidth (GB/s)", f"{bw:.1f}"),
+            (f"{max(args.batch, 1)}-row bf16 kernel from cache (GMAC/s)", f"{gmacs:.0f}")]
     for e, b in best.items():
         need = bytes_per_token(e == "inhouse-int8")
         bound = bw * 1e9 / need
@@ -241,7 +307,15 @@ def main() -> None:
                  (f"{e}: prompt tok/s ({args.prompt} tokens)", f"{b['prompt_tok_s']:.1f}{pratio}"),
                  (f"{e}: time to first token (s)", f"{b['ttft_s']:.1f}"),
                  (f"{e}: peak RSS (GiB)", f"{b['peak_rss'] / 2**30:.1f}")]
-    data = {"bandwidth_gbs": bw, "best": best, "runs": runs, "machine": machine(),
+        if "batch_tok_s" in b:  # its own batch 1 is the base; the cores' rate bounds it
+            cbound = gmacs * 1e9 / macs_per_token()
+            rows += [(f"{e}: batch-{args.batch} decode tok/s (all sequences)",
+                      f"{b['batch_tok_s']:.2f} ({b['batch_tok_s'] / b['decode_tok_s']:.2f}x)"),
+                     (f"{e}: batch-{args.batch} share of the compute bound "
+                      f"({macs_per_token() / 1e9:.2f} GMAC/token, {cbound:.1f} tok/s)",
+                      f"{b['batch_tok_s'] / cbound:.0%}")]
+    data = {"bandwidth_gbs": bw, "kernel_gmacs": gmacs, "macs_per_token": macs_per_token(),
+            "batch": args.batch, "best": best, "runs": runs, "machine": machine(),
             "threads": args.threads, "prompt_tokens": args.prompt, "decode_tokens": args.decode,
             "bytes_per_token": {e: bytes_per_token(e == "inhouse-int8") for e in paths}}
     report(f"inhouse vs llama.cpp, {PRESET} shape, random weights, {args.threads} threads (best "
