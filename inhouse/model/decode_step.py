@@ -95,10 +95,13 @@ class Plan:
 
 def plan(model: torch.nn.Module) -> Plan:
     """The model's Plan, built once and kept in `model.step_plan` (the Transformer drops it when
-    its weights are moved or loaded; a pointer that changed anyway makes a new one)."""
+    its weights are moved or loaded; a pointer that changed anyway makes a new one). A model the
+    kernel does not take is asked again each step (adapters may come and go); it usually says
+    so at its first layer."""
     kept = model.step_plan
     if kept is None or not kept.is_current():
-        kept = model.step_plan = _build(model)
+        kept = _build(model)
+        model.step_plan = kept if kept.table is not None else None
     return kept
 
 
@@ -108,9 +111,11 @@ def _build(model: torch.nn.Module) -> Plan:
     out = Plan(table)
     int8_kinds, bias_dtypes, router_dtypes = set(), set(), set()
 
-    def point(t: torch.Tensor, copy: bool = False) -> int:
-        (out.copies if copy else out.sources).append(t)
-        return t.data_ptr()
+    def point(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+        """t's address (in dtype: converted where it is not already, the copy kept alive)."""
+        c = t if dtype is None else as_dtype(t, dtype).contiguous()
+        (out.sources if c is t else out.copies).append(c)
+        return c.data_ptr()
 
     for entry, layer in zip(table, layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -127,8 +132,7 @@ def _build(model: torch.nn.Module) -> Plan:
             int8_kinds.add(w.dtype == torch.int8)
             entry.proj[i] = point(w)
             if w.dtype == torch.int8:
-                entry.proj_scale[i] = point(
-                    as_dtype(proj.weight_scale, torch.float32).contiguous(), copy=True)
+                entry.proj_scale[i] = point(proj.weight_scale, torch.float32)
             if proj.bias is not None:
                 bias_dtypes.add(proj.bias.dtype)
                 entry.proj_bias[i] = point(proj.bias)
@@ -141,9 +145,8 @@ def _build(model: torch.nn.Module) -> Plan:
             return Plan(None)
         (entry.attn_norm, entry.mlp_norm, entry.sinks, entry.router, entry.router_bias,
          entry.gu_blocks, entry.gu_scales, entry.dn_blocks, entry.dn_scales) = map(point, parts)
-        entry.gu_bias, entry.dn_bias = (
-            point(as_dtype(b, torch.bfloat16).contiguous(), copy=True)
-            for b in (experts.gate_up_proj_bias, experts.down_proj_bias))
+        entry.gu_bias, entry.dn_bias = (point(b, torch.bfloat16)
+                                        for b in (experts.gate_up_proj_bias, experts.down_proj_bias))
     ok_bias = {torch.bfloat16, torch.float32}
     if (len(int8_kinds) != 1 or len(bias_dtypes) > 1 or not bias_dtypes <= ok_bias
             or len(router_dtypes) != 1 or not router_dtypes <= ok_bias):
