@@ -3,6 +3,8 @@ the same bits for bf16 and int8 projections, every SIMD level, sliding windows p
 buffer's room, batches with and without batch-invariant mode; when it steps aside; and the
 router's top-k kernel against its reference."""
 
+import copy
+
 import pytest
 import torch
 
@@ -111,6 +113,16 @@ def test_new_weights_are_read_not_the_old_pointers(checkpoints, monkeypatch):
     fused = _decode(model, prompt, 4)
     _path(monkeypatch, False)
     assert torch.equal(fused, _decode(model, prompt, 4))
+
+
+def test_a_copy_builds_its_own_plan(checkpoints, monkeypatch):
+    model = load_model(checkpoints["hf"], dtype=torch.bfloat16)
+    prompt = random_ids(5, 2000, seed=7)
+    first = _decode(model, prompt, 3)
+    twin = copy.deepcopy(model)  # the plan holds addresses (ctypes), which a copy must not take
+    assert twin.step_plan is None
+    assert torch.equal(_decode(twin, prompt, 3), first)
+    assert twin.step_plan.pointers != model.step_plan.pointers
 
 
 def test_steps_it_does_not_take(checkpoints):

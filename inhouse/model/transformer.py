@@ -159,6 +159,10 @@ class Transformer(nn.Module):
     def _forget_step_plan(self, *_) -> None:
         self.step_plan = None
 
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy, pickle) builds its own step plan: addresses do not carry over."""
+        return {**self.__dict__, "step_plan": None}
+
     def _apply(self, fn, *args, **kwargs):
         """nn.Module's (.to, .float, ...: tensors may move), then the step plan is out of date."""
         self._forget_step_plan()
