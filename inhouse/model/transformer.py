@@ -164,7 +164,7 @@ class Transformer(nn.Module):
         return {**self.__dict__, "step_plan": None}
 
     def _apply(self, fn, *args, **kwargs):
-        """nn.Module's (.to, .float, ...: tensors may move), then the step plan is out of date."""
+        """nn.Module's (.to, .float, ...), which may move tensors: the step plan is dropped."""
         self._forget_step_plan()
         return super()._apply(fn, *args, **kwargs)
 
