@@ -100,6 +100,32 @@ def test_batched_steps_give_the_module_bits_and_each_sequence_alone(checkpoints,
     assert all(torch.equal(a[1], b[0]) for a, b in zip(fused, alone))
 
 
+def test_engine_outputs_match_the_module_path_and_each_request_alone(checkpoints, monkeypatch):
+    """The engine in reproducible mode (prefill chunks and decodes mixed in its steps) on a bf16
+    model: ids and logprobs the same with the kernel as with the modules, alone or together."""
+    from inhouse.config import EngineConfig
+    from inhouse.engine import LLMEngine, SamplingParams
+    from tests.test_engine import prompt, run_all
+
+    model = load_model(checkpoints["hf"], dtype=torch.bfloat16)
+    cfg = EngineConfig(prefill_chunk=8, max_num_batched_tokens=24, mode="reproducible")
+    reqs = [(f"r{i}", prompt(i, 6 + 9 * i),
+             SamplingParams(max_tokens=12, temperature=1.0, seed=i, logprobs=0)) for i in range(4)]
+
+    def together() -> dict:
+        return run_all(LLMEngine(model, cfg), {0: reqs[:2], 3: reqs[2:]}, True)
+
+    taken = _path(monkeypatch, True)
+    fused = together()
+    assert sum(taken) >= 8  # most decode steps took the kernel
+    alone = {}
+    for r in reqs:
+        alone.update(run_all(LLMEngine(model, cfg), {0: [r]}, True))
+    assert fused == alone
+    _path(monkeypatch, False)
+    assert together() == fused
+
+
 def test_new_weights_are_read_not_the_old_pointers(checkpoints, monkeypatch):
     model = load_model(checkpoints["hf"], dtype=torch.bfloat16)
     prompt = random_ids(5, 2000, seed=6)
