@@ -42,12 +42,27 @@ def path_name() -> str:
     return "attend-c" if available() else "torch"
 
 
+# csrc/attend.c's limits: head_dim a multiple of 16 up to MAX_HEAD_DIM, query heads per kv head
+MAX_HEAD_DIM, MAX_GROUP = 256, 64
+
+
+def heads_fit(head_dim: int, group: int = 1) -> bool:
+    """Does the kernel take heads of head_dim with `group` query heads per kv head?"""
+    return head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM and group <= MAX_GROUP
+
+
+def simd() -> int:
+    """1 where the kernel may run its AVX-512 tiles (INHOUSE_ATTEND_KERNEL allows it), else 0
+    (the plain loops; the same bits)."""
+    return int(native.max_level("attend") >= 2)
+
+
 def applies(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Would `attend_one` take these (one query row, CPU, bf16/fp32, head_dim a multiple of 16
     up to 256, keys laid out row after row within each head)?"""
     T, _, D = q.shape
     return (T == 1 and available() and q.is_cpu and k.dtype == q.dtype
-            and q.dtype in (torch.bfloat16, torch.float32) and D % 16 == 0 and D <= 256
+            and q.dtype in (torch.bfloat16, torch.float32) and heads_fit(D)
             and k.stride(2) == 1 and k.stride(1) == D)
 
 
@@ -69,7 +84,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.T
     rc = lib.inhouse_attend_one(qc.data_ptr(), k.data_ptr(), v.data_ptr(),
                                 int(q.dtype == torch.bfloat16), s.data_ptr(), Hq, Hkv,
                                 k.stride(0), lo, hi, D, scale, out.data_ptr(),
-                                torch.get_num_threads(), int(native.max_level("attend") >= 2))
+                                torch.get_num_threads(), simd())
     if rc != 0:
         raise RuntimeError(f"the attention kernel refused its input (code {rc})")
     return out

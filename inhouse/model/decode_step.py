@@ -49,9 +49,6 @@ class Shape(ctypes.Structure):
                                     "mxfp4_level", "attend_simd", "nthreads")]
 
 
-BIAS_BF16 = 2  # dense.c's flag: the biases are bf16
-
-
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
     if not all(k.available() for k in (mxfp4_kernel, dense_kernel, attend_kernel, rows_kernel)):
@@ -71,8 +68,8 @@ def _takes(model: torch.nn.Module, x: torch.Tensor, segments: list) -> bool:
             and 0 < len(segments) <= dense_kernel.MAX_ROWS and model.lora_routing is None
             and all(s.num_tokens == 1 and s.cache is not None
                     and s.cache.layers[0].k.dtype == torch.bfloat16 for s in segments)
-            and attn.head_dim % 16 == 0 and attn.head_dim <= 256
-            and attn.num_heads // attn.num_kv_heads <= 64 and available())
+            and attend_kernel.heads_fit(attn.head_dim, attn.num_heads // attn.num_kv_heads)
+            and available())
 
 
 @dataclass
@@ -152,8 +149,8 @@ def _build(model: torch.nn.Module) -> Plan:
             or len(router_dtypes) != 1 or not router_dtypes <= ok_bias):
         return Plan(None)
     out.int8 = int(int8_kinds.pop())
-    out.bias_flags = (BIAS_BF16 if bias_dtypes == {torch.bfloat16} else 0,
-                      BIAS_BF16 if router_dtypes == {torch.bfloat16} else 0)
+    out.bias_flags = tuple(dense_kernel.BIAS_BF16 if dtypes == {torch.bfloat16} else 0
+                           for dtypes in (bias_dtypes, router_dtypes))
     out.pointers = [t.data_ptr() for t in out.sources]
     return out
 
@@ -183,7 +180,7 @@ def run(model: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
                   config.num_experts, config.experts_per_token, config.intermediate_size,
                   config.rms_norm_eps, attn.scale, experts.alpha, experts.limit, weights.int8,
                   *weights.bias_flags, dense_kernel._level(), mxfp4_kernel._level(),
-                  int(native.max_level("attend") >= 2), torch.get_num_threads())
+                  attend_kernel.simd(), torch.get_num_threads())
     out = x.contiguous().clone()
     c, s = cos.float().contiguous(), sin.float().contiguous()
     rc = _lib().inhouse_decode_step(ctypes.addressof(shape), ctypes.addressof(weights.table),

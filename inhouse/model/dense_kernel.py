@@ -22,6 +22,10 @@ from torch import nn
 from inhouse.model import native
 from inhouse.model.native import as_dtype
 
+# The dtypes argument of the kernel (csrc/kernels.h): which of the rows, the biases and the
+# results are bf16 (else fp32).
+X_BF16, BIAS_BF16, Y_BF16 = 1, 2, 4
+
 # Up to this many rows the kernel runs (it reads the weights once and computes each row against
 # them from cache); prefill's hundreds of rows go to PyTorch's blocked GEMM.
 MAX_ROWS = 16
@@ -102,8 +106,8 @@ def _run(kind: str, x: torch.Tensor, weights: list[torch.Tensor],
     bias_dtypes = {b.dtype for b in bs if b is not None}
     if len(bias_dtypes) > 1:
         raise ValueError("the biases of one call must share a dtype")
-    dtypes = (rows_bf16 | (2 if bf16 in bias_dtypes else 0)
-              | (4 if out_dtype == bf16 else 0))  # X_BF16 | BIAS_BF16 | Y_BF16 in dense.c
+    dtypes = ((X_BF16 if rows_bf16 else 0) | (BIAS_BF16 if bf16 in bias_dtypes else 0)
+              | (Y_BF16 if out_dtype == bf16 else 0))
     ws = [w.contiguous() for w in weights]
     ys = [torch.empty(M, w.shape[0], dtype=bf16 if out_dtype == bf16 else f32) for w in ws]
     n = len(ws)

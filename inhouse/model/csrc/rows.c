@@ -1,7 +1,8 @@
 /* Row-wise ops of a decoder layer as one call each (a PyTorch op costs more than the arithmetic at
- * decode): RMSNorm, and the router's top-k with its softmax. Each row is computed on its own in a fixed order (16 partial sums, added
- * pairwise), so results do not depend on the batch, and every build variant (target_clones:
- * AVX-512, AVX2, baseline) gives the same bits. ISO C: no fused multiply-adds. */
+ * decode): RMSNorm, and the router's top-k with its softmax. Each row is computed on its own in a
+ * fixed order (16 partial sums, added pairwise), so results do not depend on the batch, and every
+ * build variant (target_clones: AVX-512, AVX2, baseline) gives the same bits. ISO C: no fused
+ * multiply-adds. */
 #include <math.h>
 
 #include "common.h"

@@ -53,8 +53,18 @@ static void add_rows(uint16_t *x, const uint16_t *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
 }
 
-/* the n projections p..p+n-1 of rows h [M, K] bf16 (as fp32 in h32 where the bf16 weights' kernel
- * cannot take bf16 rows) -> bf16 outputs y[i] [M, O[i]] */
+/* rows h [M, K] bf16 as the bf16 weights' kernel takes them: as they are (X_BF16 in *flag) on
+ * AVX-512 BF16, else converted to fp32 in h32 (as dense_kernel._run does) */
+static const void *rows_for_bf16_weights(const step_shape_t *c, const uint16_t *h, float *h32,
+                                         int64_t K, int *flag) {
+    *flag = c->dense_level >= 3 ? X_BF16 : 0;
+    if (*flag) return h;
+    for (int64_t i = 0; i < c->M * K; i++) h32[i] = bf16_to_f32(h[i]);
+    return h32;
+}
+
+/* the n projections p..p+n-1 of rows h [M, K] bf16 (h32: room for them in fp32) -> bf16 outputs
+ * y[i] [M, O[i]] */
 static int project(const step_shape_t *c, const step_layer_t *w, int p, int n, const uint16_t *h,
                    float *h32, int64_t K, const int64_t *O, void *const *y) {
     const int dtypes = c->proj_dtypes | Y_BF16;
@@ -62,13 +72,8 @@ static int project(const step_shape_t *c, const step_layer_t *w, int p, int n, c
         return inhouse_int8_matmul_many(h, dtypes | X_BF16, c->M, n,
                                         (const int8_t *const *)(w->proj + p), w->proj_scale + p,
                                         w->proj_bias + p, O, K, y, c->nthreads, c->dense_level);
-    const void *x = h;
-    int x_bf16 = X_BF16;
-    if (c->dense_level < 3) {  /* as dense_kernel._run: fp32 rows below AVX-512 BF16 */
-        for (int64_t i = 0; i < c->M * K; i++) h32[i] = bf16_to_f32(h[i]);
-        x = h32;
-        x_bf16 = 0;
-    }
+    int x_bf16;
+    const void *x = rows_for_bf16_weights(c, h, h32, K, &x_bf16);
     return inhouse_bf16_matmul_many(x, dtypes | x_bf16, c->M, n,
                                     (const uint16_t *const *)(w->proj + p), w->proj_bias + p, O,
                                     K, y, c->nthreads, c->dense_level);
@@ -116,13 +121,8 @@ static int layer(const step_shape_t *c, const step_layer_t *w, const step_slot_t
     const void *router_bias[1] = {w->router_bias};
     const uint16_t *router[1] = {w->router};
     void *logits[1] = {b->logits};
-    const void *hr = b->h;
-    int x_bf16 = X_BF16;
-    if (c->dense_level < 3) {
-        for (int64_t i = 0; i < M * H; i++) b->h32[i] = bf16_to_f32(b->h[i]);
-        hr = b->h32;
-        x_bf16 = 0;
-    }
+    int x_bf16;
+    const void *hr = rows_for_bf16_weights(c, b->h, b->h32, H, &x_bf16);
     rc = rc ? rc : inhouse_bf16_matmul_many(hr, c->router_dtypes | Y_BF16 | x_bf16, M, 1, router,
                                             router_bias, &c->E, H, logits, c->nthreads,
                                             c->dense_level);
