@@ -64,19 +64,30 @@ def bandwidth_gbs(threads: int) -> float:
     return a.numel() * 4 / best / 1e9
 
 
-def bytes_per_token(int8: bool) -> int:
-    """Weight bytes one decoded token reads: attention, router and unembedding (bf16, or int8
-    rows + scales), the routed experts (MXFP4: 17 bytes per 32 weights) and their biases."""
+def weights_per_token() -> dict[str, int]:
+    """The weights one decoded token reads, by kind: attention and router per layer times the
+    layers, the routed experts' (experts_per_token of them), the unembedding."""
     from inhouse.config import preset
 
     c = preset(PRESET)
-    H, D, I = c.hidden_size, c.head_dim, c.intermediate_size
+    H, D, I, L = c.hidden_size, c.head_dim, c.intermediate_size, c.num_hidden_layers
+    return {"attention": L * (H * c.num_attention_heads * D * 2 + H * c.num_key_value_heads * D * 2),
+            "router": L * c.num_experts * H,
+            "experts": L * c.experts_per_token * 3 * H * I,
+            "unembedding": c.vocab_size * H}
+
+
+def bytes_per_token(int8: bool) -> int:
+    """Weight bytes one decoded token reads: attention and unembedding (bf16, or int8 rows), the
+    router (bf16) and the routed experts (MXFP4: 17 bytes per 32 weights)."""
+    n = weights_per_token()
     w = 1 if int8 else 2
-    attn = (H * c.num_attention_heads * D * 2 + H * c.num_key_value_heads * D * 2) * w
-    router = c.num_experts * H * 2
-    experts = c.experts_per_token * (3 * H * I) * 17 // 32
-    unembed = c.vocab_size * H * w
-    return c.num_hidden_layers * (attn + router + experts) + unembed
+    return (n["attention"] + n["unembedding"]) * w + n["router"] * 2 + n["experts"] * 17 // 32
+
+
+def macs_per_token() -> int:
+    """Multiply-adds of one decoded token: every weight it reads, once."""
+    return sum(weights_per_token().values())
 
 
 # ---- children: one engine each ----------------------------------------------------------------
@@ -113,18 +124,6 @@ def run_llamacpp(path: Path, threads: int, prompt: list[int], decode: int) -> di
         tok = last_token()
         steps.append(time.perf_counter() - t)
     return {"load_s": load_s, "ttft_s": ttft, "decode_s": sum(steps), "steps_s": steps}
-
-
-def macs_per_token(int8: bool = False) -> int:
-    """Multiply-adds of one decoded token: every weight it reads, once (both columns of the
-    bandwidth figure's bytes, without the biases)."""
-    from inhouse.config import preset
-
-    c = preset(PRESET)
-    H, D, I = c.hidden_size, c.head_dim, c.intermediate_size
-    attn = H * c.num_attention_heads * D * 2 + H * c.num_key_value_heads * D * 2
-    experts = c.experts_per_token * 3 * H * I
-    return c.num_hidden_layers * (attn + c.num_experts * H + experts) + c.vocab_size * H
 
 
 def compute_gmacs(threads: int, rows: int) -> float:
@@ -291,6 +290,7 @@ def main() -> None:
                 for k in keys if all(r.get(k) is not None for r in rs)}
             for e, rs in runs.items()}
     base = best.get("llama.cpp")
+    macs = macs_per_token()
     rows = [("read bandwidth (GB/s)", f"{bw:.1f}"),
             (f"{max(args.batch, 1)}-row bf16 kernel from cache (GMAC/s)", f"{gmacs:.0f}")]
     for e, b in best.items():
@@ -308,13 +308,13 @@ def main() -> None:
                  (f"{e}: time to first token (s)", f"{b['ttft_s']:.1f}"),
                  (f"{e}: peak RSS (GiB)", f"{b['peak_rss'] / 2**30:.1f}")]
         if "batch_tok_s" in b:  # its own batch 1 is the base; the cores' rate bounds it
-            cbound = gmacs * 1e9 / macs_per_token()
+            cbound = gmacs * 1e9 / macs
             rows += [(f"{e}: batch-{args.batch} decode tok/s (all sequences)",
                       f"{b['batch_tok_s']:.2f} ({b['batch_tok_s'] / b['decode_tok_s']:.2f}x)"),
                      (f"{e}: batch-{args.batch} share of the compute bound "
-                      f"({macs_per_token() / 1e9:.2f} GMAC/token, {cbound:.1f} tok/s)",
+                      f"({macs / 1e9:.2f} GMAC/token, {cbound:.1f} tok/s)",
                       f"{b['batch_tok_s'] / cbound:.0%}")]
-    data = {"bandwidth_gbs": bw, "kernel_gmacs": gmacs, "macs_per_token": macs_per_token(),
+    data = {"bandwidth_gbs": bw, "kernel_gmacs": gmacs, "macs_per_token": macs,
             "batch": args.batch, "best": best, "runs": runs, "machine": machine(),
             "threads": args.threads, "prompt_tokens": args.prompt, "decode_tokens": args.decode,
             "bytes_per_token": {e: bytes_per_token(e == "inhouse-int8") for e in paths}}
