@@ -2,6 +2,7 @@
 (metadata lives in pyproject.toml):
 
   mxfp4.c   fused MXFP4 matmul (experts straight from the packed blocks), a whole MoE layer
+  mxfp4_a16.c  the same against rows rounded to int16 (the experts of int8 models)
   dense.c   bf16 and int8 matrix-vector products (attention, router, unembedding at decode)
   attend.c  attention of one query row per head over the KV cache (decode), rotary
   rows.c    row-wise ops (RMSNorm, the router's top-k and softmax)
@@ -17,7 +18,8 @@ from setuptools import Extension, setup
 CSRC = "inhouse/model/csrc"
 KERNELS = Extension(
     "inhouse.model._kernels",
-    sources=[f"{CSRC}/{name}.c" for name in ("mxfp4", "dense", "attend", "rows", "step")],
+    sources=[f"{CSRC}/{name}.c"
+             for name in ("mxfp4", "mxfp4_a16", "dense", "attend", "rows", "step")],
     depends=[str(p) for p in Path(CSRC).glob("*.h")],
     extra_compile_args=["-O3", "-fopenmp", "-std=c11"],
     extra_link_args=["-fopenmp"], optional=True)

@@ -1,4 +1,5 @@
-"""Error introduced by `inhouse convert`: merged adapters, MXFP4 re-quantisation, int8 weights.
+"""Error introduced by `inhouse convert`: merged adapters, MXFP4 re-quantisation, int8 weights
+(whose models also meet the experts with rows rounded to int16: measured alone too).
 
     python benchmarks/quantize_error.py [--models tiny,gpt-oss-20b] [--prompts 8] [--tokens 64]
 
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 from benchmarks.common import cache_dir, ensure_random_checkpoint, machine, report  # noqa: E402
 from inhouse.convert.convert import convert  # noqa: E402
 from inhouse.model import load_model, lora  # noqa: E402
+from inhouse.model.moe import MXFP4Experts  # noqa: E402
 from inhouse.model.peft_format import save_adapter  # noqa: E402
 
 
@@ -63,11 +65,17 @@ def tiny(prompts_n: int, tokens: int, work: Path) -> dict:
     variants = {
         "merge -> hf-bf16 (vs base + adapter)": ("hf-bf16", adapter, "none", with_adapter),
         "merge -> MXFP4 (vs base + adapter)": ("hf", adapter, "mxfp4", with_adapter),
-        "int8 attention + unembedding (vs base)": ("hf", None, "int8", ref),
+        "int8 attention + unembedding, int16 rows into the experts (vs base)":
+            ("hf", None, "int8", ref),
     }
     for label, (layout, merge, quantize, reference) in variants.items():
         path = convert(base_path, work / label.split()[0] / quantize, layout, merge, quantize)
         out[label] = compare(reference, logits(load_model(path), prompts))
+    rows16 = load_model(base_path)
+    for module in rows16.modules():
+        if isinstance(module, MXFP4Experts):
+            module.int16_rows = True
+    out["int16 rows into the experts alone (vs base)"] = compare(ref, logits(rows16, prompts))
     dense = convert(base_path, work / "dense", "hf-bf16")
     back = convert(dense, work / "back", "hf", quantize="mxfp4")
     out["MXFP4 -> bf16 -> MXFP4 (vs base)"] = compare(ref, logits(load_model(back), prompts))
@@ -98,9 +106,9 @@ def twenty_b(prompts_n: int, tokens: int, work: Path) -> dict:
     for name, path in (("bf16", base_path), ("int8", int8_path)):
         model = load_model(path, dtype=torch.bfloat16)
         results[name] = logits(model, prompts)
-        out[f"decode step, {name} attention + unembedding (s)"] = decode_step_s(model)
+        out[f"decode step, {name} model (s)"] = decode_step_s(model)
         del model
-    out["int8 attention + unembedding (vs bf16)"] = compare(results["bf16"], results["int8"])
+    out["int8 model (vs bf16)"] = compare(results["bf16"], results["int8"])
     # NOTE: context for the line above. Random weights of this depth are chaotic: even fp32 vs
     # bf16 arithmetic on the same weights moves the logits this much, so only real weights
     # give a meaningful figure for int8 here.

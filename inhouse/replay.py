@@ -46,9 +46,10 @@ def replay(log: AuditLog, record_id: str, model_path: Path,
         raise InhouseError(f"refusing to replay: the model at {model_path} has digest {digest}, "
                            f"the record was produced by {start['model_digest']}")
     engine_info = start.get("engine", {})
-    if engine_info.get("kernel") and engine_info["kernel"] != kernels.path_name():
+    here = kernels.path_name(info.int8)
+    if engine_info.get("kernel") and engine_info["kernel"] != here:
         raise InhouseError(f"refusing to replay: the record ran the '{engine_info['kernel']}' "
-                           f"kernel path, this machine runs '{kernels.path_name()}' (different "
+                           f"kernel path, this machine runs '{here}' for this model (different "
                            "arithmetic)")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
         engine_info.get("dtype") or "bfloat16", torch.bfloat16)

@@ -59,6 +59,14 @@ def checkpoints(tmp_path_factory, tiny_config) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def int8_checkpoint(checkpoints, tmp_path_factory) -> Path:
+    """The hf checkpoint converted with --quantize int8 (int8 attention and unembedding)."""
+    from inhouse.convert.convert import convert
+
+    return convert(checkpoints["hf"], tmp_path_factory.mktemp("int8") / "q", "hf", quantize="int8")
+
+
+@pytest.fixture(scope="session")
 def window128_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """The real 128-token window, top-2 of 4 experts, hidden 128, MQA (1 kv head)."""
     base = tmp_path_factory.mktemp("ckpt128")

@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 
-from inhouse.convert.convert import convert
 from inhouse.model import decode_step, load_model, lora, rows_kernel
 from inhouse.model.moe import route_reference
 from inhouse.model.transformer import Segment
@@ -16,11 +15,6 @@ from tests.conftest import random_ids
 
 pytestmark = pytest.mark.skipif(not decode_step.available(), reason="kernels not built")
 _RUN = decode_step.run
-
-
-@pytest.fixture(scope="module")
-def int8_checkpoint(checkpoints, tmp_path_factory):
-    return convert(checkpoints["hf"], tmp_path_factory.mktemp("int8") / "q", "hf", quantize="int8")
 
 
 def _path(monkeypatch, fused: bool) -> list[int]:

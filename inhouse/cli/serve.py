@@ -86,7 +86,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               is_demo=demo, api_keys=tuple(api_keys), log_bodies=log_bodies,
                               database_url=database_url, audit_database_url=database_url,
                               audit_content=audit_content, model_digest=checkpoint_digest(info),
-                              engine_mode=mode, model_dtype=dtype.value, kernel=kernels.path_name(),
+                              engine_mode=mode, model_dtype=dtype.value, kernel=kernels.path_name(info.int8),
                               retain_days=retain_days, pii_mode=pii_mode,
                               pii_patterns=tuple(patterns))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -45,8 +45,8 @@ class Shape(ctypes.Structure):
     """step_shape_t: the step's shapes and settings."""
     _fields_ = [(n, _i64) for n in ("layers", "M", "H", "Hq", "Hkv", "D", "E", "k", "I")] + \
                [(n, _f) for n in ("eps", "scale", "alpha", "limit")] + \
-               [(n, _int) for n in ("int8", "proj_dtypes", "router_dtypes", "dense_level",
-                                    "mxfp4_level", "attend_simd", "nthreads")]
+               [(n, _int) for n in ("int8", "experts_a16", "proj_dtypes", "router_dtypes",
+                                    "dense_level", "mxfp4_level", "attend_simd", "nthreads")]
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,10 +77,12 @@ class Plan:
     """The layers' weights as step.c reads them (`table`, None where some layer is not of the kind
     it computes), the projections' kind (1 int8, 0 bf16), dense.c's bias flags of the
     projections and of the router, the tensors the pointers were taken from with those pointers
-    (checked at every step), and converted copies the table points into."""
+    (checked at every step), and converted copies the table points into. experts_a16: the
+    experts meet int16 rows (MXFP4Experts.int16_rows, the same in every layer)."""
 
     table: ctypes.Array | None
     int8: int = 0
+    experts_a16: int = 0
     bias_flags: tuple[int, int] = (0, 0)
     sources: list[torch.Tensor] = field(default_factory=list)
     pointers: list[int] = field(default_factory=list)
@@ -106,7 +108,7 @@ def _build(model: torch.nn.Module) -> Plan:
     layers = model.model.layers
     table = (Layer * len(layers))()
     out = Plan(table)
-    int8_kinds, bias_dtypes, router_dtypes = set(), set(), set()
+    int8_kinds, a16_kinds, bias_dtypes, router_dtypes = set(), set(), set(), set()
 
     def point(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
         """t's address (in dtype: converted where it is not already, the copy kept alive)."""
@@ -134,6 +136,7 @@ def _build(model: torch.nn.Module) -> Plan:
                 bias_dtypes.add(proj.bias.dtype)
                 entry.proj_bias[i] = point(proj.bias)
         router_dtypes.add(router.bias.dtype)
+        a16_kinds.add(experts.int16_rows)
         parts = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn.sinks,
                  router.weight, router.bias, experts.gate_up_proj_blocks,
                  experts.gate_up_proj_scales, experts.down_proj_blocks, experts.down_proj_scales]
@@ -145,10 +148,11 @@ def _build(model: torch.nn.Module) -> Plan:
         entry.gu_bias, entry.dn_bias = (point(b, torch.bfloat16)
                                         for b in (experts.gate_up_proj_bias, experts.down_proj_bias))
     ok_bias = {torch.bfloat16, torch.float32}
-    if (len(int8_kinds) != 1 or len(bias_dtypes) > 1 or not bias_dtypes <= ok_bias
-            or len(router_dtypes) != 1 or not router_dtypes <= ok_bias):
+    if (len(int8_kinds) != 1 or len(a16_kinds) != 1 or len(bias_dtypes) > 1
+            or not bias_dtypes <= ok_bias or len(router_dtypes) != 1
+            or not router_dtypes <= ok_bias):
         return Plan(None)
-    out.int8 = int(int8_kinds.pop())
+    out.int8, out.experts_a16 = int(int8_kinds.pop()), int(a16_kinds.pop())
     out.bias_flags = tuple(dense_kernel.BIAS_BF16 if dtypes == {torch.bfloat16} else 0
                            for dtypes in (bias_dtypes, router_dtypes))
     out.pointers = [t.data_ptr() for t in out.sources]
@@ -179,7 +183,7 @@ def run(model: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     shape = Shape(L, M, config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                   config.num_experts, config.experts_per_token, config.intermediate_size,
                   config.rms_norm_eps, attn.scale, experts.alpha, experts.limit, weights.int8,
-                  *weights.bias_flags, dense_kernel._level(), mxfp4_kernel._level(),
+                  weights.experts_a16, *weights.bias_flags, dense_kernel._level(), mxfp4_kernel._level(),
                   attend_kernel.simd(), torch.get_num_threads())
     out = x.contiguous().clone()
     c, s = cos.float().contiguous(), sin.float().contiguous()

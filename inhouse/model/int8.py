@@ -9,6 +9,8 @@ torch's GEMM: 39 ms for 512 rows x a 4096x2880 projection here, against 85 ms fo
 weight-only int8 kernel (`_weight_int8pack_mm`). Gradients (LoRA training on an int8 base) take
 the reference. The decode kernel rounds each input row to int16
 first (`int16_rows`); `int8_kernel_reference` is that arithmetic in PyTorch, bit for bit.
+The packed experts of an int8 model meet int16 rows too (mxfp4_kernel's a16 path), reproduced bit
+for bit by `a16_kernel_reference`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inhouse.model import dense_kernel
+from inhouse.model import dense_kernel, mxfp4
+from inhouse.model.moe import MXFP4Experts
 from inhouse.model.native import as_dtype
 
 
@@ -67,6 +70,40 @@ def int8_kernel_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     return y + bias.float() if bias is not None else y
 
 
+# twice the FP4 values, exact integers: the weights of the int16-row ("a16") kernel path
+FP4_DOUBLED = torch.tensor([2 * v for v in mxfp4.FP4_VALUES], dtype=torch.int64)
+
+
+def a16_kernel_reference(x: torch.Tensor, blocks: torch.Tensor,
+                         scales: torch.Tensor) -> torch.Tensor:
+    """What mxfp4_kernel.matmul(x, blocks, scales, a16=True) computes, bit for bit (fp32 (M, O)),
+    written plainly (csrc/mxfp4_a16.c): rows rounded to int16 (int8.int16_rows); per block, the
+    exact integer sums of 4 products (elements 4l..4l+3 of blocks paired as (0, 1), (2, 3), ...;
+    of a last single block, elements 4l, 4l+2 and 4l+1, 4l+3), times the block's scale halved
+    (the weights are doubled); 16 fp32 lanes, lanes 0-7 from a pair's first block and 8-15 from
+    its second, summed pair after pair, then in sum_lanes' tree, then times the row's scale."""
+    q, row_scale = int16_rows(x)  # (M, n) int16, (M,)
+    O, G, _ = blocks.shape
+    M = q.shape[0]
+    codes = torch.stack([blocks & 15, blocks >> 4], dim=-1).reshape(O, G, 32).long()
+    w = FP4_DOUBLED[codes]  # (O, G, 32): element order
+    prods = q.long().view(M, 1, G, 32) * w.view(1, O, G, 32)  # (M, O, G, 32), exact
+    half = torch.exp2(scales.double() - 128).float()  # (O, G): exact powers of two
+    acc = torch.zeros(M, O, 16)
+    for g in range(0, G - 1, 2):  # pairs
+        for j, lanes in ((g, slice(0, 8)), (g + 1, slice(8, 16))):
+            partial = prods[:, :, j].reshape(M, O, 8, 4).sum(-1).float()  # exact
+            acc[..., lanes] = acc[..., lanes] + partial * half[:, j, None]
+    if G % 2:  # a last single block: even and odd elements in lanes 0-7 and 8-15
+        last = prods[:, :, G - 1].reshape(M, O, 8, 2, 2)  # [.., l, a, b]: element 4l + 2a + b
+        even, odd = last[..., 0].sum(-1).float(), last[..., 1].sum(-1).float()
+        acc[..., :8] = acc[..., :8] + even * half[:, G - 1, None]
+        acc[..., 8:] = acc[..., 8:] + odd * half[:, G - 1, None]
+    a = acc[..., :8] + acc[..., 8:]  # sum_lanes: p[i] + p[i + 8], then + 4, then the last four
+    b = a[..., :4] + a[..., 4:]
+    total = (b[..., 0] + b[..., 2]) + (b[..., 1] + b[..., 3])
+    return total * row_scale[:, None]
+
 class Int8Linear(nn.Module):
     """Drop-in for nn.Linear with `weight` int8 (out, in) and `weight_scale` (out,)."""
 
@@ -98,7 +135,12 @@ class Int8Linear(nn.Module):
 
 
 def use_int8(model: nn.Module, names: list[str]) -> None:
-    """Replace the nn.Linear owning each weight name (HF names) by an (empty) Int8Linear."""
+    """Replace the nn.Linear owning each weight name (HF names) by an (empty) Int8Linear, and
+    have packed experts meet int16 rows too (MXFP4Experts.int16_rows): an int8 model runs integer
+    products throughout its decode step."""
+    for module in model.modules():
+        if isinstance(module, MXFP4Experts):
+            module.int16_rows = True
     for name in names:
         path = name.removesuffix(".weight")
         parent_name, _, attr = path.rpartition(".")

@@ -8,6 +8,8 @@ made before carry "int8-a16" (prefill by torch's int8 kernel) or no such part, a
 Decode attention runs our kernel ("attend-c": fp32 sums in a fixed order, one rounding at the
 end) where it is built, and RMSNorm and the router's top-k and softmax ("rows-route-c") likewise;
 records made before the router's kernel carry "rows-c" (torch's topk and softmax) and are refused.
+An int8 model's packed experts meet int16 rows too ("+experts-a16": mxfp4_kernel's a16 path, the
+same bits on every SIMD level); its records made before that carry no such part and are refused.
 The whole-step decode kernel (decode_step) makes these kernels' calls, so it needs no name."""
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from __future__ import annotations
 from inhouse.model import attend_kernel, dense_kernel, mxfp4_kernel, rows_kernel
 
 
-def path_name() -> str:
-    """e.g. "avx2-fused+dense-avx512+int8-a16-gemm+attend-c+rows-route-c";
-    "torch+dense-torch+int8-gemm+torch+torch" where nothing was built."""
+def path_name(int8: bool = False) -> str:
+    """The arithmetic of a model with bf16 projections, or with int8 ones (`int8`, a checkpoint
+    from `convert --quantize int8`): e.g. "avx2-fused+dense-avx512+int8-a16-gemm+attend-c+
+    rows-route-c" (+experts-a16 for int8 models); "torch+dense-torch+int8-gemm+torch+torch"
+    where nothing was built."""
     dense = dense_kernel.path_name()
-    int8 = "+int8-gemm" if dense == "torch" else "+int8-a16-gemm"
-    return (f"{mxfp4_kernel.path_name()}+dense-{dense}{int8}+{attend_kernel.path_name()}"
-            f"+{rows_kernel.path_name()}")
+    projections = "+int8-gemm" if dense == "torch" else "+int8-a16-gemm"
+    experts = "+experts-a16" if int8 and mxfp4_kernel.available() else ""
+    return (f"{mxfp4_kernel.path_name()}+dense-{dense}{projections}{experts}"
+            f"+{attend_kernel.path_name()}+{rows_kernel.path_name()}")

@@ -1,7 +1,9 @@
 """The fused MXFP4 matmul (csrc/mxfp4.c) through ctypes: x @ W.T straight from packed blocks.
 
 `matmul` is the fast path; `mxfp4.dequantize_reference` + a plain matmul is the reference the
-tests compare it with. When the extension was not built (no C compiler), `available()` is False
+tests compare it with. With `a16=True` (the experts of int8 models) the rows are rounded to int16
+first and the products summed exactly in integers (csrc/mxfp4_a16.c): the same bits on every SIMD
+level, reproduced by `int8.a16_kernel_reference`. When the extension was not built (no C compiler), `available()` is False
 and callers decode with PyTorch instead. INHOUSE_MXFP4_KERNEL=0 turns the kernel off,
 INHOUSE_MXFP4_KERNEL=portable forces its non-SIMD path, =avx2 its AVX2 path (see native).
 """
@@ -27,7 +29,10 @@ def _lib() -> ctypes.CDLL | None:
                                  c.c_int64, c.c_void_p, c.c_int, c.c_int],
         "inhouse_mxfp4_matmul_bf16": [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64,
                                       c.c_int64, c.c_void_p, c.c_int],
-        "inhouse_moe_rows": ([c.c_void_p, c.c_int, c.c_int64, c.c_int64] + [c.c_void_p] * 8
+        "inhouse_mxfp4_matmul_a16": [c.c_void_p, c.c_int, c.c_int64, c.c_void_p, c.c_void_p,
+                                     c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int],
+        "inhouse_moe_rows": ([c.c_void_p, c.c_int, c.c_int, c.c_int64, c.c_int64]
+                             + [c.c_void_p] * 8
                              + [c.c_int64, c.c_int64, c.c_float, c.c_float, c.c_void_p, c.c_int,
                                 c.c_int]),
     })
@@ -51,9 +56,11 @@ def path_name() -> str:
     return {3: "avx512bf16-fused", 2: "avx512-fused", 1: "avx2-fused", 0: "portable"}[_level()]
 
 
-def matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+           a16: bool = False) -> torch.Tensor:
     """x (M, in), blocks (O, in/32, 16) uint8, scales (O, in/32) uint8 -> (M, O) in x's dtype.
-    Accumulates in fp32; each row's result is independent of M and of the thread count."""
+    Accumulates in fp32; each row's result is independent of M and of the thread count. a16: the
+    rows are rounded to int16 (`int8.a16_kernel_reference`, bit for bit)."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("the fused MXFP4 kernel is not built")
@@ -67,7 +74,13 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch
     M = x.shape[0]
     y = torch.empty(M, O, dtype=torch.float32)
     level = _level()
-    if level >= 3 and x.dtype == torch.bfloat16:  # exact products: x is bf16 already
+    if a16:
+        xc = x if x.dtype == torch.bfloat16 else x.to(torch.float32)
+        xc = xc.contiguous()
+        rc = lib.inhouse_mxfp4_matmul_a16(xc.data_ptr(), int(xc.dtype == torch.bfloat16), M,
+                                          blocks.data_ptr(), scales.data_ptr(), O, G,
+                                          y.data_ptr(), torch.get_num_threads(), level)
+    elif level >= 3 and x.dtype == torch.bfloat16:  # exact products: x is bf16 already
         xb = x.contiguous()
         rc = lib.inhouse_mxfp4_matmul_bf16(xb.data_ptr(), M, blocks.data_ptr(), scales.data_ptr(),
                                            O, G, y.data_ptr(), torch.get_num_threads())
@@ -83,11 +96,12 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch
 def moe_rows(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
              gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
              down: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha: float,
-             limit: float) -> torch.Tensor:
+             limit: float, a16: bool = False) -> torch.Tensor:
     """One MoE layer in one call: x (M, H) bf16 or fp32, the router's weights and indices (M, k),
     gate_up / down as (blocks [E, out, in/32, 16], scales [E, out, in/32], bias [E, out]) ->
     (M, H) in x's dtype. The operations and bf16 roundings of moe.Experts.forward in its order,
-    each expert's bytes read once for all rows; every row is computed as if alone."""
+    each expert's bytes read once for all rows; every row is computed as if alone. a16: both
+    projections as `matmul(..., a16=True)`."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("the fused MXFP4 kernel is not built")
@@ -102,7 +116,8 @@ def moe_rows(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     idx = as_dtype(indices, torch.int64).contiguous()
     w = as_dtype(weights, torch.float32).contiguous()
     out = torch.empty(M, H, dtype=x.dtype)
-    rc = lib.inhouse_moe_rows(xc.data_ptr(), int(x.dtype == torch.bfloat16), M, idx.shape[1],
+    rc = lib.inhouse_moe_rows(xc.data_ptr(), int(x.dtype == torch.bfloat16), int(a16), M,
+                              idx.shape[1],
                               idx.data_ptr(), w.data_ptr(), b1.data_ptr(), s1.data_ptr(),
                               bias1.data_ptr(), b2.data_ptr(), s2.data_ptr(), bias2.data_ptr(),
                               H, I, alpha, limit, out.data_ptr(), torch.get_num_threads(),

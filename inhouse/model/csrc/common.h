@@ -2,6 +2,7 @@
  * per-thread scratch, and the fixed-order sums of the target_clones kernels. */
 #ifndef INHOUSE_COMMON_H
 #define INHOUSE_COMMON_H
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #ifdef _OPENMP
@@ -20,6 +21,15 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
 
+/* 2**(e-128): an E8M0 scale (2**(e-127)) halved, for FP4 values held doubled as integers; built
+ * from the exponent bits (no libm call), e <= 1 gives a subnormal, done by ldexpf. Exact: a power
+ * of two either way. */
+static inline float half_scale_of(uint8_t e) {
+    if (e <= 1) return ldexpf(1.0f, (int)e - 128);
+    union { uint32_t u; float f; } v = {.u = (uint32_t)(e - 1) << 23};
+    return v.f;
+}
+
 /* v as stored in the model's dtype: rounded to bf16 (bf16), or as it is (fp32) */
 static inline float round_as(int bf16, float v) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
@@ -32,15 +42,19 @@ static inline void store_as(void *x, int bf16, int64_t i, float v) {
     else ((float *)x)[i] = v;
 }
 
+/* this thread's number inside a parallel region (0 outside one, or without OpenMP) */
+static inline int thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 /* This thread's part of a scratch buffer of per_thread floats per thread, allocated before the
  * parallel region (so that every thread runs the same loops); NULL stays NULL. */
 static inline float *thread_slice(float *buffer, size_t per_thread) {
-#ifdef _OPENMP
-    return buffer ? buffer + (size_t)omp_get_thread_num() * per_thread : NULL;
-#else
-    (void)per_thread;
-    return buffer;
-#endif
+    return buffer ? buffer + (size_t)thread_index() * per_thread : NULL;
 }
 
 /* Loops over output rows hand them out in chunks, CHUNKS_PER_THREAD per thread on average, to

@@ -284,8 +284,8 @@ int inhouse_bf16_matmul_many(const void *x, int dtypes, int64_t M, int n, const 
 
 /* Each row to int16 with one scale: q = round(x * 32767 / max|x|), row_scale = max|x| / 32767
  * (0 for a zero row, NaN for a row with a NaN or an infinity). */
-static void quantize_rows(const void *x, int x_bf16, int64_t M, int64_t K, int16_t *q,
-                          float *row_scale) {
+void inhouse_int16_rows(const void *x, int x_bf16, int64_t M, int64_t K, int16_t *q,
+                        float *row_scale) {
     for (int64_t m = 0; m < M; m++) {
         float amax = 0.0f;
         int finite = 1;
@@ -305,7 +305,7 @@ static void quantize_rows(const void *x, int x_bf16, int64_t M, int64_t K, int16
 
 /* x [M, K] fp32 or bf16 against n int8 matrices w[i] [O[i], K] with scale[i] [O[i]] fp32 and
  * bias[i] [O[i]] (or none) -> y[i] [M, O[i]] (x, bias and y: fp32, or bf16 as dtypes says):
- * y = (q . w) * row_scale * scale + bias, the rows rounded to int16 once (quantize_rows) and each
+ * y = (q . w) * row_scale * scale + bias, the rows rounded to int16 once (inhouse_int16_rows) and each
  * dot product summed exactly. Every path gives the same bits. Returns 0, or -1 if memory ran
  * out. */
 int inhouse_int8_matmul_many(const void *x, int dtypes, int64_t M, int n, const int8_t *const *w,
@@ -325,7 +325,7 @@ int inhouse_int8_matmul_many(const void *x, int dtypes, int64_t M, int n, const 
         free(row_scale);
         return -1;
     }
-    quantize_rows(x, dtypes & X_BF16, M, K, q, row_scale);
+    inhouse_int16_rows(x, dtypes & X_BF16, M, K, q, row_scale);
     matmul_rows((const char *)q, sizeof *q, M, n, (const char *const *)w, sizeof **w, dots,
                 row_scale, scale, bias, dtypes, O, K, y, nthreads);
     free(q);

@@ -14,7 +14,9 @@
  * The SIMD path is chosen at run time; the scalar path is the portable fallback. Plain C on raw
  * pointers, called through ctypes (which releases the GIL).
  * inhouse_moe_rows runs a whole MoE layer for a few rows (decode) in one call and one parallel
- * region: gate_up, the clamped SwiGLU, down and the weighted sum, as moe.Experts does it. */
+ * region: gate_up, the clamped SwiGLU, down and the weighted sum, as moe.Experts does it.
+ * PATH_A16 (int8 models' experts) rounds the rows to int16 and sums integer products instead:
+ * mxfp4_a16.c. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -38,14 +40,6 @@ static float scale_of(uint8_t e) {
 
 static void fill_scale_table(float table[256]) {
     for (int e = 0; e < 256; e++) table[e] = scale_of((uint8_t)e);
-}
-
-/* 2**(e-128), i.e. scale_of(e) * 0.5, built from the exponent bits (no libm call); e <= 1 gives a
- * subnormal, done by ldexpf. Exact: a power of two either way. */
-static inline float half_scale_of(uint8_t e) {
-    if (e <= 1) return ldexpf(1.0f, (int)e - 128);
-    union { uint32_t u; float f; } v = {.u = (uint32_t)(e - 1) << 23};
-    return v.f;
 }
 
 /* ---- portable path -------------------------------------------------------------------------- */
@@ -159,27 +153,8 @@ static void row_fused_avx512(const float *xp, int64_t M, const uint8_t *blocks,
 /* Blocks go in pairs: the 32 bytes of blocks g and g+1 widen to 32 words whose low nibbles (the
  * even elements of both blocks) and high nibbles (the odd ones) each index a 32-entry bf16 table in
  * one vpermw. So each row is reordered per pair as [even of g, even of g+1, odd of g, odd of g+1]
- * (16 values each); an odd last block as [even, odd]. */
-static void reorder_rows_bf16(const uint16_t *x, int64_t M, int64_t G, uint16_t *xp) {
-    const int64_t n = G * 32;
-    for (int64_t m = 0; m < M; m++) {
-        const uint16_t *xr = x + m * n;
-        uint16_t *out = xp + m * n;
-        int64_t g = 0;
-        for (; g + 2 <= G; g += 2, out += 64)
-            for (int j = 0; j < 16; j++) {
-                out[j] = xr[g * 32 + 2 * j];
-                out[16 + j] = xr[(g + 1) * 32 + 2 * j];
-                out[32 + j] = xr[g * 32 + 2 * j + 1];
-                out[48 + j] = xr[(g + 1) * 32 + 2 * j + 1];
-            }
-        if (g < G)
-            for (int j = 0; j < 16; j++) {
-                out[j] = xr[g * 32 + 2 * j];
-                out[16 + j] = xr[g * 32 + 2 * j + 1];
-            }
-    }
-}
+ * (16 values each; an odd last block as [even, odd]): inhouse_pairs16, shared with the int16 rows
+ * of mxfp4_a16.c, which decode the same way. */
 
 /* The weights decoded to bf16 (e2m1 values are exact in bf16) meet the bf16 input rows in
  * vdpbf16ps: the products are exact and summed in fp32, as the fp32 paths do. */
@@ -250,24 +225,35 @@ int inhouse_mxfp4_simd_level(void) {
 
 /* ---- one entry for every path --------------------------------------------------------------- */
 /* 3: bf16 rows reordered per block pair (AVX-512 BF16); 2: fp32 rows reordered per block (AVX-512);
- * 1: fp32 rows as given (AVX2); 0: fp32 rows as given, each output row decoded (portable). */
-static int path_for(int level, int x_bf16) {
+ * 1: fp32 rows as given (AVX2); 0: fp32 rows as given, each output row decoded (portable);
+ * PATH_A16: rows rounded to int16, reordered per block pair (mxfp4_a16.c, the same bits on every
+ * SIMD level). */
+#define PATH_A16 4
+static int path_for(int level, int x_bf16, int a16) {
+    if (a16) return PATH_A16;
     int lv = inhouse_mxfp4_simd_level();
     if (level < lv) lv = level;
     if (lv >= 3 && !x_bf16) lv = 2;
     return lv;
 }
 
-static size_t prepared_item(int path) { return path == 3 ? sizeof(uint16_t) : sizeof(float); }
+static size_t prepared_item(int path) {
+    return path == 3 || path == PATH_A16 ? sizeof(uint16_t) : sizeof(float);
+}
 
-/* M rows of G*32 (bf16 if x_bf16, else fp32) into the layout `path` reads (path 3 needs bf16). */
-static void prepare_rows(int path, const void *x, int x_bf16, int64_t M, int64_t G, void *xp) {
-#ifdef HAVE_X86
-    if (path == 3) {
-        reorder_rows_bf16((const uint16_t *)x, M, G, (uint16_t *)xp);
+/* M rows of G*32 (bf16 if x_bf16, else fp32) into the layout `path` reads (path 3 needs bf16);
+ * PATH_A16 also writes each row's scale to row_scale, and rounds the rows in q (M*G*32 int16). */
+static void prepare_rows(int path, const void *x, int x_bf16, int64_t M, int64_t G, void *xp,
+                         float *row_scale, int16_t *q) {
+    if (path == PATH_A16) {  /* rounding is per element, so it may come before the reordering */
+        inhouse_int16_rows(x, x_bf16, M, G * 32, q, row_scale);
+        inhouse_pairs16((const uint16_t *)q, M, G, (uint16_t *)xp);
         return;
     }
-#endif
+    if (path == 3) {
+        inhouse_pairs16((const uint16_t *)x, M, G, (uint16_t *)xp);
+        return;
+    }
     float *out = (float *)xp;
     for (int64_t i = 0; i < M * G * 32; i += 32)
         for (int j = 0; j < 16; j++) {
@@ -286,10 +272,12 @@ static void prepare_rows(int path, const void *x, int x_bf16, int64_t M, int64_t
 typedef struct {
     float scale[256];
     uint16_t bf16[32];
+    int a16_level;  /* PATH_A16's SIMD level (inhouse_a16_level) */
 } tables_t;
 
-static void fill_tables(tables_t *t) {
+static void fill_tables(tables_t *t, int level) {
     fill_scale_table(t->scale);
+    t->a16_level = inhouse_a16_level(level);
 #ifdef HAVE_X86
     bf16_table(t->bf16);
 #endif
@@ -319,29 +307,33 @@ static void fused_rows(int path, const void *xp, int64_t R, const uint8_t *b, co
         y[m * O] = dot_scalar((const float *)xp + m * G * 32, wbuf, G * 32);
 }
 
-/* y[m * O] for M prepared rows (row_bytes apart) against one output row, MAX_FUSED_ROWS at a time:
- * every (m, o) is the same chain whatever M. */
-static void all_rows(int path, const char *xp, size_t row_bytes, int64_t M, const uint8_t *b,
-                     const uint8_t *s, int64_t G, float *y, int64_t O, const tables_t *t,
-                     float *wbuf) {
+/* y[m * O] for M prepared rows (row_bytes apart; row_scale: theirs, PATH_A16 only) against one
+ * output row, MAX_FUSED_ROWS at a time: every (m, o) is the same chain whatever M. */
+static void all_rows(int path, const char *xp, size_t row_bytes, const float *row_scale, int64_t M,
+                     const uint8_t *b, const uint8_t *s, int64_t G, float *y, int64_t O,
+                     const tables_t *t, float *wbuf) {
+    if (path == PATH_A16) {
+        inhouse_mxfp4_a16_rows(t->a16_level, (const int16_t *)xp, row_scale, M, b, s, G, y, O);
+        return;
+    }
     for (int64_t m0 = 0; m0 < M; m0 += MAX_FUSED_ROWS) {
         int64_t rows = M - m0 < MAX_FUSED_ROWS ? M - m0 : MAX_FUSED_ROWS;
         fused_rows(path, xp + m0 * row_bytes, rows, b, s, G, y + m0 * O, O, t, wbuf);
     }
 }
 
-/* y [M, O] for the prepared rows xp [M, G*32] and one matrix. Inside a parallel region: the
- * output rows are shared out over the threads. */
-static void matmul_shared(int path, const char *xp, int64_t M, const uint8_t *blocks,
-                          const uint8_t *scales, int64_t O, int64_t G, float *y,
-                          const tables_t *t, float *wbuf) {
+/* y [M, O] for the prepared rows xp [M, G*32] (row_scale: theirs, PATH_A16 only) and one matrix.
+ * Inside a parallel region: the output rows are shared out over the threads. */
+static void matmul_shared(int path, const char *xp, const float *row_scale, int64_t M,
+                          const uint8_t *blocks, const uint8_t *scales, int64_t O, int64_t G,
+                          float *y, const tables_t *t, float *wbuf) {
     const size_t row_bytes = (size_t)(G * 32) * prepared_item(path);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, chunk_of(O, omp_get_num_threads()))
 #endif
     for (int64_t o = 0; o < O; o++)
-        all_rows(path, xp, row_bytes, M, blocks + o * G * 16, scales + o * G, G, y + o, O, t,
-                 wbuf);
+        all_rows(path, xp, row_bytes, row_scale, M, blocks + o * G * 16, scales + o * G, G, y + o,
+                 O, t, wbuf);
 }
 
 /* The portable path's decode buffers, G*32 floats per thread, allocated before the parallel region
@@ -350,33 +342,43 @@ static float *decode_buffers(int path, int nthreads, int64_t G) {
     return path ? NULL : (float *)malloc((size_t)nthreads * (size_t)(G * 32) * sizeof(float));
 }
 
-static int matmul(const void *x, int x_bf16, int64_t M, const uint8_t *blocks,
+static int matmul(const void *x, int x_bf16, int a16, int64_t M, const uint8_t *blocks,
                   const uint8_t *scales, int64_t O, int64_t G, float *y, int nthreads, int level) {
-    const int path = path_for(level, x_bf16);
+    const int path = path_for(level, x_bf16, a16);
     tables_t t;
-    fill_tables(&t);
+    fill_tables(&t, level);
     if (nthreads < 1) nthreads = 1;
     char *xp = (char *)malloc((size_t)(M * G * 32) * prepared_item(path));
+    float *row_scale = (float *)malloc((size_t)M * sizeof(float));
+    int16_t *q = (int16_t *)malloc(path == PATH_A16 ? (size_t)(M * G * 32) * sizeof(int16_t) : 1);
     float *wbufs = decode_buffers(path, nthreads, G);
-    if (!xp || (!path && !wbufs)) {
-        free(xp);
-        free(wbufs);
-        return -1;
-    }
-    prepare_rows(path, x, x_bf16, M, G, xp);
+    int failed = !xp || !row_scale || !q || (!path && !wbufs);
+    if (!failed) {
+        prepare_rows(path, x, x_bf16, M, G, xp, row_scale, q);
 #pragma omp parallel num_threads(nthreads)
-    matmul_shared(path, xp, M, blocks, scales, O, G, y, &t,
-                  thread_slice(wbufs, (size_t)(G * 32)));
+        matmul_shared(path, xp, row_scale, M, blocks, scales, O, G, y, &t,
+                      thread_slice(wbufs, (size_t)(G * 32)));
+    }
     free(xp);
+    free(row_scale);
+    free(q);
     free(wbufs);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* x [M, G*32] fp32, blocks [O, G, 16], scales [O, G] -> y [M, O] fp32. level: the most SIMD to
  * use (2 = AVX-512, 1 = AVX2, 0 = the portable path). Returns 0, or -1 if memory ran out. */
 int inhouse_mxfp4_matmul(const float *x, int64_t M, const uint8_t *blocks, const uint8_t *scales,
                          int64_t O, int64_t G, float *y, int nthreads, int level) {
-    return matmul(x, 0, M, blocks, scales, O, G, y, nthreads, level);
+    return matmul(x, 0, 0, M, blocks, scales, O, G, y, nthreads, level);
+}
+
+/* x [M, G*32] (bf16 if x_bf16, else fp32) rounded to int16 rows -> y [M, O] fp32 (mxfp4_a16.c:
+ * the same bits at every level). Returns 0, or -1 if memory ran out. */
+int inhouse_mxfp4_matmul_a16(const void *x, int x_bf16, int64_t M, const uint8_t *blocks,
+                             const uint8_t *scales, int64_t O, int64_t G, float *y, int nthreads,
+                             int level) {
+    return matmul(x, x_bf16, 1, M, blocks, scales, O, G, y, nthreads, level);
 }
 
 /* x [M, G*32] bf16 -> y [M, O] fp32, on CPUs with AVX-512 BF16 (inhouse_mxfp4_simd_level() == 3;
@@ -384,14 +386,16 @@ int inhouse_mxfp4_matmul(const float *x, int64_t M, const uint8_t *blocks, const
 int inhouse_mxfp4_matmul_bf16(const uint16_t *x, int64_t M, const uint8_t *blocks,
                               const uint8_t *scales, int64_t O, int64_t G, float *y, int nthreads) {
     if (inhouse_mxfp4_simd_level() < 3) return -2;
-    return matmul(x, 1, M, blocks, scales, O, G, y, nthreads, 3);
+    return matmul(x, 1, 0, M, blocks, scales, O, G, y, nthreads, 3);
 }
 
 /* ---- one MoE layer for a few rows ----------------------------------------------------------- */
-/* y [S, O] for S prepared rows grouped by expert (group gi: rows group[gi]..group[gi+1]-1, all
- * routed to expert experts[slot[group[gi]]]) against that expert's matrix of the layer's
- * [E, O, G, 16] blocks. Inside a parallel region: (group, output row) pairs are shared out. */
-static void experts_shared(int path, const char *xp, int64_t ng, const int64_t *group,
+/* y [S, O] for S prepared rows (row_scale: theirs, PATH_A16 only) grouped by expert (group gi:
+ * rows group[gi]..group[gi+1]-1, all routed to expert experts[slot[group[gi]]]) against that
+ * expert's matrix of the layer's [E, O, G, 16] blocks. Inside a parallel region: (group, output
+ * row) pairs are shared out. */
+static void experts_shared(int path, const char *xp, const float *row_scale, int64_t ng,
+                           const int64_t *group,
                            const int64_t *slot, const int64_t *experts, const uint8_t *blocks,
                            const uint8_t *scales, int64_t O, int64_t G, float *y,
                            const tables_t *t, float *wbuf) {
@@ -401,7 +405,7 @@ static void experts_shared(int path, const char *xp, int64_t ng, const int64_t *
 #endif
     for (int64_t i = 0; i < ng * O; i++) {
         const int64_t gi = i / O, o = i % O, e = experts[slot[group[gi]]], s0 = group[gi];
-        all_rows(path, xp + s0 * row_bytes, row_bytes, group[gi + 1] - s0,
+        all_rows(path, xp + s0 * row_bytes, row_bytes, row_scale + s0, group[gi + 1] - s0,
                  blocks + (e * O + o) * G * 16, scales + (e * O + o) * G, G, y + s0 * O + o, O, t,
                  wbuf);
     }
@@ -459,14 +463,15 @@ CLONES static void swiglu_out_f32(const float *gate, const float *up, const floa
  * its order and with its bf16 roundings: gate_up + bias, the clamped SwiGLU, down + bias, times
  * the routing weight, summed over the row's experts in ascending order. One parallel region for
  * the layer: each expert's weights are read once for all rows routed to it, and every row is
- * computed as if it were alone (batch-invariant). Returns 0, or -1 if memory ran out. */
-int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_t *experts,
-                     const float *weights, const uint8_t *gu_blocks, const uint8_t *gu_scales,
-                     const void *gu_bias, const uint8_t *dn_blocks, const uint8_t *dn_scales,
-                     const void *dn_bias, int64_t H, int64_t I, float alpha, float limit,
-                     void *out, int nthreads, int level) {
-    const int path = path_for(level, bf16);
-    const int64_t S = M * k, GH = H / 32, GI = I / 32, O1 = 2 * I;
+ * computed as if it were alone (batch-invariant). a16: both matrices meet their rows rounded to
+ * int16 (PATH_A16) instead. Returns 0, or -1 if memory ran out. */
+int inhouse_moe_rows(const void *x, int bf16, int a16, int64_t M, int64_t k,
+                     const int64_t *experts, const float *weights, const uint8_t *gu_blocks,
+                     const uint8_t *gu_scales, const void *gu_bias, const uint8_t *dn_blocks,
+                     const uint8_t *dn_scales, const void *dn_bias, int64_t H, int64_t I,
+                     float alpha, float limit, void *out, int nthreads, int level) {
+    const int path = path_for(level, bf16, a16);
+    const int64_t S = M * k, GH = H / 32, GI = I / 32, O1 = 2 * I, HI = H > I ? H : I;
     const size_t item = prepared_item(path), act_item = bf16 ? 2 : 4;
     /* slots (row, choice) ordered by expert, then row: each expert's rows are contiguous */
     int64_t *slot = (int64_t *)malloc((size_t)S * sizeof(int64_t));
@@ -476,11 +481,15 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
     char *act = (char *)malloc((size_t)(S * I) * act_item);
     float *h1 = (float *)malloc((size_t)(S * O1) * sizeof(float));
     float *h2 = (float *)malloc((size_t)(S * H) * sizeof(float));
+    float *x_scale = (float *)malloc((size_t)(2 * S) * sizeof(float)), *a_scale = x_scale + S;
     if (nthreads < 1) nthreads = 1;
+    /* a row's rounding to int16 (PATH_A16), per thread */
+    int16_t *q = (int16_t *)malloc(path == PATH_A16 ? (size_t)(nthreads * HI) * sizeof(int16_t)
+                                                    : 1);
     float *wbufs = decode_buffers(path, nthreads, GH > GI ? GH : GI);
     float *swiglu_bufs = (float *)malloc((size_t)nthreads * (size_t)(3 * I) * sizeof(float));
-    int failed = !slot || !group || !xp || !ap || !act || !h1 || !h2 || !swiglu_bufs ||
-                 (!path && !wbufs);
+    int failed = !slot || !group || !xp || !ap || !act || !h1 || !h2 || !x_scale || !q ||
+                 !swiglu_bufs || (!path && !wbufs);
     int64_t groups = 0;
     if (!failed) {
         for (int64_t s = 0; s < S; s++) {  /* insertion sort: S is small */
@@ -496,17 +505,17 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
         group[groups] = S;
         for (int64_t s = 0; s < S; s++)
             prepare_rows(path, (const char *)x + (size_t)(slot[s] / k * H) * act_item, bf16, 1,
-                         GH, xp + (size_t)(s * H) * item);
+                         GH, xp + (size_t)(s * H) * item, x_scale + s, q);
     }
     tables_t t;
-    fill_tables(&t);
+    fill_tables(&t, level);
     const int64_t ng = failed ? 0 : groups;  /* every thread runs the same loops */
 #pragma omp parallel num_threads(nthreads)
     {
         float *wbuf = thread_slice(wbufs, (size_t)((GH > GI ? GH : GI) * 32));
         /* gate_up for every (expert, output row), then SwiGLU per slot, then down */
-        experts_shared(path, xp, ng, group, slot, experts, gu_blocks, gu_scales, O1, GH, h1, &t,
-                       wbuf);
+        experts_shared(path, xp, x_scale, ng, group, slot, experts, gu_blocks, gu_scales, O1, GH,
+                       h1, &t, wbuf);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -521,10 +530,11 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
             for (int64_t j = 0; j < I; j++) z[j] = expf(-z[j]);
             if (bf16) swiglu_out_bf16(gate, up, z, I, a);
             else swiglu_out_f32(gate, up, z, I, a);
-            prepare_rows(path, a, bf16, 1, GI, ap + (size_t)(s * I) * item);
+            prepare_rows(path, a, bf16, 1, GI, ap + (size_t)(s * I) * item, a_scale + s,
+                         q + (path == PATH_A16 ? (size_t)thread_index() * HI : 0));
         }
-        experts_shared(path, ap, ng, group, slot, experts, dn_blocks, dn_scales, H, GI, h2, &t,
-                       wbuf);
+        experts_shared(path, ap, a_scale, ng, group, slot, experts, dn_blocks, dn_scales, H, GI,
+                       h2, &t, wbuf);
         /* each row's experts in ascending order (the slots' order), as torch's index_add_; the
          * (row, column) pairs are shared out, so that one row (decode) uses every thread */
 #ifdef _OPENMP
@@ -543,7 +553,7 @@ int inhouse_moe_rows(const void *x, int bf16, int64_t M, int64_t k, const int64_
             store_as(out, bf16, m * H + o, acc);
         }
     }
-    free(slot); free(group); free(xp); free(ap); free(act); free(h1); free(h2); free(wbufs);
-    free(swiglu_bufs);
+    free(slot); free(group); free(xp); free(ap); free(act); free(h1); free(h2); free(x_scale);
+    free(q); free(wbufs); free(swiglu_bufs);
     return failed ? -1 : 0;
 }

@@ -43,6 +43,7 @@ typedef struct {
     int64_t layers, M, H, Hq, Hkv, D, E, k, I;
     float eps, scale, alpha, limit;
     int int8;            /* projections: 1 int8, 0 bf16 */
+    int experts_a16;     /* experts: 1 rows rounded to int16 (mxfp4_a16.c), 0 bf16 rows */
     int proj_dtypes;     /* BIAS_BF16 if their biases are bf16 (dense.c's flags) */
     int router_dtypes;   /* likewise for the router's bias */
     int dense_level, mxfp4_level, attend_simd, nthreads;
@@ -129,9 +130,10 @@ static int layer(const step_shape_t *c, const step_layer_t *w, const step_slot_t
     rc = rc ? rc : inhouse_route(b->logits, 1, M, c->E, c->k, b->weights, b->experts);
     if (rc) return rc;
     for (int64_t i = 0; i < M * c->k; i++) b->weights32[i] = bf16_to_f32(b->weights[i]);
-    rc = inhouse_moe_rows(b->h, 1, M, c->k, b->experts, b->weights32, w->gu_blocks, w->gu_scales,
-                          w->gu_bias, w->dn_blocks, w->dn_scales, w->dn_bias, H, c->I, c->alpha,
-                          c->limit, b->y, c->nthreads, c->mxfp4_level);
+    rc = inhouse_moe_rows(b->h, 1, c->experts_a16, M, c->k, b->experts, b->weights32,
+                          w->gu_blocks, w->gu_scales, w->gu_bias, w->dn_blocks, w->dn_scales,
+                          w->dn_bias, H, c->I, c->alpha, c->limit, b->y, c->nthreads,
+                          c->mxfp4_level);
     if (rc) return rc;
     add_rows(x, b->y, M * H);
     return 0;
