@@ -85,9 +85,9 @@ def test_int8_kernel_matches_its_reference():
 def test_int8_prefill_converts_the_weights_a_slab_at_a_time(monkeypatch, dtype, tol):
     """Rows above the decode kernel's: weights converted SLAB_ROWS output rows at a time (so
     the unembedding is never converted whole), the same products as the reference."""
-    from inhouse.model import int8
+    from inhouse.model import dense_kernel
 
-    monkeypatch.setattr(int8, "SLAB_ROWS", 16)
+    monkeypatch.setattr(dense_kernel, "SLAB_ROWS", 16)
     g = torch.Generator().manual_seed(3)
     q, scale = quantize_int8(torch.randn(50, 64, generator=g))  # 3 slabs and 2 rows
     layer = Int8Linear(64, 50)

@@ -30,6 +30,10 @@ X_BF16, BIAS_BF16, Y_BF16 = 1, 2, 4
 # them from cache); prefill's hundreds of rows go to PyTorch's blocked GEMM.
 MAX_ROWS = 16
 
+# Weight rows converted at a time for a GEMM in another dtype (`gemm`: a bf16 slab of 4096 x 2880 is
+# 24 MB, fp32 47 MB; the unembedding is never converted whole).
+SLAB_ROWS = 4096
+
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
@@ -59,6 +63,37 @@ def path_name() -> str:
     if not available():
         return "torch"
     return {3: "avx512bf16", 2: "avx512", 1: "avx2", 0: "portable"}[_level()]
+
+
+def gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype prefill's GEMMs multiply x's rows in. bf16 rows on a CPU without AVX-512 BF16 (or
+    with INHOUSE_DENSE_KERNEL capping it) go in fp32: PyTorch's bf16 GEMM converts as it goes
+    there and runs at a third of its fp32 GEMM (512 x 2880 x 4096 on an Ice Lake: 29.6 against
+    105 GMAC/s), and bf16 values are exact in fp32, so the products stay exact and the sums fp32
+    as before; only their order changes (kernels.path_name says "+gemm-f32"). Otherwise x's."""
+    return torch.float32 if x.is_cpu and gemm_in_fp32(x.dtype) else x.dtype
+
+
+def gemm_in_fp32(dtype: torch.dtype) -> bool:
+    """Do CPU GEMMs of `dtype` rows run in fp32 here (gemm_dtype)?"""
+    return dtype == torch.bfloat16 and available() and _level() < 3
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, in) float, weight (out, in) bf16 or int8 (with scale (out,)) -> (N, out) in x's
+    dtype: PyTorch's GEMM in gemm_dtype(x), the weights converted (exactly) SLAB_ROWS rows at a
+    time, then times scale plus bias in that dtype, rounded once to x's dtype."""
+    dt = gemm_dtype(x)
+    xc = as_dtype(x, dt)
+    parts = [nn.functional.linear(xc, as_dtype(weight[o:o + SLAB_ROWS], dt))
+             for o in range(0, weight.shape[0], SLAB_ROWS)]
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    if scale is not None:
+        y = y * as_dtype(scale, dt)
+    if bias is not None:
+        y = y + as_dtype(bias, dt)
+    return as_dtype(y, x.dtype)
 
 
 def _takes(weight: torch.Tensor, rows: int) -> bool:
@@ -162,8 +197,11 @@ def linear_many(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor] 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the kernel when it applies (result rounded to x's dtype, like PyTorch's
-    fp32-accumulating bf16 GEMM)."""
+    fp32-accumulating bf16 GEMM); prefill's rows in gemm_dtype where that is not x's."""
     if not applies(x, weight):
+        if (gemm_dtype(x) != x.dtype and weight.dtype == x.dtype
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            return gemm(x, weight, bias)
         return nn.functional.linear(x, weight, bias)
     out = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     if x.dim() == 2:  # decode's rows: no reshapes

@@ -33,20 +33,12 @@ def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     return y.to(x.dtype)
 
 
-# output rows converted at a time by the prefill path (a bf16 slab of 4096 x 2880 is 24 MB; the
-# unembedding is never converted whole)
-SLAB_ROWS = 4096
-
-
 def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (N, in) float, weight int8 (out, in), scale (out,) -> (N, out) in x's dtype: torch's
-    GEMM on the weights converted to x's dtype, then times scale plus bias (in x's dtype)."""
-    dt = x.dtype
-    parts = [nn.functional.linear(x, weight[o:o + SLAB_ROWS].to(dt))
-             for o in range(0, weight.shape[0], SLAB_ROWS)]
-    y = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * scale.to(dt)
-    return y + bias.to(dt) if bias is not None else y
+    GEMM on the weights converted a slab at a time (dense_kernel.gemm: in x's dtype, or fp32 for
+    bf16 rows on CPUs without AVX-512 BF16), then times scale plus bias."""
+    return dense_kernel.gemm(x, weight, bias, scale)
 
 
 def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,11 +8,15 @@ made before carry "int8-a16" (prefill by torch's int8 kernel) or no such part, a
 Decode attention runs our kernel ("attend-c": fp32 sums in a fixed order, one rounding at the
 end) where it is built, and RMSNorm and the router's top-k and softmax ("rows-route-c") likewise;
 records made before the router's kernel carry "rows-c" (torch's topk and softmax) and are refused.
+Where bf16 GEMMs run in fp32 (no AVX-512 BF16: dense_kernel.gemm_dtype), prefill's projections and
+experts do ("+gemm-f32"); records made there before carry no such part and are refused.
 An int8 model's packed experts meet int16 rows too ("+experts-a16": mxfp4_kernel's a16 path, the
 same bits on every SIMD level); its records made before that carry no such part and are refused.
 The whole-step decode kernel (decode_step) makes these kernels' calls, so it needs no name."""
 
 from __future__ import annotations
+
+import torch
 
 from inhouse.model import attend_kernel, dense_kernel, mxfp4_kernel, rows_kernel
 
@@ -25,5 +29,6 @@ def path_name(int8: bool = False) -> str:
     dense = dense_kernel.path_name()
     projections = "+int8-gemm" if dense == "torch" else "+int8-a16-gemm"
     experts = "+experts-a16" if int8 and mxfp4_kernel.available() else ""
-    return (f"{mxfp4_kernel.path_name()}+dense-{dense}{projections}{experts}"
+    gemm = "+gemm-f32" if dense_kernel.gemm_in_fp32(torch.bfloat16) else ""
+    return (f"{mxfp4_kernel.path_name()}+dense-{dense}{projections}{experts}{gemm}"
             f"+{attend_kernel.path_name()}+{rows_kernel.path_name()}")

@@ -21,9 +21,18 @@ from inhouse.model.mxfp4 import BYTES_PER_BLOCK, BLOCK_SIZE, dequantize
 
 # Up to this many rows (of one sequence, routed to one expert) the fused kernel multiplies straight
 # from the packed blocks; above it, decoding the expert once and using a dense matmul is faster
-# (5760x2880 expert, 2 cores: kernel 11 / 28 / 136 ms at 32 / 64 / 128 rows, decode + matmul
-# 34-38 ms from 64 rows up).
+# (5760x2880 expert, 2 cores of a Zen 4: kernel 11 / 28 / 136 ms at 32 / 64 / 128 rows, decode +
+# bf16 matmul 34-38 ms from 64 rows up).
 KERNEL_MAX_ROWS = 64
+# Where bf16 rows multiply in fp32 (dense_kernel.gemm_dtype: no AVX-512 BF16) the fused kernel
+# takes fp32 rows at about 15 GMAC/s and a tiled decode + fp32 GEMM wins earlier (2 cores of an
+# Ice Lake, the same expert: fused 14.6 / 39 ms at 32 / 64 rows, tiled 16.2 / 24 ms).
+KERNEL_MAX_ROWS_F32_GEMM = 40
+
+
+def fused_max_rows(dtype: torch.dtype) -> int:
+    """Up to how many rows per expert (of one group) the fused kernel runs for rows of dtype."""
+    return KERNEL_MAX_ROWS_F32_GEMM if dense_kernel.gemm_in_fp32(dtype) else KERNEL_MAX_ROWS
 
 
 def route_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +216,8 @@ class DenseExpert(ExpertProjections):
 class PackedExpert(ExpertProjections):
     """Few rows per group: the fused kernel, straight from the packed bytes (rows of several groups
     in one call; a16: rows rounded to int16). Many: decode once for all groups and multiply
-    densely, group by group. The choice depends only on the group's own row count."""
+    densely, group by group (where bf16 GEMMs run in fp32, tile by tile: dense_matmul). The choice
+    depends only on the group's own row count."""
 
     def __init__(self, b1, s1, b2, s2, dtype: torch.dtype, a16: bool = False) -> None:
         self.b1, self.s1, self.b2, self.s2, self.dtype, self.a16 = b1, s1, b2, s2, dtype, a16
@@ -216,24 +226,31 @@ class PackedExpert(ExpertProjections):
     def rows_independent(self, n: int) -> bool:
         # the kernel computes every row the same way whatever the batch (tested bit for bit);
         # it has no backward, so training (grad enabled) multiplies by the decoded weights
-        return (n <= KERNEL_MAX_ROWS and self.b1.device.type == "cpu" and mxfp4_kernel.available()
-                and not torch.is_grad_enabled())
+        return (n <= fused_max_rows(self.dtype) and self.b1.device.type == "cpu"
+                and mxfp4_kernel.available() and not torch.is_grad_enabled())
 
     def _decoded(self) -> DenseExpert:
-        if self._dense is None:
-            self._dense = DenseExpert(dequantize(self.b1, self.s1, self.dtype).T,  # (H, 2I)
-                                      dequantize(self.b2, self.s2, self.dtype).T)  # (I, H)
+        if self._dense is None:  # the C decoder where built: the same values, 5x faster
+            cpu = mxfp4_kernel.available() and self.b1.device.type == "cpu"
+            decode = mxfp4_kernel.decode if cpu else dequantize
+            self._dense = DenseExpert(decode(self.b1, self.s1, self.dtype).T,  # (H, 2I)
+                                      decode(self.b2, self.s2, self.dtype).T)  # (I, H)
         return self._dense
 
-    def gate_up(self, x, fused):
+    def _multiply(self, x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+                  fused: bool, which: str) -> torch.Tensor:
         if fused:
-            return mxfp4_kernel.matmul(x, self.b1, self.s1, self.a16)
-        return self._decoded().gate_up(x)
+            return mxfp4_kernel.matmul(x, blocks, scales, self.a16)
+        gemm = dense_kernel.gemm_dtype(x)
+        if gemm != x.dtype and not torch.is_grad_enabled():
+            return mxfp4_kernel.dense_matmul(x, blocks, scales, gemm)
+        return getattr(self._decoded(), which)(x)
+
+    def gate_up(self, x, fused):
+        return self._multiply(x, self.b1, self.s1, fused, "gate_up")
 
     def down(self, h, fused):
-        if fused:
-            return mxfp4_kernel.matmul(h, self.b2, self.s2, self.a16)
-        return self._decoded().down(h)
+        return self._multiply(h, self.b2, self.s2, fused, "down")
 
 
 class MLP(nn.Module):

@@ -389,6 +389,80 @@ int inhouse_mxfp4_matmul_bf16(const uint16_t *x, int64_t M, const uint8_t *block
     return matmul(x, 1, 0, M, blocks, scales, O, G, y, nthreads, 3);
 }
 
+/* ---- decoding whole matrices (prefill: decode once, then a GEMM) --------------------------- */
+/* Rows [o0, o1) of blocks [O, G, 16] / scales [O, G] -> out [O, G*32] in element order, fp32 or
+ * bf16 (out_bf16): FP4 value times 2**(e-127), as twice the value times half_scale_of(e), which
+ * is exact (ldexp's value, also for e = 0 and 255), and exact in bf16 too (the same exponent
+ * range, and at most 2 significant bits), so the bf16 result is the fp32 one's top half. */
+static const float FP4X2F[16] = {0, 1, 2, 3, 4, 6, 8, 12, -0.0f, -1, -2, -3, -4, -6, -8, -12};
+
+static void decode_rows_c(const uint8_t *blocks, const uint8_t *scales, int64_t o0, int64_t o1,
+                          int64_t G, void *out, int out_bf16) {
+    for (int64_t i = o0 * G; i < o1 * G; i++) {  /* block i of the matrix */
+        const uint8_t *b = blocks + i * 16;
+        const float s = half_scale_of(scales[i]);
+        for (int j = 0; j < 32; j++) {
+            const float v = FP4X2F[j & 1 ? b[j / 2] >> 4 : b[j / 2] & 15] * s;
+            if (out_bf16) ((uint16_t *)out)[i * 32 + j] = (uint16_t)(
+                ((union { float f; uint32_t u; }){.f = v}).u >> 16);
+            else ((float *)out)[i * 32 + j] = v;
+        }
+    }
+}
+
+#ifdef HAVE_X86
+/* The same values: a block's even and odd elements through the table (vpermps), interleaved
+ * back into element order (vpermt2ps), times the scale. */
+__attribute__((target("avx512f")))
+static void decode_rows_avx512(const uint8_t *blocks, const uint8_t *scales, int64_t o0,
+                               int64_t o1, int64_t G, void *out, int out_bf16) {
+    const __m512 lut = _mm512_loadu_ps(FP4X2F);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (int64_t i = o0 * G; i < o1 * G; i++) {
+        __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blocks + i * 16)));
+        __m512 even = _mm512_permutexvar_ps(t, lut), odd = _mm512_permutexvar_ps(
+                                                          _mm512_srli_epi32(t, 4), lut);
+        __m512 s = _mm512_set1_ps(half_scale_of(scales[i]));
+        __m512 lo = _mm512_mul_ps(_mm512_permutex2var_ps(even, first, odd), s);
+        __m512 hi = _mm512_mul_ps(_mm512_permutex2var_ps(even, second, odd), s);
+        if (out_bf16) {
+            uint16_t *o = (uint16_t *)out + i * 32;
+            _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(
+                                                  _mm512_srli_epi32(_mm512_castps_si512(lo), 16)));
+            _mm256_storeu_si256((__m256i *)(o + 16), _mm512_cvtepi32_epi16(
+                                                  _mm512_srli_epi32(_mm512_castps_si512(hi), 16)));
+        } else {
+            _mm512_storeu_ps((float *)out + i * 32, lo);
+            _mm512_storeu_ps((float *)out + i * 32 + 16, hi);
+        }
+    }
+}
+#endif
+
+/* blocks [O, G, 16], scales [O, G] -> out [O, G*32] fp32 or bf16 (out_bf16), the same values as
+ * mxfp4.dequantize on every path, the rows shared out over the threads. level: the most SIMD to
+ * use (2 or more: AVX-512). Returns 0. */
+int inhouse_mxfp4_decode(const uint8_t *blocks, const uint8_t *scales, int64_t O, int64_t G,
+                         void *out, int out_bf16, int nthreads, int level) {
+    if (nthreads < 1) nthreads = 1;
+    const int64_t step = 16;
+    const int simd = level >= 2 && inhouse_mxfp4_simd_level() >= 2;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t o0 = 0; o0 < O; o0 += step) {
+        const int64_t o1 = o0 + step < O ? o0 + step : O;
+#ifdef HAVE_X86
+        if (simd) {
+            decode_rows_avx512(blocks, scales, o0, o1, G, out, out_bf16);
+            continue;
+        }
+#endif
+        decode_rows_c(blocks, scales, o0, o1, G, out, out_bf16);
+    }
+    (void)simd;
+    return 0;
+}
+
 /* ---- one MoE layer for a few rows ----------------------------------------------------------- */
 /* y [S, O] for S prepared rows (row_scale: theirs, PATH_A16 only) grouped by expert (group gi:
  * rows group[gi]..group[gi+1]-1, all routed to expert experts[slot[group[gi]]]) against that
