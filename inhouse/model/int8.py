@@ -4,10 +4,10 @@ int8`): each output row is int8 with one scale, W[o, :] ~= weight[o, :] * weight
 `int8_linear_reference` dequantises and multiplies (obvious, slow); `Int8Linear` uses our
 matrix-vector kernel (dense_kernel.int8_matmul) at decode (up to 16 rows; a byte per weight read
 once at close to the memory bandwidth, rows independent of the batch). For more rows (prefill) it
-converts the int8 weights (exact in bf16 and fp32) to the rows' dtype a slab at a time and uses
-torch's GEMM: 39 ms for 512 rows x a 4096x2880 projection here, against 85 ms for torch's
-weight-only int8 kernel (`_weight_int8pack_mm`). Gradients (LoRA training on an int8 base) take
-the reference. The decode kernel rounds each input row to int16
+converts the int8 weights (exact in bf16 and fp32) to the GEMM's dtype (dense_kernel.gemm_dtype)
+a slab at a time and uses torch's GEMM: 39 ms for 512 rows x a 4096x2880 projection on a Zen 4,
+against 85 ms for torch's weight-only int8 kernel (`_weight_int8pack_mm`). Gradients (LoRA
+training on an int8 base) take the reference. The decode kernel rounds each input row to int16
 first (`int16_rows`); `int8_kernel_reference` is that arithmetic in PyTorch, bit for bit.
 The packed experts of an int8 model meet int16 rows too (mxfp4_kernel's a16 path), reproduced bit
 for bit by `a16_kernel_reference`.
@@ -95,6 +95,7 @@ def a16_kernel_reference(x: torch.Tensor, blocks: torch.Tensor,
     b = a[..., :4] + a[..., 4:]
     total = (b[..., 0] + b[..., 2]) + (b[..., 1] + b[..., 3])
     return total * row_scale[:, None]
+
 
 class Int8Linear(nn.Module):
     """Drop-in for nn.Linear with `weight` int8 (out, in) and `weight_scale` (out,)."""
