@@ -77,3 +77,23 @@ def window128_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 def random_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def random_moe_layer(dtype: torch.dtype, seed: int = 0, num_experts: int = 6,
+                     experts_per_token: int = 3):
+    """A MoE layer (router + MXFP4 experts, hidden 64, intermediate 96) with random packed
+    weights (scales 118-127) and random parameters in dtype."""
+    import dataclasses
+
+    from inhouse.model.moe import MLP
+
+    config = dataclasses.replace(preset("tiny-window128"), hidden_size=64,
+                                 num_experts=num_experts, experts_per_token=experts_per_token)
+    torch.manual_seed(seed)
+    mlp = MLP(config, "mxfp4")
+    for name, b in mlp.named_buffers():
+        lo, hi = (118, 128) if "scales" in name else (0, 256)
+        b.copy_(torch.randint(lo, hi, b.shape, dtype=torch.uint8))
+    for p in mlp.parameters():
+        p.data = torch.randn(p.shape).to(dtype)
+    return mlp

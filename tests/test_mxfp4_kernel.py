@@ -6,6 +6,7 @@ import torch
 
 from inhouse.model import mxfp4_kernel
 from inhouse.model.mxfp4 import dequantize_reference
+from tests.conftest import random_moe_layer
 
 pytestmark = pytest.mark.skipif(not mxfp4_kernel.available(), reason="kernel not built")
 
@@ -133,31 +134,17 @@ def test_the_model_uses_the_kernel_for_decoding_and_agrees_with_the_decode_path(
     assert (with_kernel - without).abs().max() < 1e-4
 
 
-def _moe_layer(dtype, seed=0):
-    import dataclasses
-
-    from inhouse.config import preset
-    from inhouse.model.moe import MLP
-
-    config = dataclasses.replace(preset("tiny-window128"), hidden_size=64, num_experts=6,
-                                 experts_per_token=3)  # hidden 64, intermediate 96
-    torch.manual_seed(seed)
-    mlp = MLP(config, "mxfp4")
-    for name, b in mlp.named_buffers():
-        lo, hi = (118, 128) if "scales" in name else (0, 256)
-        b.copy_(torch.randint(lo, hi, b.shape, dtype=torch.uint8))
-    for p in mlp.parameters():
-        p.data = torch.randn(p.shape).to(dtype)
-    return mlp
-
-
 @pytest.mark.parametrize("simd", LEVELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_one_call_moe_layer_matches_the_pytorch_path(monkeypatch, simd, dtype):
+@pytest.mark.parametrize("int16_rows", [False, True])
+def test_the_one_call_moe_layer_matches_the_pytorch_path(monkeypatch, simd, dtype, int16_rows):
+    """Also with the rows rounded to int16 (int8 models' experts), where the PyTorch path calls
+    the same a16 kernel per expert."""
     from inhouse.model.moe import Experts
 
     monkeypatch.setenv("INHOUSE_MXFP4_KERNEL", simd)
-    mlp = _moe_layer(dtype)
+    mlp = random_moe_layer(dtype)
+    mlp.experts.int16_rows = int16_rows
     x = (torch.randn(9, 64) * 2).to(dtype)
     with torch.inference_mode():
         w, i = mlp.router(x)
@@ -175,7 +162,7 @@ def test_groups_choose_their_path_by_their_own_size(monkeypatch):
     from inhouse.model import moe
 
     monkeypatch.setattr(moe, "KERNEL_MAX_ROWS", 4)
-    mlp = _moe_layer(torch.bfloat16, seed=2)
+    mlp = random_moe_layer(torch.bfloat16, seed=2)
     x = torch.randn(11, 64).bfloat16()
     calls = []
     real = mxfp4_kernel.moe_rows

@@ -9,6 +9,7 @@ import torch
 from inhouse.model import dense_kernel, kernels, mxfp4_kernel
 from inhouse.model.moe import Experts, PackedExpert, fused_max_rows
 from inhouse.model.mxfp4 import dequantize, dequantize_reference
+from tests.conftest import random_moe_layer
 
 pytestmark = pytest.mark.skipif(not (mxfp4_kernel.available() and dense_kernel.available()),
                                 reason="kernels not built")
@@ -105,20 +106,7 @@ def test_an_expert_chooses_fused_or_tiled_by_its_rows(monkeypatch, simd):
 
 def test_a_prefill_sized_moe_layer_agrees_with_the_exact_experts():
     """The whole layer at 150 rows (some experts above the fused limit, some below)."""
-    import dataclasses
-
-    from inhouse.config import preset
-    from inhouse.model.moe import MLP
-
-    config = dataclasses.replace(preset("tiny-window128"), hidden_size=64, num_experts=4,
-                                 experts_per_token=2)
-    torch.manual_seed(7)
-    mlp = MLP(config, "mxfp4")
-    for name, buf in mlp.named_buffers():
-        buf.copy_(torch.randint(*((118, 128) if "scales" in name else (0, 256)), buf.shape,
-                                dtype=torch.uint8))
-    for p in mlp.parameters():
-        p.data = torch.randn(p.shape).bfloat16()
+    mlp = random_moe_layer(torch.bfloat16, seed=7, num_experts=4, experts_per_token=2)
     x = torch.randn(150, 64).bfloat16()
     with torch.inference_mode():
         w, i = mlp.router(x)
