@@ -183,7 +183,8 @@ def run(model: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     shape = Shape(L, M, config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                   config.num_experts, config.experts_per_token, config.intermediate_size,
                   config.rms_norm_eps, attn.scale, experts.alpha, experts.limit, weights.int8,
-                  weights.experts_a16, *weights.bias_flags, dense_kernel._level(), mxfp4_kernel._level(),
+                  weights.experts_a16, *weights.bias_flags, dense_kernel._level(),
+                  mxfp4_kernel._level(),
                   attend_kernel.simd(), torch.get_num_threads())
     out = x.contiguous().clone()
     c, s = cos.float().contiguous(), sin.float().contiguous()

@@ -3,7 +3,8 @@
 `matmul` is the fast path; `mxfp4.dequantize_reference` + a plain matmul is the reference the
 tests compare it with. With `a16=True` (the experts of int8 models) the rows are rounded to int16
 first and the products summed exactly in integers (csrc/mxfp4_a16.c): the same bits on every SIMD
-level, reproduced by `int8.a16_kernel_reference`. When the extension was not built (no C compiler), `available()` is False
+level, reproduced by `int8.a16_kernel_reference`. `decode` and `dense_matmul` serve prefill's
+many rows. When the extension was not built (no C compiler), `available()` is False
 and callers decode with PyTorch instead. INHOUSE_MXFP4_KERNEL=0 turns the kernel off,
 INHOUSE_MXFP4_KERNEL=portable forces its non-SIMD path, =avx2 its AVX2 path (see native).
 """
@@ -99,8 +100,8 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """blocks (..., O, G, 16), scales (..., O, G) -> (..., O, G*32) in dtype (fp32 or bf16; into
     `out`, contiguous, if given): the values of mxfp4.dequantize, bit for bit, decoded by C on all
-    threads (prefill decodes an expert and multiplies it densely: 5760 x 2880 takes PyTorch's
-    table 53-79 ms, this 11 ms to bf16)."""
+    threads (prefill decodes an expert and multiplies it densely: 5760 x 2880 to bf16 takes
+    PyTorch's table 53 ms, this 3.3 ms into a reused buffer on AVX-512)."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("the fused MXFP4 kernel is not built")
@@ -112,7 +113,8 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
                          f"{tuple(scales.shape)}")
     b, s = blocks.contiguous(), scales.contiguous()
     out = torch.empty(*lead, G * BLOCK_SIZE, dtype=dtype) if out is None else out
-    if out.dtype != dtype or tuple(out.shape) != (*lead, G * BLOCK_SIZE) or not out.is_contiguous():
+    if (out.dtype != dtype or tuple(out.shape) != (*lead, G * BLOCK_SIZE)
+            or not out.is_contiguous()):
         raise ValueError("decode's out must be contiguous, of the result's shape and dtype")
     lib.inhouse_mxfp4_decode(b.data_ptr(), s.data_ptr(), b.numel() // (G * nb), G,
                              out.data_ptr(), int(dtype == torch.bfloat16),

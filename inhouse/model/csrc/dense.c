@@ -32,12 +32,13 @@
 
 /* With more than two rows the products are bound by arithmetic, and the hardware prefetcher falls
  * behind the weights (8 rows against the 201088 x 2880 unembedding: 122-132 ms a call without
- * this, 85-97 ms with it), so those loops ask for the weights 16 KB ahead themselves. It changes no
- * arithmetic. Bytes past the thread's rows or the matrix are never read: a prefetch does not
- * fault. */
+ * this, 85-97 ms with it), so those loops ask for the weights 16 KB ahead themselves; with one or
+ * two, 2 KB ahead into L2 (PREFETCH_L2). It changes no arithmetic. Bytes past the thread's rows or
+ * the matrix are never read: a prefetch does not fault. */
 #define PREFETCH_AHEAD 16384
 static inline void prefetch_ahead(const void *p, int R) {
     if (R > 2) __builtin_prefetch((const char *)p + PREFETCH_AHEAD);
+    else PREFETCH_L2(p);  /* bound by reads in flight: common.h */
 }
 typedef void (*dots_fn)(const void *x, int64_t K, int64_t R, const void *w, float *out);
 
@@ -283,7 +284,8 @@ int inhouse_bf16_matmul_many(const void *x, int dtypes, int64_t M, int n, const 
 }
 
 /* Each row to int16 with one scale: q = round(x * 32767 / max|x|), row_scale = max|x| / 32767
- * (0 for a zero row, NaN for a row with a NaN or an infinity). */
+ * (0 for a zero row, NaN for a row with a NaN or an infinity). The int8 projections' rows, and
+ * the experts' of int8 models (mxfp4.c's PATH_A16). */
 void inhouse_int16_rows(const void *x, int x_bf16, int64_t M, int64_t K, int16_t *q,
                         float *row_scale) {
     for (int64_t m = 0; m < M; m++) {
@@ -305,9 +307,9 @@ void inhouse_int16_rows(const void *x, int x_bf16, int64_t M, int64_t K, int16_t
 
 /* x [M, K] fp32 or bf16 against n int8 matrices w[i] [O[i], K] with scale[i] [O[i]] fp32 and
  * bias[i] [O[i]] (or none) -> y[i] [M, O[i]] (x, bias and y: fp32, or bf16 as dtypes says):
- * y = (q . w) * row_scale * scale + bias, the rows rounded to int16 once (inhouse_int16_rows) and each
- * dot product summed exactly. Every path gives the same bits. Returns 0, or -1 if memory ran
- * out. */
+ * y = (q . w) * row_scale * scale + bias, the rows rounded to int16 once (inhouse_int16_rows)
+ * and each dot product summed exactly. Every path gives the same bits. Returns 0, or -1 if memory
+ * ran out. */
 int inhouse_int8_matmul_many(const void *x, int dtypes, int64_t M, int n, const int8_t *const *w,
                              const float *const *scale, const void *const *bias,
                              const int64_t *O, int64_t K, void *const *y, int nthreads,

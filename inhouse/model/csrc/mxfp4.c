@@ -128,6 +128,7 @@ static inline void rows_avx512(const float *xp, const uint8_t *blocks, const uin
     __m512 acc[MAX_FUSED_ROWS];
     for (int m = 0; m < R; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
+        if (!(g & 3)) PREFETCH_L2(blocks + g * 16);
         __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blocks + g * 16)));
         __m512 w_even = _mm512_permutexvar_ps(t, lut);  /* index = low 4 bits of each lane */
         __m512 w_odd = _mm512_permutexvar_ps(_mm512_srli_epi32(t, 4), lut);
@@ -350,9 +351,10 @@ static int matmul(const void *x, int x_bf16, int a16, int64_t M, const uint8_t *
     if (nthreads < 1) nthreads = 1;
     char *xp = (char *)malloc((size_t)(M * G * 32) * prepared_item(path));
     float *row_scale = (float *)malloc((size_t)M * sizeof(float));
-    int16_t *q = (int16_t *)malloc(path == PATH_A16 ? (size_t)(M * G * 32) * sizeof(int16_t) : 1);
+    int16_t *q = path == PATH_A16 ? (int16_t *)malloc((size_t)(M * G * 32) * sizeof(int16_t))
+                                  : NULL;
     float *wbufs = decode_buffers(path, nthreads, G);
-    int failed = !xp || !row_scale || !q || (!path && !wbufs);
+    int failed = !xp || !row_scale || (path == PATH_A16 && !q) || (!path && !wbufs);
     if (!failed) {
         prepare_rows(path, x, x_bf16, M, G, xp, row_scale, q);
 #pragma omp parallel num_threads(nthreads)
@@ -469,10 +471,9 @@ int inhouse_mxfp4_decode(const uint8_t *blocks, const uint8_t *scales, int64_t O
  * expert's matrix of the layer's [E, O, G, 16] blocks. Inside a parallel region: (group, output
  * row) pairs are shared out. */
 static void experts_shared(int path, const char *xp, const float *row_scale, int64_t ng,
-                           const int64_t *group,
-                           const int64_t *slot, const int64_t *experts, const uint8_t *blocks,
-                           const uint8_t *scales, int64_t O, int64_t G, float *y,
-                           const tables_t *t, float *wbuf) {
+                           const int64_t *group, const int64_t *slot, const int64_t *experts,
+                           const uint8_t *blocks, const uint8_t *scales, int64_t O, int64_t G,
+                           float *y, const tables_t *t, float *wbuf) {
     const size_t row_bytes = (size_t)(G * 32) * prepared_item(path);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, chunk_of(ng * O, omp_get_num_threads()))
@@ -558,12 +559,12 @@ int inhouse_moe_rows(const void *x, int bf16, int a16, int64_t M, int64_t k,
     float *x_scale = (float *)malloc((size_t)(2 * S) * sizeof(float)), *a_scale = x_scale + S;
     if (nthreads < 1) nthreads = 1;
     /* a row's rounding to int16 (PATH_A16), per thread */
-    int16_t *q = (int16_t *)malloc(path == PATH_A16 ? (size_t)(nthreads * HI) * sizeof(int16_t)
-                                                    : 1);
+    int16_t *q = path == PATH_A16 ? (int16_t *)malloc((size_t)(nthreads * HI) * sizeof(int16_t))
+                                  : NULL;
     float *wbufs = decode_buffers(path, nthreads, GH > GI ? GH : GI);
     float *swiglu_bufs = (float *)malloc((size_t)nthreads * (size_t)(3 * I) * sizeof(float));
-    int failed = !slot || !group || !xp || !ap || !act || !h1 || !h2 || !x_scale || !q ||
-                 !swiglu_bufs || (!path && !wbufs);
+    int failed = !slot || !group || !xp || !ap || !act || !h1 || !h2 || !x_scale ||
+                 (path == PATH_A16 && !q) || !swiglu_bufs || (!path && !wbufs);
     int64_t groups = 0;
     if (!failed) {
         for (int64_t s = 0; s < S; s++) {  /* insertion sort: S is small */
@@ -605,7 +606,7 @@ int inhouse_moe_rows(const void *x, int bf16, int a16, int64_t M, int64_t k,
             if (bf16) swiglu_out_bf16(gate, up, z, I, a);
             else swiglu_out_f32(gate, up, z, I, a);
             prepare_rows(path, a, bf16, 1, GI, ap + (size_t)(s * I) * item, a_scale + s,
-                         q + (path == PATH_A16 ? (size_t)thread_index() * HI : 0));
+                         q ? q + (size_t)thread_index() * HI : NULL);
         }
         experts_shared(path, ap, a_scale, ng, group, slot, experts, dn_blocks, dn_scales, H, GI,
                        h2, &t, wbuf);

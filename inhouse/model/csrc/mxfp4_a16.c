@@ -107,6 +107,7 @@ static inline void rows_avx512(const int16_t *xp, const float *row_scale, int64_
     for (int m = 0; m < R; m++) acc[m] = _mm512_setzero_ps();
     int64_t g = 0;
     for (; g + 2 <= G; g += 2) {
+        if (!(g & 3)) PREFETCH_L2(blocks + g * 16);
         __m512i t = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(blocks + g * 16)));
         __m512i even = _mm512_permutexvar_epi16(t, lut);
         __m512i odd = _mm512_permutexvar_epi16(_mm512_srli_epi16(t, 4), lut);
