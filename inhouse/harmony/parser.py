@@ -3,6 +3,13 @@
 Wraps openai-harmony's StreamableParser. Whatever the model emits (a wrong header, an unknown
 channel, stray special tokens, a message cut off by max_tokens), `feed` and `finish` return events
 and record a warning instead of raising: malformed output degrades to visible text.
+
+NOTE: harmony's non-strict mode keeps the text of a special token it did not expect (a
+`<|start|>` inside a message, a `<|channel|>` in its content) as message text. So special tokens
+are gated here before harmony sees them: a stray `<|start|>` ends the message in progress and
+begins the next (as after `<|end|>`), every other special token out of place is dropped with a
+warning, and a header cut short shows its ordinary tokens as text. Only ordinary tokens ever
+become text.
 """
 
 from __future__ import annotations
@@ -17,6 +24,10 @@ CHANNELS = ("analysis", "commentary", "final")
 # tokens); a "header" longer than this is output that lost the format: stream it as text.
 MAX_HEADER_TOKENS = 48
 START, END, MESSAGE, CHANNEL, RETURN, CALL = 200006, 200007, 200008, 200005, 200002, 200012
+CONSTRAIN = 200003
+NUM_IDS = 201089  # o200k_harmony decodes ids 0..201088 (the checkpoints' vocab is 201088)
+ENDS = (END, RETURN, CALL)
+HEADER_SPECIALS = (CHANNEL, CONSTRAIN, MESSAGE)  # the specials a header may hold
 
 
 @dataclass(frozen=True)
@@ -104,16 +115,47 @@ class OutputParser:
     def feed(self, token: int) -> list[Event]:
         if self._text_tokens is not None:
             return self._feed_text(token)
+        if not self._is_valid(token):
+            return [ParseWarning(f"token id {token} is outside the vocabulary; dropped")]
+        if self._enc.is_special_token(token):
+            return self._feed_special(token)
+        return self._feed_harmony(token)
+
+    def _is_valid(self, token: int) -> bool:
+        return isinstance(token, int) and 0 <= token < NUM_IDS
+
+    def _feed_special(self, token: int) -> list[Event]:
+        """Hand harmony a special token only where the format has one (see the module note)."""
+        state = self._parser.state.value
+        if token == START:
+            if state == "ExpectStart":
+                return self._feed_harmony(token)
+            if state == "Content":  # a stray start: close the message as <|end|> would
+                events = self._feed_harmony(END)
+                events.append(ParseWarning("<|start|> inside a message; ended it there"))
+            else:
+                events = self._salvage("<|start|> inside a message header")
+            return events + self._feed_harmony(token)
+        if token in ENDS:
+            if state == "Content":
+                return self._feed_harmony(token)
+            if state == "Header":
+                return self._salvage(f"{self._enc.decode([token])} inside a message header")
+        elif token in HEADER_SPECIALS and state == "Header":
+            return self._feed_harmony(token)
+        return [ParseWarning(f"special token {self._enc.decode([token])} out of place; dropped")]
+
+    def _feed_harmony(self, token: int) -> list[Event]:
         events: list[Event] = []
         self._pending.append(token)
         try:
             self._parser.process(token)
-        except Exception as e:  # noqa: BLE001 - harmony's errors; never let them out
+        except BaseException as e:  # noqa: BLE001 - harmony's errors (and Rust panics); never out
             return self._salvage(f"malformed harmony output at token {token}: {e}")
         delta = self._parser.last_content_delta
         if delta:
             events += self._route(delta)
-        if token in (END, RETURN, CALL):
+        if token in ENDS:
             events += self._close_message()
         elif len(self._pending) > MAX_HEADER_TOKENS and self._parser.state.value == "Header":
             events += self._enter_text_mode()
@@ -122,10 +164,11 @@ class OutputParser:
     def _enter_text_mode(self) -> list[Event]:
         events: list[Event] = [ParseWarning(f"no message header after {MAX_HEADER_TOKENS} "
                                             "tokens; streaming the output as text")]
+        pending, self._pending = self._pending, []
         self._text_tokens, self._text_shown = [], 0
-        for t in self._pending:
-            events += self._feed_text(t)
-        self._pending = []
+        for t in pending:  # the header's ordinary tokens (its specials are never text)
+            if not self._enc.is_special_token(t):
+                events += self._feed_text(t)
         return events
 
     def _feed_text(self, token: int) -> list[Event]:
@@ -133,7 +176,7 @@ class OutputParser:
             self._text_tokens = None
             self._new_parser(expect_role=False)
             return self.feed(token)
-        if self._enc.is_special_token(token):
+        if not self._is_valid(token) or self._enc.is_special_token(token):
             return []
         self._text_tokens.append(token)
         text = self._enc.decode(self._text_tokens)
