@@ -14,7 +14,7 @@ from inhouse.engine.request import RequestOutput, Sequence, Status
 from inhouse.engine.runner import ModelRunner
 from inhouse.engine.sampling import (InvalidRequest, SamplingParams, check_prompt_length,
                                      sample)
-from inhouse.engine.scheduler import Scheduler
+from inhouse.engine.scheduler import ScheduledChunk, Scheduler
 from inhouse.model import Transformer
 from inhouse.model.lora import adapter_names
 
@@ -96,18 +96,25 @@ class LLMEngine:
         if not plan.chunks:
             return []
         try:
-            logits = self.runner.run(plan.chunks)
-        except Exception as e:  # a failed step fails its requests, not the engine
-            log.exception("engine step failed")
-            return [self._finish(c.seq, "error", (), error=f"{type(e).__name__}: {e}")
-                    for c in plan.chunks]
+            rows: list = self.runner.run(plan.chunks)
+        except Exception:  # noqa: BLE001 - a failed step fails only the requests that fail alone
+            log.exception("engine step of %d sequences failed", len(plan.chunks))
+            rows = self._run_alone(plan.chunks)
         outputs = []
-        for chunk, row in zip(plan.chunks, logits):
+        for chunk, row in zip(plan.chunks, rows):
             seq = chunk.seq
+            if isinstance(row, Exception):
+                outputs.append(self._finish(seq, "error", (), error=_describe(row)))
+                continue
             seq.num_computed += chunk.num_tokens
             if seq.num_pending:  # mid-prompt: nothing to sample yet
                 continue
-            token, lp = sample(row, seq.params, seq.generator, seq.output_ids)
+            try:
+                token, lp = self._sample(seq, row)
+            except Exception as e:  # noqa: BLE001 - this request's numbers; the others go on
+                log.warning("request %s failed at sampling: %s", seq.request_id, _describe(e))
+                outputs.append(self._finish(seq, "error", (), error=_describe(e)))
+                continue
             seq.output_ids.append(token)
             new_lp = (lp,) if lp is not None else ()
             seq.logprobs.extend(new_lp)
@@ -117,6 +124,44 @@ class LLMEngine:
             else:
                 outputs.append(self._output(seq, (token,), new_lp))
         return outputs
+
+    @staticmethod
+    def _sample(seq: Sequence, row: torch.Tensor) -> tuple[int, object]:
+        if bool(torch.isnan(row).any()) or bool(torch.isposinf(row).any()):
+            raise FloatingPointError("the model produced non-finite logits")
+        return sample(row, seq.params, seq.generator, seq.output_ids)
+
+    def _run_alone(self, chunks) -> list:
+        """After a batched step failed: each sequence recomputed by itself from its own tokens
+        (the failed step may have written some layers' caches), so that only a sequence that
+        fails alone fails. Logits (V,) per chunk, or the exception it raised."""
+        rows: list = []
+        for c in chunks:
+            try:
+                rows.append(self._recompute(c.seq, c.seq.num_computed + c.num_tokens))
+            except Exception as e:  # noqa: BLE001 - reported on this sequence alone
+                log.exception("request %s fails alone", c.seq.request_id)
+                rows.append(e)
+        return rows
+
+    def _recompute(self, seq: Sequence, upto: int) -> torch.Tensor:
+        """A fresh cache filled with token_ids[:upto] in the schedule the sequence had alone
+        (prompt chunks of `prefill_chunk`, then one token at a time), so that reproducible mode
+        gives the same bits; returns the logits after token upto - 1. `num_computed` is left as
+        before the step, for step()'s update."""
+        before = seq.num_computed
+        seq.cache, seq.num_computed = None, 0
+        logits = None
+        prompt = len(seq.prompt_ids)
+        while seq.num_computed < upto:
+            if seq.num_computed < prompt:
+                n = min(self.config.prefill_chunk, prompt - seq.num_computed, upto - seq.num_computed)
+            else:
+                n = 1
+            logits = self.runner.run((ScheduledChunk(seq, n),))[0]
+            seq.num_computed += n
+        seq.num_computed = before
+        return logits
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids:
@@ -140,3 +185,7 @@ class LLMEngine:
         return RequestOutput(seq.request_id, tuple(new_ids), tuple(new_lp),
                              seq.status == Status.FINISHED, seq.finish_reason,
                              len(seq.prompt_ids), len(seq.output_ids), seq.seed, error)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"

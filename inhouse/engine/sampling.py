@@ -13,6 +13,9 @@ import torch
 from inhouse.errors import InhouseError
 
 MAX_TOP_LOGPROBS = 20
+# NOTE: a temperature below this is greedy decoding (as in vLLM): dividing logits by 1e-38
+# overflows to inf and the softmax to NaN. Documented in the README's sampling section.
+GREEDY_BELOW = 1e-5
 
 
 class InvalidRequest(InhouseError):
@@ -83,7 +86,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.has_penalties and output_ids:
         counts = torch.bincount(torch.tensor(output_ids), minlength=x.shape[0])[: x.shape[0]].float()
         x = x - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         token = int(x.argmax())
     else:
         x = x / params.temperature
@@ -96,7 +99,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         if params.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             before = sorted_p.cumsum(0) - sorted_p  # mass of strictly more likely tokens
-            sorted_p = sorted_p.masked_fill(before >= params.top_p, 0.0)  # the first always stays
+            cut = before >= params.top_p
+            cut[0] = False  # the most likely token always stays, however small top_p is
+            sorted_p = sorted_p.masked_fill(cut, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
         token = int(torch.multinomial(probs, 1, generator=generator))
     if params.logprobs is None:
