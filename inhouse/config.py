@@ -441,6 +441,7 @@ class ServerSettings:
     retain_days: float = 0.0  # erase audit content older than this (0: keep)
     # LoRA adapters served as "MODEL:NAME": (name, sha256 digest of its files) pairs
     adapters: tuple[tuple[str, str], ...] = ()
+    metrics_require_key: bool = False  # /metrics answers only requests with a valid API key
 
     def __post_init__(self) -> None:
         if not self.model_name:

@@ -19,3 +19,16 @@ class CheckpointError(InhouseError):
 
 class HarmonyUnavailable(InhouseError):
     """The tokenizer's vocabulary or the openai-harmony package cannot be set up offline."""
+
+
+class RequestError(InhouseError):
+    """A request refused for a reason its sender can fix or must be told: the HTTP status, the
+    parameter at fault and a machine-readable code travel with the message (the server answers in
+    OpenAI's error shape; the CLI prints the message)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None, kind: str = "invalid_request_error",
+                 retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.param, self.status, self.code, self.kind = param, status, code, kind
+        self.retry_after_s = retry_after_s

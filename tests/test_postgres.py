@@ -9,7 +9,7 @@ from inhouse.config import ServerSettings, cache_root
 from inhouse.governance.audit_log import AuditLog, load_signing_key
 from inhouse.governance.keys import KeyStore
 from inhouse.server import build_app
-from inhouse.server.store import ResponseStore
+from inhouse.governance.responses_store import ResponseStore
 from tests.postgres import postgres_url  # noqa: F401 - the fixture
 from tests.server_utils import ScriptedEngine, running_server
 from tests.test_audit_log import TAMPERS, check_concurrent_writers, rewrite

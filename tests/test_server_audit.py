@@ -147,7 +147,7 @@ def test_audit_cli_export_and_erase(audited):
     data = json.loads(exported.stdout)
     assert exported.exit_code == 0 and "my SIN is secret" in json.dumps(data["content"])
     erased = runner.invoke(cli, ["audit", "erase", "--subject", "alice", "--database-url", url])
-    assert erased.exit_code == 0 and "erased the content of 1 record" in erased.stdout
+    assert erased.exit_code == 0 and "erased the content of 1 audit record" in erased.stdout
     again = json.loads(runner.invoke(cli, ["audit", "export", "--subject", "alice",
                                            "--database-url", url]).stdout)
     assert again["content"] == {} and "my SIN is secret" not in json.dumps(again)

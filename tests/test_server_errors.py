@@ -59,7 +59,7 @@ BAD = [
     (dict(body={**GOOD, "messages": "hello"}), "messages"),
     (dict(body={"model": MODEL, "messages": [{"role": "user", "content": "x"},
                                              {"role": "tool", "tool_call_id": "c9", "content": "r"}]}),
-     "messages"),  # a tool result with no call before it
+     "messages[1]"),  # a tool result with no call before it
 ]
 
 

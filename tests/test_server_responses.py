@@ -11,7 +11,7 @@ from inhouse.config import ServerSettings
 from inhouse.engine import AsyncEngine, LLMEngine
 from inhouse.model import load_model
 from inhouse.server import build_app
-from inhouse.server.store import ResponseStore
+from inhouse.governance.responses_store import ResponseStore
 from tests.server_utils import ScriptedEngine, running_server
 from tests.test_server_chat import FINAL, TOOL_CALL
 

@@ -143,7 +143,7 @@ GOOD = json.dumps(_conversations()[0])
      '"content": "1"}, {"role": "assistant", "content": "ok"}]}', 2,
      "tool result without a preceding tool call"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}', 2,
-     "assistant message is empty"),
+     "an assistant message needs content"),
 ])
 def test_bad_data_is_one_line_with_its_line_number_and_leaves_nothing(base, tmp_path, bad, line, says):
     data = _write_jsonl(tmp_path / "train.jsonl", [GOOD, bad, GOOD])

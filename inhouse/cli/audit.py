@@ -34,6 +34,17 @@ def _open(database_url: str | None, key: Path | None):
     return AuditLog(url, load_signing_key(key_path)), load_signing_key(key_path).public_key()
 
 
+def _personal_data(database_url: str | None, key: Path | None):
+    """Every store of personal data `serve` writes with the same --database-url: the audit
+    log and the stored responses (by default the cache's audit.db and server.db)."""
+    from inhouse.config import cache_root
+    from inhouse.governance.privacy import PersonalData
+    from inhouse.governance.responses_store import ResponseStore, default_url
+
+    log, _ = _open(database_url, key)
+    return PersonalData(log, ResponseStore(database_url or default_url(cache_root())))
+
+
 @audit_app.command()
 @cli_errors
 def verify(database_url: DbOpt = None, key: KeyOpt = None) -> None:
@@ -106,8 +117,8 @@ def export(subject: Annotated[str, typer.Option(help="The subject id (the reques
                                                 "X-Subject-Id).")],
            database_url: DbOpt = None, key: KeyOpt = None) -> None:
     """Everything held about a person, as JSON (access requests: PIPEDA 4.9, GDPR 15)."""
-    log, _ = _open(database_url, key)
-    out.print_json(json.dumps(log.export(subject), ensure_ascii=False))
+    data = _personal_data(database_url, key)
+    out.print_json(json.dumps(data.export(subject), ensure_ascii=False))
 
 
 @audit_app.command()
@@ -121,7 +132,8 @@ def erase(subject: Annotated[str | None, typer.Option(help="Erase this subject's
 
     if subject is None and older_than_days is None:
         raise InhouseError("say what to erase: --subject S and/or --older-than-days N")
-    log, _ = _open(database_url, key)
+    data = _personal_data(database_url, key)
     before = time.time() - older_than_days * 86400 if older_than_days is not None else None
-    n = log.erase(subject, before, "request" if subject else "retention")
-    out.print(f"erased the content of {n} record(s); the erasure is recorded in the log")
+    done = data.erase(subject, before, "request" if subject else "retention")
+    out.print(f"erased the content of {done.audit_records} audit record(s) and "
+              f"{done.stored_responses} stored response(s); the erasure is recorded in the log")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 from inhouse.config import ModelConfig
@@ -23,6 +26,7 @@ class AsyncEngine(EngineClient):
         self._commands: list[tuple] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
+        self._finished_at: deque[float] = deque(maxlen=512)  # when requests finished (monotonic)
         self._thread = threading.Thread(target=self._loop, name="inhouse-engine", daemon=True)
         self._thread.start()
 
@@ -50,7 +54,15 @@ class AsyncEngine(EngineClient):
                 self._send(("abort", request_id))
 
     def stats(self):
-        return self.engine.stats()  # ints read without the lock: a snapshot for metrics
+        # ints read without the lock: a snapshot for metrics and Retry-After
+        return dataclasses.replace(self.engine.stats(), finished_per_s=self._drain_rate())
+
+    def _drain_rate(self, window_s: float = 120.0) -> float:
+        now = time.monotonic()
+        recent = [t for t in list(self._finished_at) if now - t < window_s]
+        if len(recent) < 2:
+            return 0.0
+        return len(recent) / max(now - recent[0], 1.0)
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -109,6 +121,7 @@ class AsyncEngine(EngineClient):
         loop, queue = target
         if out.finished:
             del self._streams[out.request_id]
+            self._finished_at.append(time.monotonic())
         try:
             loop.call_soon_threadsafe(queue.put_nowait, out)
         except RuntimeError:  # the caller's loop is closed: nothing to deliver to

@@ -27,6 +27,7 @@ class EngineStats:
     num_waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
+    finished_per_s: float = 0.0  # requests finished per second lately (0: none measured)
 
 
 class LLMEngine:
@@ -184,7 +185,8 @@ class LLMEngine:
     def _output(seq: Sequence, new_ids, new_lp, error: str | None = None) -> RequestOutput:
         return RequestOutput(seq.request_id, tuple(new_ids), tuple(new_lp),
                              seq.status == Status.FINISHED, seq.finish_reason,
-                             len(seq.prompt_ids), len(seq.output_ids), seq.seed, error)
+                             len(seq.prompt_ids), len(seq.output_ids), seq.seed, error,
+                             seq.queue_wait_s)
 
 
 def _describe(e: BaseException) -> str:

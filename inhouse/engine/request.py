@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,12 @@ class Sequence:
     finish_reason: str | None = None
     cache: object | None = None  # the model's KVCache, created when the sequence first runs
     generator: torch.Generator | None = None
+    arrived_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # when the scheduler first ran it
+
+    @property
+    def queue_wait_s(self) -> float:
+        return (self.admitted_at if self.admitted_at is not None else time.monotonic()) - self.arrived_at
 
     @property
     def token_ids(self) -> list[int]:
@@ -68,3 +75,4 @@ class RequestOutput:
     num_output_tokens: int
     seed: int
     error: str | None = None
+    queue_wait_s: float = 0.0  # time between arrival and admission

@@ -9,6 +9,7 @@ batch at any step, and a long prompt never stalls running decodes for more than 
 from __future__ import annotations
 
 from collections import deque
+import time
 from dataclasses import dataclass
 
 from inhouse.config import EngineConfig
@@ -79,6 +80,7 @@ class Scheduler:
             seq = self.waiting.popleft()
             self.kv.allocate(seq.request_id, seq.reserve_tokens)
             seq.status = Status.RUNNING
+            seq.admitted_at = time.monotonic()
             self.running.append(seq)
             n, budget = self._chunk(seq, budget)
             if n:

@@ -24,12 +24,12 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine,
-                        event, insert, select, update)
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, insert, select, update
 
 from inhouse.config import cache_root
 from inhouse.errors import InhouseError
 from inhouse.governance import merkle
+from inhouse.governance.database import open_database, private_dir, scrub
 
 metadata = MetaData()
 leaves_t = Table(
@@ -68,7 +68,7 @@ class AuditError(InhouseError):
 
 def default_url() -> str:
     """The audit database when none is given: a SQLite file in inhouse's cache."""
-    cache_root().mkdir(parents=True, exist_ok=True)
+    private_dir(cache_root())
     return f"sqlite:///{cache_root() / 'audit.db'}"
 
 
@@ -94,7 +94,7 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
                 raise AuditError(f"{path} is not an Ed25519 private key")
             return key
         key = Ed25519PrivateKey.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -129,19 +129,9 @@ class AuditLog:
     def __init__(self, url: str, signing_key: Ed25519PrivateKey | None = None,
                  checkpoint_every: int = 100, checkpoint_seconds: float = 60.0) -> None:
         try:
-            self.engine = create_engine(url)
+            self.engine = open_database(url, manual_begin=True)
         except Exception as e:  # noqa: BLE001 - a bad URL or a missing driver
             raise AuditError(f"cannot open the audit database {url!r}: {e}") from None
-        if url.startswith("sqlite"):
-            @event.listens_for(self.engine, "connect")
-            def _sqlite(dbapi_conn, _):
-                dbapi_conn.isolation_level = None  # let us issue BEGIN IMMEDIATE ourselves
-                dbapi_conn.execute("PRAGMA journal_mode=WAL")
-                dbapi_conn.execute("PRAGMA busy_timeout=10000")
-
-            @event.listens_for(self.engine, "begin")
-            def _begin(conn):
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
         metadata.create_all(self.engine)
         with self.engine.begin() as conn:
             if conn.execute(select(head_t.c.size).where(head_t.c.id == 1)).first() is None:
@@ -287,7 +277,7 @@ class AuditLog:
                 "records": [json.loads(r.record) for r in rows], "content": content}
 
     def erase(self, subject: str | None = None, before: float | None = None,
-              reason: str = "request") -> int:
+              reason: str = "request", extra: dict | None = None) -> int:
         """Delete the content (not the leaves) of a subject's records, or of records older than
         `before`; the leaves' hashes stay, so `verify` still passes. The erasure is itself logged.
         Returns how many records' content was erased."""
@@ -304,9 +294,11 @@ class AuditLog:
             for i in range(0, len(ids), 500):
                 erased += conn.execute(content_t.delete().where(
                     content_t.c.record_id.in_(ids[i:i + 500]))).rowcount
-        if erased or subject is not None:
+        if erased or subject is not None or any((extra or {}).values()):
             self.append({"erased_records": erased, "reason": reason,
-                         "before": before}, kind="erasure", subject=subject)
+                         "before": before} | (extra or {}), kind="erasure", subject=subject)
+        if erased:
+            scrub(self.engine, ("audit_content",))
         return erased
 
     def add_content(self, record_id: str, extra: dict) -> None:

@@ -1,6 +1,8 @@
 """API keys with roles, stored hashed (sha256); the plaintext is shown once, at creation.
 
-Roles: `user` (the model APIs), `auditor` (also the audit endpoints), `admin` (everything).
+Roles: `user` (the model APIs), `auditor` (also the audit endpoints), `admin` (everything, every
+tenant). Each key belongs to a tenant (its own unless `tenant` groups it with others), may be
+bound to a subject, and may be allowed to name other subjects (see tenancy.py).
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, create_engine, insert, select, update
+from sqlalchemy import (Boolean, Column, Float, Integer, MetaData, String, Table, inspect, insert,
+                        select, text, update)
 
 from inhouse.errors import InhouseError
+from inhouse.governance.database import open_database
+from inhouse.governance.tenancy import KeyGrant
 
 ROLES = ("user", "auditor", "admin")
 RANK = {"user": 0, "auditor": 1, "admin": 2}
@@ -30,7 +35,12 @@ keys_t = Table(
     Column("rate_limit", Integer),  # requests per minute; None: unlimited
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float),
+    Column("tenant", String(200)),  # None (keys made before tenants): the key's own id
+    Column("subject", String(200)),  # the person this key's requests are about, if bound
+    Column("on_behalf", Boolean),  # may name other subjects (X-Subject-Id / user)
 )
+# columns added after the first release, with their SQL types, for databases made before them
+ADDED = {"tenant": "VARCHAR(200)", "subject": "VARCHAR(200)", "on_behalf": "BOOLEAN"}
 
 
 class KeyError_(InhouseError):
@@ -46,9 +56,16 @@ class ApiKey:
     rate_limit: int | None
     created_at: float
     revoked_at: float | None
+    tenant: str = ""
+    subject: str | None = None
+    on_behalf: bool = False
 
     def allows(self, role: str) -> bool:
         return RANK[self.role] >= RANK[role]
+
+    def grant(self) -> KeyGrant:
+        return KeyGrant(self.id, self.tenant or self.id, self.subject, self.on_behalf,
+                        self.role == "admin")
 
 
 def digest(key: str) -> str:
@@ -57,10 +74,16 @@ def digest(key: str) -> str:
 
 class KeyStore:
     def __init__(self, url: str) -> None:
-        self.engine = create_engine(url)
+        self.engine = open_database(url)
         metadata.create_all(self.engine)
+        have = {c["name"] for c in inspect(self.engine).get_columns("api_keys")}
+        with self.engine.begin() as conn:
+            for name, sql_type in ADDED.items():
+                if name not in have:
+                    conn.execute(text(f"ALTER TABLE api_keys ADD COLUMN {name} {sql_type}"))
 
-    def create(self, name: str, role: str, rate_limit: int | None = None) -> tuple[ApiKey, str]:
+    def create(self, name: str, role: str, rate_limit: int | None = None, tenant: str | None = None,
+               subject: str | None = None, on_behalf: bool = False) -> tuple[ApiKey, str]:
         """Returns the key record and the plaintext key (shown once, never stored)."""
         if role not in ROLES:
             raise KeyError_(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
@@ -68,10 +91,15 @@ class KeyStore:
             raise KeyError_("a key needs a name")
         if rate_limit is not None and rate_limit <= 0:
             raise KeyError_("the rate limit must be a positive number of requests per minute")
+        for what, value in (("tenant", tenant), ("subject", subject)):
+            if value is not None and (not value.strip() or len(value) > 200):
+                raise KeyError_(f"the {what} must be 1 to 200 characters")
         plaintext = "ih-" + secrets.token_urlsafe(32)
-        row = dict(id=f"key_{uuid.uuid4().hex[:12]}", name=name, role=role,
+        key_id = f"key_{uuid.uuid4().hex[:12]}"
+        row = dict(id=key_id, name=name, role=role,
                    key_sha256=digest(plaintext), prefix=plaintext[:10], rate_limit=rate_limit,
-                   created_at=time.time(), revoked_at=None)
+                   created_at=time.time(), revoked_at=None, tenant=tenant or key_id,
+                   subject=subject, on_behalf=bool(on_behalf))
         with self.engine.begin() as conn:
             conn.execute(insert(keys_t).values(**row))
         return self._key(row), plaintext
@@ -107,4 +135,5 @@ class KeyStore:
     @staticmethod
     def _key(r) -> ApiKey:
         return ApiKey(r["id"], r["name"], r["role"], r["prefix"], r["rate_limit"],
-                      r["created_at"], r["revoked_at"])
+                      r["created_at"], r["revoked_at"], r["tenant"] or r["id"], r["subject"],
+                      bool(r["on_behalf"]))

@@ -28,7 +28,12 @@ KNOWLEDGE_CUTOFF = "2024-06"
 
 
 class ConversationError(InhouseError):
-    """A conversation that cannot be rendered (unknown role, tool result without a call, ...)."""
+    """A conversation that cannot be rendered (unknown role, tool result without a call, ...);
+    `param` names the place in the request when known."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -74,8 +79,16 @@ def render_prompt(messages: list[ChatMessage], options: PromptOptions = PromptOp
     from openai_harmony import Conversation, Role as HRole
 
     enc = load_encoding()
-    convo = Conversation.from_messages(to_harmony_messages(messages, options))
-    return list(enc.render_conversation_for_completion(convo, HRole.ASSISTANT))
+    try:
+        convo = Conversation.from_messages(to_harmony_messages(messages, options))
+        return list(enc.render_conversation_for_completion(convo, HRole.ASSISTANT))
+    except (ConversationError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - harmony's errors and its Rust panics
+        # NOTE: a panic (e.g. the tokenizer's regex overflowing its stack on a megabyte of "{")
+        # is a BaseException; it must become this request's 400, never the server's 500
+        raise ConversationError(f"the conversation cannot be tokenised ({type(e).__name__}: "
+                                f"{str(e)[:200]})") from None
 
 
 def to_harmony_messages(messages: list[ChatMessage], options: PromptOptions) -> list:

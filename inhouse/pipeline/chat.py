@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +47,7 @@ class Finished:
     prompt_ids: tuple[int, ...]
     output_ids: tuple[int, ...]
     error: str | None = None
+    queue_wait_s: float = 0.0
 
 
 def engine_params(turn: ChatTurn) -> SamplingParams:
@@ -56,8 +58,10 @@ def engine_params(turn: ChatTurn) -> SamplingParams:
 
 async def stream_chat(client: EngineClient,
                       turn: ChatTurn) -> AsyncIterator[Event | TokenEvent | Finished]:
-    """Harmony events as the model produces them, then one `Finished`."""
-    prompt_ids = render_prompt(list(turn.messages), turn.options) + list(turn.assistant_prefix)
+    """Harmony events as the model produces them, then one `Finished`. Rendering runs in a
+    worker thread: a long prompt never stalls the event loop that serves everyone else."""
+    prompt_ids = await asyncio.to_thread(render_prompt, list(turn.messages), turn.options)
+    prompt_ids += list(turn.assistant_prefix)
     check_prompt_length(len(prompt_ids), client.model_config.max_position_embeddings)
     params = engine_params(turn)
     parser = OutputParser()
@@ -84,7 +88,8 @@ async def stream_chat(client: EngineClient,
         reason = "tool_calls"
     yield Finished(reason or "error", len(prompt_ids), len(out_ids), parser.reasoning_tokens,
                    last.seed if last else 0, first or 0.0, time.perf_counter() - t0,
-                   tuple(prompt_ids), tuple(out_ids), last.error if last else None)
+                   tuple(prompt_ids), tuple(out_ids), last.error if last else None,
+                   last.queue_wait_s if last else 0.0)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient
 from inhouse.governance.keys import ApiKey
+from inhouse.governance.tenancy import Caller, KeyGrant, resolve_caller
 from inhouse.server.errors import APIError
 from inhouse.server.metrics import Metrics
 
@@ -33,7 +34,18 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
-STATIC_KEY = ApiKey("static", "--api-key", "admin", "", None, 0.0, None)
+# `--api-key` keys: admins of the whole server (every tenant; may name any subject)
+STATIC_KEY = ApiKey("static", "--api-key", "admin", "", None, 0.0, None, "default", None, True)
+
+
+def caller_of(request: Request, body_user: str | None = None) -> Caller:
+    """The caller of a request that passed `require_api_key`: its key's tenant, and the subject
+    the key is bound to or (if allowed) the one `X-Subject-Id` or the body's `user` names."""
+    key: ApiKey | None = getattr(request.state, "api_key", None)
+    header = request.headers.get("x-subject-id")
+    claimed, param = (header, "X-Subject-Id") if header else (body_user, "user")
+    grant: KeyGrant | None = key.grant() if key is not None else None
+    return resolve_caller(grant, claimed, param)
 
 
 def require_api_key(request: Request) -> ApiKey | None:

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inhouse.engine import InvalidRequest, QueueFull
-from inhouse.errors import InhouseError
+from inhouse.errors import InhouseError, RequestError
 from inhouse.harmony import ConversationError
 
 
@@ -29,6 +29,10 @@ class APIError(Exception):
 
 
 def from_engine_error(e: Exception) -> APIError:
+    """Refusals from the layers below (pipeline, engine, harmony) in OpenAI's shape."""
+    if isinstance(e, RequestError):
+        headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
+        return APIError(e.status, str(e), e.kind, param=e.param, code=e.code, headers=headers)
     if isinstance(e, QueueFull):
         return APIError(429, str(e), "rate_limit_error", code="queue_full",
                         headers={"Retry-After": "1"})
@@ -36,7 +40,7 @@ def from_engine_error(e: Exception) -> APIError:
         code = "context_length_exceeded" if "context window" in str(e) else None
         return APIError(400, str(e), param=e.param, code=code)
     if isinstance(e, ConversationError):
-        return APIError(400, str(e), param="messages")
+        return APIError(400, str(e), param=e.param or "messages")
     if isinstance(e, InhouseError):
         return APIError(400, str(e))
     return APIError(500, f"internal error ({type(e).__name__})", "server_error")
@@ -56,6 +60,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         return e.response()
+
+    @app.exception_handler(InhouseError)
+    async def _refusal(request: Request, e: InhouseError):
+        return from_engine_error(e).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):

@@ -30,8 +30,16 @@ class Metrics:
     def __init__(self, client: EngineClient) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("inhouse_requests", "HTTP requests", ["endpoint", "status"],
-                                registry=r)
+        self.requests = Counter("inhouse_requests", "HTTP requests, by route and status (5xx too)",
+                                ["endpoint", "status"], registry=r)
+        self.duration = Histogram("inhouse_request_duration_seconds",
+                                  "time from request to the end of the response, by route",
+                                  ["endpoint"], buckets=(.005, .01, .05, .1, .25, .5, 1, 2.5, 5,
+                                                         10, 30, 60, 120, 300), registry=r)
+        self.queue_wait = Histogram("inhouse_queue_wait_seconds",
+                                    "time a generation waited in the engine's queue",
+                                    buckets=(.001, .01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60,
+                                             120, 300), registry=r)
         self.prompt_tokens = Counter("inhouse_prompt_tokens", "prompt tokens processed", registry=r)
         self.completion_tokens = Counter("inhouse_completion_tokens", "tokens generated",
                                          registry=r)
@@ -43,6 +51,7 @@ class Metrics:
         r.register(_EngineCollector(client))
 
     def observe_turn(self, finished) -> None:
+        self.queue_wait.observe(finished.queue_wait_s)
         self.prompt_tokens.inc(finished.prompt_tokens)
         self.completion_tokens.inc(finished.completion_tokens)
         if finished.completion_tokens:

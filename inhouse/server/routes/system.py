@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from inhouse.server.deps import AuthDep, ClientDep, MetricsDep, SettingsDep
+from inhouse.server.deps import AuthDep, ClientDep, MetricsDep, SettingsDep, require_api_key
 from inhouse.server.errors import APIError
 from inhouse.server.serving.common import model_ids
 
@@ -24,7 +24,11 @@ async def ready(settings: SettingsDep, client: ClientDep) -> dict:
 
 
 @router.get("/metrics")
-async def metrics(m: MetricsDep) -> Response:
+async def metrics(request: Request, m: MetricsDep, settings: SettingsDep) -> Response:
+    if settings.metrics_require_key:
+        if require_api_key(request) is None:  # no keys exist: nobody could ever pass
+            raise APIError(403, "/metrics needs an API key, and this server has none",
+                           "permission_error")
     return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

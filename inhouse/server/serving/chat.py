@@ -11,18 +11,15 @@ from dataclasses import dataclass, field
 from inhouse import __version__
 from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient, SamplingParams
-from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, FunctionTool,
-                             ParseWarning, PromptOptions, ReasoningDelta, ToolCall, ToolCallDelta,
-                             ToolCallDone, decode, tool_call_prefix)
-from inhouse.pipeline import ChatTurn, Finished, TokenEvent, stream_chat
+from inhouse.governance.tenancy import Caller
+from inhouse.harmony import (ContentDelta, ConversationError, ParseWarning, PromptOptions,
+                             ReasoningDelta, ToolCallDelta, ToolCallDone, decode, tool_call_prefix)
+from inhouse.harmony.openai_shapes import function_tools, messages_from_chat
+from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
 from inhouse.server.errors import APIError
-from inhouse.governance.pii import Masker
-from inhouse.server.audit import Auditor
-from inhouse.server.pii import EventRestorer, apply_pii_policy
-from inhouse.server.metrics import Metrics
 from inhouse.server.protocol.chat import ChatCompletionRequest, NamedToolChoice
 from inhouse.server.serving.common import (EFFORT, StopMatcher, check_model, max_tokens_for,
-                                           merge, new_id, seed_for, start_streams, usage)
+                                           merge, new_id, seed_for, usage)
 
 log = logging.getLogger("inhouse.server")
 
@@ -43,26 +40,21 @@ class Choice:
     stopped_by_string: bool = False
     request_id: str = ""
     abort_sent: bool = False
-    subject: str | None = None
-    unmask: EventRestorer | None = None
 
 
 class ChatCompletions:
-    def __init__(self, client: EngineClient, settings: ServerSettings, metrics: Metrics,
-                 auditor: Auditor) -> None:
-        self.client, self.settings, self.metrics, self.auditor = client, settings, metrics, auditor
+    def __init__(self, client: EngineClient, settings: ServerSettings,
+                 governed: GovernedTurns) -> None:
+        self.client, self.settings, self.governed = client, settings, governed
 
-    # ---- request -> turns ----------------------------------------------------------------
-    def turns(self, req: ChatCompletionRequest,
-              request_id: str) -> tuple[list[ChatTurn], Masker | None, frozenset[str]]:
-        """The n turns to run, the PII masker to restore answers with (mask mode), PII labels."""
+    # ---- request -> one governed turn of n choices -------------------------------------------
+    def plan(self, req: ChatCompletionRequest, request_id: str, caller: Caller) -> TurnRequest:
+        """What to run; every refusal of the request's own content raises here."""
         adapter = check_model(req.model, self.settings)
         if req.n > self.settings.max_n:
             raise APIError(400, f"'n' is {req.n}; at most {self.settings.max_n}", param="n")
-        messages = [self._message(i, m) for i, m in enumerate(req.messages)]
-        messages, masker, labels = apply_pii_policy(self.settings, messages)
-        tools = tuple(FunctionTool(t.function.name, t.function.description or "",
-                                   t.function.parameters) for t in (req.tools or []))
+        messages = messages_from_chat([m.model_dump(exclude_none=True) for m in req.messages])
+        tools = function_tools([t.model_dump() for t in (req.tools or [])])
         choice = req.tool_choice
         prefix: list[int] = []
         if choice == "none":
@@ -87,61 +79,25 @@ class ChatCompletions:
             options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
         except ConversationError as e:
             raise APIError(400, str(e)) from None
-        turns = []
-        for i in range(req.n):
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-                min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
-                frequency_penalty=req.frequency_penalty or 0.0, seed=seed_for(req.seed, i),
-                logprobs=(req.top_logprobs or 0) if req.logprobs else None, adapter=adapter)
-            turns.append(ChatTurn(tuple(messages), options, params, f"{request_id}-{i}",
-                                  tuple(prefix)))
-        return turns, masker, labels
+        params = tuple(SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0, seed=seed_for(req.seed, i),
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None, adapter=adapter)
+            for i in range(req.n))
+        return TurnRequest("/v1/chat/completions", caller, tuple(messages), options, params,
+                           tuple(f"{request_id}-{i}" for i in range(req.n)), tuple(prefix),
+                           {"stop": self._stops(req)})
 
-    @staticmethod
-    def _message(i: int, m) -> ChatMessage:
-        text = m.text()
-        if m.role == "assistant":
-            calls = tuple(ToolCall(c.function.name, c.function.arguments, c.id)
-                          for c in (m.tool_calls or []))
-            reasoning = m.reasoning or m.reasoning_content
-            if not (text or calls or reasoning):
-                raise APIError(400, f"messages[{i}]: an assistant message needs content, "
-                                    "tool_calls or reasoning", param=f"messages[{i}]")
-            return ChatMessage("assistant", text, reasoning, calls)
-        if m.tool_calls or m.reasoning or m.reasoning_content:
-            raise APIError(400, f"messages[{i}]: only assistant messages carry tool_calls or "
-                                "reasoning", param=f"messages[{i}]")
-        if m.role == "tool":
-            if not m.tool_call_id:
-                raise APIError(400, f"messages[{i}]: a tool message needs 'tool_call_id'",
-                               param=f"messages[{i}].tool_call_id")
-            return ChatMessage("tool", text, name=m.name, tool_call_id=m.tool_call_id)
-        if m.role == "user" and not text:
-            raise APIError(400, f"messages[{i}]: the user message is empty",
-                           param=f"messages[{i}].content")
-        return ChatMessage(m.role, text)
-
-    async def _streams(self, req: ChatCompletionRequest, request_id: str, subject: str | None,
-                       key_id: str | None = None):
-        """(choices, started streams): refusals raise APIError here, before any output. Each
-        choice's audit record is committed before its generation starts."""
-        turns, masker, labels = self.turns(req, request_id)
-        choices = [Choice(i, StopMatcher(self._stops(req)), request_id=t.request_id,
-                          subject=subject, unmask=EventRestorer(masker))
-                   for i, t in enumerate(turns)]
-        for t in turns:
-            await self.auditor.start(t.request_id, "/v1/chat/completions", subject, t, key_id,
-                                     labels)
-        try:
-            # rendering happens as each stream starts: a ConversationError surfaces as a 400
-            return choices, await start_streams([stream_chat(self.client, t) for t in turns])
-        except APIError as e:
-            for t in turns:
-                await self.auditor.refused(t.request_id, subject, e.status)
-            raise
+    async def _start(self, req: ChatCompletionRequest, request_id: str, caller: Caller):
+        """(choices, their governed streams): refusals raise here, before any output."""
+        plan = self.plan(req, request_id, caller)
+        turn = await self.governed.start(plan)
+        choices = [Choice(i, StopMatcher(self._stops(req)), request_id=rid)
+                   for i, rid in enumerate(plan.record_ids)]
+        return choices, turn.streams
 
     # ---- events -> choice state --------------------------------------------------------------
     def _apply(self, c: Choice, event, tool_choice) -> dict | None:
@@ -220,19 +176,11 @@ class ChatCompletions:
             c.abort_sent = True
             await self.client.abort(c.request_id)
 
-    async def _audit(self, c: Choice) -> None:
-        if c.finished is not None:
-            await self.auditor.complete(c.request_id, c.subject, c.finished, c.content)
-
-    async def create(self, req: ChatCompletionRequest, request_id: str,
-                     subject: str | None = None, key_id: str | None = None) -> dict:
-        choices, streams = await self._streams(req, request_id, subject, key_id)
-        async for i, raw in merge(streams):
-            for event in choices[i].unmask(raw):
-                self._apply(choices[i], event, req.tool_choice)
-                await self._stop_if_matched(choices[i])
-                if isinstance(event, Finished):
-                    await self._audit(choices[i])
+    async def create(self, req: ChatCompletionRequest, request_id: str, caller: Caller) -> dict:
+        choices, streams = await self._start(req, request_id, caller)
+        async for i, event in merge(streams):
+            self._apply(choices[i], event, req.tool_choice)
+            await self._stop_if_matched(choices[i])
         self._record(choices)
         return {
             "id": request_id, "object": "chat.completion", "created": int(time.time()),
@@ -257,22 +205,21 @@ class ChatCompletions:
     def _fingerprint() -> str:
         return f"inhouse-{__version__}"
 
-    def _record(self, choices: list[Choice]) -> None:
+    @staticmethod
+    def _record(choices: list[Choice]) -> None:
         for c in choices:
-            if c.finished:
-                self.metrics.observe_turn(c.finished)
             if c.warnings:  # returned as text; the operator sees why
                 log.warning("%s: model output is not valid harmony (%d warnings, first: %s)",
                             c.request_id, len(c.warnings), c.warnings[0])
 
     # ---- streaming -------------------------------------------------------------------------------
     async def stream(self, req: ChatCompletionRequest, request_id: str,
-                     subject: str | None = None, key_id: str | None = None) -> AsyncIterator[str]:
-        choices, streams = await self._streams(req, request_id, subject, key_id)  # may raise
+                     caller: Caller) -> AsyncIterator[str]:
+        choices, streams = await self._start(req, request_id, caller)  # may raise
         return self._sse(req, request_id, choices, streams)
 
     async def _sse_event(self, c: Choice, event, req, chunk) -> AsyncIterator[str]:
-        """The SSE lines one (unmasked) event produces for choice c."""
+        """The SSE lines one (restored) event produces for choice c."""
         seen = len(c.logprobs)
         delta = self._apply(c, event, req.tool_choice)
         await self._stop_if_matched(c)
@@ -280,7 +227,6 @@ class ChatCompletions:
             lp = {"content": c.logprobs[seen:]} if req.logprobs and "content" in delta else None
             yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
         if isinstance(event, Finished):
-            await self._audit(c)
             try:
                 reason = self._finish_reason(c)
             except APIError as e:
@@ -301,10 +247,9 @@ class ChatCompletions:
             yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
         try:
-            async for i, raw in merge(streams):
-                for event in choices[i].unmask(raw):
-                    async for line in self._sse_event(choices[i], event, req, chunk):
-                        yield line
+            async for i, event in merge(streams):
+                async for line in self._sse_event(choices[i], event, req, chunk):
+                    yield line
         finally:
             self._record(choices)
         if req.stream_options and req.stream_options.include_usage:

@@ -1,14 +1,16 @@
-"""Shared by the two APIs: ids, effort names, stop strings, usage, early acceptance of streams."""
+"""Shared by the two APIs: ids, effort names, stop strings, usage, merging choices' streams."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+
+from starlette.requests import Request
 
 from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient
-from inhouse.server.errors import APIError, from_engine_error
+from inhouse.server.errors import APIError
 
 EFFORT = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high",
           "xhigh": "high"}
@@ -91,34 +93,6 @@ def usage(finished: list, include_details: bool = True) -> dict:
     return body
 
 
-async def start_streams(streams: list[AsyncIterator]) -> list[AsyncIterator]:
-    """Pull each stream's first event, so that a refused request (bad input, full queue) raises
-    here, before any response header is sent. Returns streams that replay that first event."""
-    async def first(stream):
-        try:
-            return await stream.__anext__()
-        except StopAsyncIteration:
-            return None
-
-    try:
-        heads = await asyncio.gather(*(first(s) for s in streams))
-    except Exception as e:
-        for s in streams:
-            await s.aclose()
-        raise from_engine_error(e) from None
-    return [_replay(h, s) for h, s in zip(heads, streams)]
-
-
-async def _replay(head, stream: AsyncIterator) -> AsyncIterator:
-    try:
-        if head is not None:
-            yield head
-        async for item in stream:
-            yield item
-    finally:
-        await stream.aclose()
-
-
 async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
     """(index, item) from several streams as they come; closing the merge closes them all."""
     if len(streams) == 1:
@@ -156,3 +130,21 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object
             t.cancel()
         for s in streams:
             await s.aclose()
+
+
+async def unless_disconnected(request: Request, work: Coroutine, poll_s: float = 0.25):
+    """Run a non-streaming request's work; if its client goes away first, cancel it (the
+    governed turn aborts the generation and records "disconnect") and answer 499."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise APIError(499, "the client closed the connection", code="client_closed")
+    finally:
+        if not task.done():
+            task.cancel()

@@ -10,20 +10,15 @@ from collections.abc import AsyncIterator
 
 from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient, SamplingParams
-from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, FunctionTool,
-                             MessageDone, PromptOptions, ReasoningDelta, ToolCall, ToolCallDelta,
-                             ToolCallDone, tool_call_prefix)
-from inhouse.pipeline import ChatTurn, Finished, TokenEvent, stream_chat
+from inhouse.governance.responses_store import ResponseStore
+from inhouse.governance.tenancy import Caller
+from inhouse.harmony import (ContentDelta, ConversationError, MessageDone, PromptOptions,
+                             ReasoningDelta, ToolCallDelta, ToolCallDone, tool_call_prefix)
+from inhouse.harmony.openai_shapes import function_tools, messages_from_items
+from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
 from inhouse.server.errors import APIError
-from inhouse.server.audit import Auditor
-from inhouse.server.pii import EventRestorer, apply_pii_policy
-from inhouse.server.metrics import Metrics
-from inhouse.server.protocol.responses import (FunctionCallItem, FunctionCallOutputItem,
-                                               MessageItem, NamedFunction, ReasoningItem,
-                                               ResponsesRequest)
-from inhouse.server.serving.common import (EFFORT, check_model, max_tokens_for, new_id,
-                                           seed_for, start_streams)
-from inhouse.server.store import ResponseStore
+from inhouse.server.protocol.responses import NamedFunction, ResponsesRequest
+from inhouse.server.serving.common import EFFORT, check_model, max_tokens_for, new_id, seed_for
 
 
 class ResponseBuilder:
@@ -145,30 +140,22 @@ class ResponseBuilder:
         return events + [self.event(kind, response=json.loads(json.dumps(r)))]
 
 
-async def _unmasked(stream, unmask: EventRestorer):
-    try:
-        async for raw in stream:
-            for ev in unmask(raw):
-                yield ev
-    finally:
-        await stream.aclose()
-
-
 class Responses:
-    def __init__(self, client: EngineClient, settings: ServerSettings, metrics: Metrics,
-                 store: ResponseStore, auditor: Auditor) -> None:
-        self.client, self.settings, self.metrics, self.store = client, settings, metrics, store
-        self.auditor = auditor
+    def __init__(self, client: EngineClient, settings: ServerSettings,
+                 governed: GovernedTurns) -> None:
+        self.client, self.settings, self.governed = client, settings, governed
+
+    @property
+    def store(self) -> ResponseStore | None:
+        return self.governed.store
 
     # ---- request -> turn ---------------------------------------------------------------------
-    async def _history(self, req: ResponsesRequest) -> list[dict]:
-        """All input items: the stored conversation of previous_response_id, then this input."""
+    async def _history(self, req: ResponsesRequest, caller: Caller) -> list[dict]:
+        """All input items: the stored conversation of previous_response_id (the caller's
+        tenant's alone), then this input."""
         items: list[dict] = []
         if req.previous_response_id:
-            found = await asyncio.to_thread(self.store.get, req.previous_response_id)
-            if found is None:
-                raise APIError(404, f"no stored response '{req.previous_response_id}'",
-                               param="previous_response_id", code="response_not_found")
+            found = await self._stored(req.previous_response_id, caller, "previous_response_id")
             previous, previous_input = found
             items += previous_input + [o for o in previous["output"]]
         if isinstance(req.input, str):
@@ -177,38 +164,22 @@ class Responses:
             items += [i.model_dump(exclude_none=True) for i in req.input]
         return items
 
-    @staticmethod
-    def _messages(items: list[dict], instructions: str | None) -> list[ChatMessage]:
-        msgs = [ChatMessage("developer", instructions)] if instructions else []
-        names: dict[str, str] = {}
-        for n, raw in enumerate(items):
-            kind = raw.get("type", "message")
-            if kind == "message":
-                m = MessageItem.model_validate(raw)
-                msgs.append(ChatMessage(m.role, m.text()))
-            elif kind == "reasoning":
-                r = ReasoningItem.model_validate(raw)
-                text = "".join(c.text for c in (r.content or [])) or "".join(s.text for s in r.summary)
-                if text:
-                    msgs.append(ChatMessage("assistant", reasoning=text))
-            elif kind == "function_call":
-                c = FunctionCallItem.model_validate({k: v for k, v in raw.items()})
-                names[c.call_id] = c.name
-                msgs.append(ChatMessage("assistant", tool_calls=(ToolCall(c.name, c.arguments, c.call_id),)))
-            elif kind == "function_call_output":
-                o = FunctionCallOutputItem.model_validate(raw)
-                if o.call_id not in names:
-                    raise APIError(400, f"input[{n}]: function_call_output for unknown call_id "
-                                        f"'{o.call_id}'", param=f"input[{n}].call_id")
-                msgs.append(ChatMessage("tool", o.output, name=names[o.call_id], tool_call_id=o.call_id))
-        return msgs
+    async def _stored(self, response_id: str, caller: Caller, param: str | None = None):
+        found = None
+        if self.store is not None:
+            found = await asyncio.to_thread(self.store.get, response_id, caller)
+        if found is None:  # another tenant's response does not exist for this caller
+            raise APIError(404, f"no stored response '{response_id}'", param=param,
+                           code="response_not_found")
+        return found
 
-    async def _turn(self, req: ResponsesRequest, response_id: str):
+    async def _plan(self, req: ResponsesRequest, response_id: str,
+                    caller: Caller) -> tuple[TurnRequest, list[dict]]:
         adapter = check_model(req.model, self.settings)
         if req.background:
             raise APIError(400, "background responses are not supported", param="background")
-        items = await self._history(req)
-        tools = tuple(FunctionTool(t.name, t.description or "", t.parameters) for t in (req.tools or []))
+        items = await self._history(req, caller)
+        tools = function_tools([t.model_dump() for t in (req.tools or [])])
         prefix: list[int] = []
         if req.tool_choice == "none":
             tools = ()
@@ -229,14 +200,14 @@ class Responses:
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, seed=seed_for(req.seed, 0),
             adapter=adapter)
+        messages = messages_from_items(items, req.instructions)
         try:
-            messages = self._messages(items, req.instructions)
             options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
         except ConversationError as e:
             raise APIError(400, str(e), param="input") from None
-        messages, masker, labels = apply_pii_policy(self.settings, messages)
-        turn = ChatTurn(tuple(messages), options, params, response_id, tuple(prefix))
-        return turn, items, labels, EventRestorer(masker)
+        plan = TurnRequest("/v1/responses", caller, tuple(messages), options, (params,),
+                           (response_id,), tuple(prefix))
+        return plan, items
 
     def _skeleton(self, req: ResponsesRequest, response_id: str) -> dict:
         effort = (req.reasoning.effort if req.reasoning else None) or "medium"
@@ -257,54 +228,47 @@ class Responses:
             "metadata": req.metadata or {},
         }
 
-    async def _start(self, req: ResponsesRequest, subject: str | None, key_id: str | None = None):
+    async def _start(self, req: ResponsesRequest, caller: Caller):
         response_id = new_id("resp")
-        turn, items, labels, unmask = await self._turn(req, response_id)
-        await self.auditor.start(response_id, "/v1/responses", subject, turn, key_id, labels)
-        try:
-            (stream,) = await start_streams([stream_chat(self.client, turn)])
-        except APIError as e:
-            await self.auditor.refused(response_id, subject, e.status)
-            raise
-        return ResponseBuilder(self._skeleton(req, response_id)), _unmasked(stream, unmask), items
+        plan, items = await self._plan(req, response_id, caller)
+        turn = await self.governed.start(plan)
+        return ResponseBuilder(self._skeleton(req, response_id)), turn, items
 
-    async def _finish(self, req, builder: ResponseBuilder, items, f: Finished,
-                      subject: str | None) -> list[dict]:
+    async def _finish(self, req, builder: ResponseBuilder, turn, items, f: Finished) -> list[dict]:
         events = builder.finish(f)
-        self.metrics.observe_turn(f)
-        text = "".join(p["text"] for o in builder.output if o["type"] == "message"
-                       for p in o["content"])
-        await self.auditor.complete(builder.response["id"], subject, f, text)
-        if req.store:
-            await asyncio.to_thread(self.store.save, builder.response, items)
+        if self.governed.should_store(req.store if "store" in req.model_fields_set else None):
+            await self.governed.save(turn, builder.response, items)
         return events
 
     # ---- API ------------------------------------------------------------------------------------
-    async def create(self, req: ResponsesRequest, subject: str | None = None,
-                     key_id: str | None = None) -> dict:
-        builder, stream, items = await self._start(req, subject, key_id)
-        async for ev in stream:
-            if isinstance(ev, Finished):
-                await self._finish(req, builder, items, ev, subject)
-            elif not isinstance(ev, TokenEvent):
-                builder.on(ev)
-        return builder.response
-
-    async def stream(self, req: ResponsesRequest, subject: str | None = None,
-                     key_id: str | None = None) -> AsyncIterator[str]:
-        builder, stream, items = await self._start(req, subject, key_id)  # may raise
-        return self._sse(req, builder, stream, items, subject)
-
-    async def _sse(self, req, builder, stream, items, subject) -> AsyncIterator[str]:
-        def sse(e: dict) -> str:
-            return f"event: {e['type']}\ndata: {json.dumps(e, ensure_ascii=False)}\n\n"
-
-        for e in builder.start():
-            yield sse(e)
+    async def create(self, req: ResponsesRequest, caller: Caller) -> dict:
+        builder, turn, items = await self._start(req, caller)
+        (stream,) = turn.streams
         try:
             async for ev in stream:
                 if isinstance(ev, Finished):
-                    events = await self._finish(req, builder, items, ev, subject)
+                    await self._finish(req, builder, turn, items, ev)
+                elif not isinstance(ev, TokenEvent):
+                    builder.on(ev)
+        finally:
+            await stream.aclose()
+        return builder.response
+
+    async def stream(self, req: ResponsesRequest, caller: Caller) -> AsyncIterator[str]:
+        builder, turn, items = await self._start(req, caller)  # may raise
+        return self._sse(req, builder, turn, items)
+
+    async def _sse(self, req, builder, turn, items) -> AsyncIterator[str]:
+        def sse(e: dict) -> str:
+            return f"event: {e['type']}\ndata: {json.dumps(e, ensure_ascii=False)}\n\n"
+
+        (stream,) = turn.streams
+        try:
+            for e in builder.start():
+                yield sse(e)
+            async for ev in stream:
+                if isinstance(ev, Finished):
+                    events = await self._finish(req, builder, turn, items, ev)
                 elif isinstance(ev, TokenEvent):
                     continue
                 else:
@@ -314,13 +278,12 @@ class Responses:
         finally:
             await stream.aclose()
 
-    async def get(self, response_id: str) -> dict:
-        found = await asyncio.to_thread(self.store.get, response_id)
-        if found is None:
-            raise APIError(404, f"no stored response '{response_id}'", code="response_not_found")
-        return found[0]
+    async def get(self, response_id: str, caller: Caller) -> dict:
+        return (await self._stored(response_id, caller))[0]
 
-    async def delete(self, response_id: str) -> dict:
-        if not await asyncio.to_thread(self.store.delete, response_id):
+    async def delete(self, response_id: str, caller: Caller) -> dict:
+        deleted = self.store is not None and await asyncio.to_thread(self.store.delete,
+                                                                     response_id, caller)
+        if not deleted:
             raise APIError(404, f"no stored response '{response_id}'", code="response_not_found")
         return {"id": response_id, "object": "response", "deleted": True}

@@ -8,7 +8,7 @@ from inhouse.config import ServerSettings
 from inhouse.governance.pii import Masker, PiiConfig, Restorer, detect
 from inhouse.harmony import (ChatMessage, ContentDelta, MessageDone, ReasoningDelta, ToolCall,
                              ToolCallDelta, ToolCallDone)
-from inhouse.server.errors import APIError
+from inhouse.errors import RequestError
 
 
 def apply_pii_policy(settings: ServerSettings, messages: list[ChatMessage]
@@ -18,14 +18,15 @@ def apply_pii_policy(settings: ServerSettings, messages: list[ChatMessage]
     try:
         cfg = PiiConfig(custom=settings.pii_patterns)
     except ValueError as e:
-        raise APIError(500, f"the server's PII configuration is invalid: {e}", "server_error") from None
+        raise RequestError(f"the server's PII configuration is invalid: {e}", status=500,
+                           kind="server_error") from None
     labels = frozenset(f.label for m in messages for text in _texts(m) for f in detect(text, cfg))
     if mode == "off" or not labels:
         return messages, None, labels
     if mode == "block":
-        raise APIError(400, "the request contains personal information ("
-                            f"{', '.join(sorted(labels))}); this server is set to refuse it",
-                       param="messages", code="pii_blocked")
+        raise RequestError("the request contains personal information ("
+                           f"{', '.join(sorted(labels))}); this server is set to refuse it",
+                           param="messages", code="pii_blocked")
     masker = Masker(cfg)
     masked = [dataclasses.replace(
         m, content=masker.mask(m.content),

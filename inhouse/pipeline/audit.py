@@ -17,15 +17,17 @@ from inhouse.config import ServerSettings, cache_root
 from inhouse.governance.audit_log import (AuditLog, default_key_path, default_url,
                                           load_signing_key)
 from inhouse.governance.pii import redact
-from inhouse.pipeline import ChatTurn, Finished
-from inhouse.pipeline.chat import engine_params
+from inhouse.governance.privacy import PersonalData
+from inhouse.governance.tenancy import Caller
+from inhouse.governance.database import private_dir
+from inhouse.pipeline.chat import ChatTurn, Finished, engine_params
 
 
 def _salt() -> bytes:
     """A per-deployment secret, so that hashes of short prompts cannot be guessed offline."""
     path = cache_root() / "audit-salt"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
@@ -46,51 +48,64 @@ def _redacted(m) -> dict:
 
 
 class Auditor:
-    def __init__(self, log: AuditLog | None, settings: ServerSettings) -> None:
-        self.log, self.settings = log, settings
+    """Writes a turn's leaves. Retention runs here too, over every store (`PersonalData`)."""
+
+    def __init__(self, log: AuditLog | None, settings: ServerSettings,
+                 data: PersonalData | None = None) -> None:
+        self.log, self.settings, self.data = log, settings, data
         self._salt = _salt() if log is not None else b""
         self._retention_checked = 0.0
 
     async def _retention(self) -> None:
-        """Erase content older than `retain_days`, at most once an hour."""
+        """Erase content and stored responses older than `retain_days`, at most once an hour."""
         days = self.settings.retain_days
-        if not days or time.time() - self._retention_checked < 3600:
+        if not days or self.data is None or time.time() - self._retention_checked < 3600:
             return
         self._retention_checked = time.time()
-        await asyncio.to_thread(self.log.erase, None, time.time() - days * 86400, "retention")
+        await asyncio.to_thread(self.data.retain, days)
 
     def _hash(self, ids) -> str:
         return hashlib.sha256(self._salt + ",".join(map(str, ids)).encode()).hexdigest()
 
-    async def start(self, record_id: str, endpoint: str, subject: str | None, turn: ChatTurn,
-                    key_id: str | None = None, pii_labels: frozenset[str] = frozenset()) -> None:
+    async def start(self, record_id: str, endpoint: str, caller: Caller, turn: ChatTurn,
+                    pii_labels: frozenset[str] = frozenset(), extra: dict | None = None) -> None:
+        """The `request` leaf, committed before generation starts. `extra`: inputs that shape
+        the output beyond the turn itself (stop strings, ...)."""
         if self.log is None:
             return
         params = dataclasses.asdict(engine_params(turn))
         adapter = turn.params.adapter
-        record = {"endpoint": endpoint, "api_key_id": key_id, "model": self.settings.model_name,
+        record = {"endpoint": endpoint, "api_key_id": caller.key_id, "tenant": caller.tenant,
+                  "model": self.settings.model_name,
                   "model_digest": self.settings.model_digest, "adapter": adapter,
                   "adapter_digest": dict(self.settings.adapters).get(adapter) if adapter else None,
                   "engine": {"version": __version__, "mode": self.settings.engine_mode,
                              "dtype": self.settings.model_dtype, "kernel": self.settings.kernel},
                   "params": params, "reasoning_effort": turn.options.reasoning_effort,
                   "num_messages": len(turn.messages),
-                  "tools": [t.name for t in turn.options.tools], "content_mode": self.settings.audit_content}
+                  "tools": [t.name for t in turn.options.tools],
+                  "content_mode": self.settings.audit_content} | (extra or {})
         record["pii"] = {"mode": self.settings.pii_mode, "labels": sorted(pii_labels)}
         content = None
         if self.settings.audit_content == "full":
             content = {"messages": [dataclasses.asdict(m) for m in turn.messages]}
         elif self.settings.audit_content == "redacted":
             content = {"messages": [_redacted(m) for m in turn.messages]}
-        await asyncio.to_thread(self.log.append, record, content, record_id, "request", subject)
+        await asyncio.to_thread(self.log.append, record, content, record_id, "request",
+                                caller.subject)
         await self._retention()
 
-    async def refused(self, record_id: str, subject: str | None, status: int) -> None:
+    async def ended(self, record_id: str, caller: Caller, finish_reason: str,
+                    status: int | None = None, error: str | None = None) -> None:
+        """The `completion` leaf of a turn that produced no `Finished`: refused after its request
+        leaf (status), its client went away ("disconnect"), or it failed ("error")."""
         if self.log is not None:
-            await asyncio.to_thread(self.log.append, {"finish_reason": "refused", "status": status},
-                                    None, record_id, "completion", subject)
+            record = {"finish_reason": finish_reason, "status": status, "error": error}
+            await asyncio.to_thread(self.log.append, {k: v for k, v in record.items()
+                                                      if v is not None},
+                                    None, record_id, "completion", caller.subject)
 
-    async def complete(self, record_id: str, subject: str | None, f: Finished,
+    async def complete(self, record_id: str, caller: Caller, f: Finished,
                        answer: str | None = None) -> None:
         if self.log is None:
             return
@@ -101,7 +116,10 @@ class Auditor:
                   "output_ids_sha256": self._hash(f.output_ids),
                   "time_to_first_token_s": round(f.time_to_first_token_s, 4),
                   "total_s": round(f.total_s, 4)}
-        await asyncio.to_thread(self.log.append, record, None, record_id, "completion", subject)
+        if f.error:
+            record["error"] = f.error
+        await asyncio.to_thread(self.log.append, record, None, record_id, "completion",
+                                caller.subject)
         if self.settings.audit_content == "full":
             await asyncio.to_thread(self.log.add_content, record_id,
                                     {"prompt_ids": list(f.prompt_ids), "output_ids": list(f.output_ids),
