@@ -46,8 +46,8 @@ def _valid(kind: str, r: random.Random) -> str:
         d = _luhn_complete(r.choice(["4", "51", "55", "37"]) + "".join(
             str(r.randint(0, 9)) for _ in range(14 if r.random() < .8 else 13)))
         return " ".join(d[i:i + 4] for i in range(0, len(d), 4)) if r.random() < .5 else d
-    if kind == "SIN":
-        d = _luhn_complete(str(r.choice([1, 2, 3, 4, 5, 6, 7, 9])) + "".join(
+    if kind == "SIN":  # 0 and 8 first: never issued to people; found only after a context word
+        d = _luhn_complete(str(r.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])) + "".join(
             str(r.randint(0, 9)) for _ in range(7)))
         return f"{d[:3]} {d[3:6]} {d[6:]}"
     if kind == "IBAN":
@@ -83,6 +83,8 @@ def _near_miss(kind: str, r: random.Random) -> str:
         return f"user{r.randint(1, 99)}@localhost"
     if kind == "DOB":  # a date, but no birth context
         return _valid("DOB", r)
+    if kind == "SIN-0":  # passes Luhn, begins with 0, no SIN context: a reference number
+        return _luhn_complete("0" + "".join(str(r.randint(0, 9)) for _ in range(7)))
     if kind == "PHONE":
         return f"order {r.randint(10000, 99999)}"
     raise ValueError(kind)
@@ -91,6 +93,9 @@ def _near_miss(kind: str, r: random.Random) -> str:
 TEMPLATES = {
     "DOB": ["Patient born on {v}, admitted today.", "DOB: {v}", "Her date of birth is {v}."],
     "DOB-miss": ["The meeting is on {v}.", "Invoice dated {v}."],
+    "SIN": ["My SIN is {v}.", "Social insurance number: {v}", "NAS : {v}", "Record: {v}.",
+            "The value {v} was entered by the clerk."],
+    "SIN-0-miss": ["Order {v} shipped.", "Reference {v}, please quote it."],
 }
 GENERIC = ["Please contact me at {v} tomorrow.", "Record: {v}.", "My details ({v}) are attached.",
            "The value {v} was entered by the clerk."]
@@ -104,8 +109,14 @@ def make_cases(n: int, seed: int = 0) -> list[tuple[str, set[tuple[str, str]]]]:
         kind = kinds[i % len(kinds)]
         miss = r.random() < 0.25
         v = _near_miss(kind, r) if miss else _valid(kind, r)
-        key = kind + ("-miss" if miss else "")
+        if kind == "SIN" and miss and r.random() < 0.5:
+            v, key = _near_miss("SIN-0", r), "SIN-0-miss"
+        else:
+            key = kind + ("-miss" if miss else "")
         template = r.choice(TEMPLATES.get(key, GENERIC))
+        if kind == "SIN" and not miss and v[0] in "08" and "{v}" in template \
+                and not template.startswith(("My SIN", "Social", "NAS")):
+            template = "SIN {v}"  # 0 and 8 need their context word
         cases.append((template.format(v=v), set() if miss else {(kind, v)}))
     return cases
 

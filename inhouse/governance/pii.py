@@ -1,9 +1,10 @@
 """Offline PII detection, redaction, masking (with restoration) for prompts and answers.
 
 Detectors: e-mail, phone numbers (`phonenumbers`), payment cards (Luhn + issuer prefixes),
-Canadian SIN, US SSN (`python-stdnum`), IBAN (`python-stdnum`, mod-97), IP addresses
-(`ipaddress`), Canadian postal codes, dates of birth in context, and custom patterns.
-Checksums reject near-misses: a 9-digit number that fails the SIN check is not a SIN.
+Canadian SIN (Luhn, any first digit; see `_sin`), US SSN (`python-stdnum`), IBAN
+(`python-stdnum`, mod-97), IP addresses (`ipaddress`), Canadian postal codes, dates of birth in
+context, and custom patterns. Checksums reject near-misses: a 9-digit number that fails the SIN
+check is not a SIN.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass, field
 import phonenumbers
 from stdnum import iban as std_iban
 from stdnum import luhn
-from stdnum.ca import sin as std_sin
 from stdnum.us import ssn as std_ssn
 
 LABELS = ("EMAIL", "PHONE", "CARD", "SIN", "SSN", "IBAN", "IP", "POSTAL_CODE", "DOB")
@@ -35,6 +35,9 @@ _DATE = (r"(?:\d{4}-\d{2}-\d{2}|\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}|"
          r"(?:\d{1,2} )?(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.? \d{1,2}?,? ?\d{4})")
 _DOB = re.compile(r"(?i)\b(?:born(?: on)?|date of birth|d\.?o\.?b\.?|birth ?date|birthday|"
                   r"n[ée]e? le)\s*(?:is|was|:)?\s*(" + _DATE + r")")
+# words that say a number is a SIN, in English and French, shortly before it
+_SIN_CONTEXT = re.compile(r"(?i)(?:\bS\.?I\.?N\b|social insurance|\bN\.?A\.?S\b|assurance sociale)")
+SIN_CONTEXT_CHARS = 48
 _CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2(?:2[2-9]|[3-6]\d|7[01]|720)|3[47]|6(?:011|5))")
 
 
@@ -85,12 +88,29 @@ def _always(_: str) -> bool:
 # candidates are produced (ties in `detect` keep it)
 _RULES = (("EMAIL", (_EMAIL,), _always, 0), ("IBAN", (_IBAN,), std_iban.is_valid, 0),
           ("CARD", (_CARD,), _is_card, 0), ("SSN", (_SSN,), std_ssn.is_valid, 0),
-          ("SIN", (_NINE,), std_sin.is_valid, 0), ("IP", (_IPV4, _IPV6), _is_ip, 0),
+          ("IP", (_IPV4, _IPV6), _is_ip, 0),
           ("POSTAL_CODE", (_POSTAL,), _always, 0), ("DOB", (_DOB,), _always, 1))
+
+
+def _sin(text: str):
+    """Canadian SINs: nine digits (grouped 3-3-3 or not) passing the Luhn check. Numbers that
+    begin with 1-7 or 9 (the provinces' and temporary residents' ranges) count on their checksum
+    alone; 0 and 8 (never issued to people: the Government of Canada's own example is 046 454
+    286) only after a context word such as "SIN" or "NAS", since one 9-digit number in ten passes
+    the Luhn check by chance. python-stdnum refuses 0 and 8 outright, so it is not used here."""
+    for m in _NINE.finditer(text):
+        d = _digits(m.group())
+        if not luhn.is_valid(d):
+            continue
+        if d[0] in "08" and not _SIN_CONTEXT.search(text[max(0, m.start() - SIN_CONTEXT_CHARS):m.start()]):
+            continue
+        yield "SIN", m.start(), m.end()
 
 
 def _candidates(text: str, cfg: PiiConfig):
     want = set(cfg.labels)
+    if "SIN" in want:
+        yield from _sin(text)
     for label, patterns, check, group in _RULES:
         if label in want:
             for rx in patterns:
