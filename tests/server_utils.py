@@ -73,22 +73,29 @@ class ScriptedEngine(EngineClient):
         script = self.scripts[self._next % len(self.scripts)] if self.scripts else []
         self._next += 1
         out: list[int] = []
-        for token in script[:params.max_tokens]:
-            if request_id in self.aborted:
-                break
-            out.append(token)
-            last = token in params.stop_token_ids or len(out) == params.max_tokens or \
-                len(out) == len(script)
-            reason = None
-            if last:
-                reason = "stop" if token in params.stop_token_ids else "length"
-            yield RequestOutput(request_id, (token,), (), last, reason, len(prompt_ids), len(out),
-                                params.seed or 0)
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            if last:
-                return
-        yield RequestOutput(request_id, (), (), True, "abort", len(prompt_ids), len(out), 0)
+        finished = False
+        try:  # the EngineClient contract: leaving the iteration early aborts the request
+            for token in script[:params.max_tokens]:
+                if request_id in self.aborted:
+                    break
+                out.append(token)
+                last = token in params.stop_token_ids or len(out) == params.max_tokens or \
+                    len(out) == len(script)
+                reason = None
+                if last:
+                    reason = "stop" if token in params.stop_token_ids else "length"
+                    finished = True
+                yield RequestOutput(request_id, (token,), (), last, reason, len(prompt_ids),
+                                    len(out), params.seed or 0)
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                if last:
+                    return
+            finished = True
+            yield RequestOutput(request_id, (), (), True, "abort", len(prompt_ids), len(out), 0)
+        finally:
+            if not finished:
+                self.aborted.add(request_id)
 
     async def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)

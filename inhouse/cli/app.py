@@ -290,13 +290,19 @@ def serve(
                                                       "repeatable); requests pick it with "
                                                       "model \"MODEL:NAME\".")] = None,
     mmap: MmapOption = False,
+    allow_unauthenticated: Annotated[bool, typer.Option(
+        help="Serve an address other than loopback with no API keys (anyone who reaches it "
+             "may use the model; refused without this flag).")] = False,
+    metrics_require_key: Annotated[bool, typer.Option(
+        help="/metrics answers only requests with a valid API key.")] = False,
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
 
     run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies,
                database_url or "", audit_content, retain_days, pii, pii_pattern or [],
-               adapter or [], mmap=mmap)
+               adapter or [], mmap=mmap, allow_unauthenticated=allow_unauthenticated,
+               metrics_require_key=metrics_require_key)
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import re
 from pathlib import Path
@@ -42,11 +43,42 @@ def resolve_model(model: str | None) -> tuple[Path, str, str]:
     return Path(local), model.split("/")[-1], ""
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, assume others can reach it
+
+
+def check_exposure(host: str, api_keys: list[str], database_url: str,
+                   allow_unauthenticated: bool) -> None:
+    """An address others can reach, with no key at all, is refused unless asked for loudly."""
+    if is_loopback(host) or api_keys:
+        return
+    from inhouse.config import cache_root
+    from inhouse.governance.keys import KeyStore
+    from inhouse.governance.responses_store import default_url
+
+    if KeyStore(database_url or default_url(cache_root())).any_active():
+        return
+    if not allow_unauthenticated:
+        raise InhouseError(f"refusing to serve {host} with no API keys: anyone who reaches it "
+                           "could use the model and read stored responses. Create a key "
+                           "(`inhouse keys create --name NAME`), pass --api-key, bind "
+                           "127.0.0.1, or pass --allow-unauthenticated")
+    err.print(f"[bold red]WARNING: serving {host} WITHOUT AUTHENTICATION: anyone who reaches "
+              "this address can use the model and every stored response[/bold red]")
+    logging.getLogger("inhouse.server").warning("serving %s without authentication", host)
+
+
 def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib: float,
           api_keys: list[str], dtype: DType, mode: str, log_bodies: bool, database_url: str = "",
           audit_content: str = "redacted", retain_days: float = 0.0, pii_mode: str = "off",
           pii_patterns: list[str] | None = None, adapters: list[str] | None = None,
-          mmap: bool = False) -> None:
+          mmap: bool = False, allow_unauthenticated: bool = False,
+          metrics_require_key: bool = False) -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -69,6 +101,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
         patterns.append((label, regex))
     from inhouse.model.peft_format import attach_adapter, load_adapter, parse_adapter_option
 
+    check_exposure(host, api_keys, database_url, allow_unauthenticated)
     wanted = [parse_adapter_option(a) for a in adapters or []]
     if len({n for n, _ in wanted}) != len(wanted):
         raise InhouseError("--adapter: two adapters have the same name")
@@ -88,7 +121,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               audit_content=audit_content, model_digest=checkpoint_digest(info),
                               engine_mode=mode, model_dtype=dtype.value, kernel=kernels.path_name(info.int8),
                               retain_days=retain_days, pii_mode=pii_mode,
-                              pii_patterns=tuple(patterns))
+                              pii_patterns=tuple(patterns),
+                              metrics_require_key=metrics_require_key)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     err.print(f"[dim]loading {path} ...[/dim]")
     loaded = load_model(path, dtype=dtype.torch, mmap=mmap)
@@ -107,4 +141,5 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
+        app.state.governed.shutdown()
         client.shutdown()

@@ -151,6 +151,31 @@ def redact(text: str, cfg: PiiConfig = PiiConfig()) -> tuple[str, list[Finding]]
     return text, findings
 
 
+@dataclass(frozen=True)
+class TextScan:
+    """What `scan_texts` found in a request's texts: the labels, and (masking) the masked texts
+    with the placeholder mapping."""
+
+    labels: frozenset[str]
+    masked: tuple[str, ...] | None = None
+    mapping: tuple[tuple[str, str], ...] = ()
+
+
+def scan_texts(texts: tuple[str, ...], cfg: PiiConfig, mask: bool) -> TextScan:
+    """All of one request's PII work in one call (a worker process runs it for large requests:
+    the regex scans hold the GIL for as long as the text is long)."""
+    labels = frozenset(f.label for t in texts for f in detect(t, cfg))
+    if not mask or not labels:
+        return TextScan(labels)
+    masker = Masker(cfg)
+    masked = tuple(masker.mask(t) for t in texts)
+    return TextScan(labels, masked, tuple(masker.mapping.items()))
+
+
+def redact_texts(texts: tuple[str, ...], cfg: PiiConfig = PiiConfig()) -> tuple[str, ...]:
+    return tuple(redact(t, cfg)[0] for t in texts)
+
+
 @dataclass
 class Masker:
     """Masks PII before the model with placeholders, and restores them in the answer. The same

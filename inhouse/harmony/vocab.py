@@ -8,11 +8,11 @@ before the first load.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 from inhouse.config import cache_root
@@ -49,9 +49,25 @@ def _bundled_vocab() -> bytes:
     return gzip.decompress(data)
 
 
+# NOTE: prompts are rendered in worker threads, so the first renders can race here: one lock per
+# process, and temporary files named per process and thread (several processes share a cache)
+_LOCK = threading.RLock()
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+
+
 def ensure_vocab() -> Path:
     """Make sure a verified o200k_base.tiktoken exists; set the environment that harmony reads.
     Returns the directory. Never touches the network."""
+    with _LOCK:
+        return _ensure_vocab()
+
+
+def _ensure_vocab() -> Path:
     preset = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
     if preset and (Path(preset) / VOCAB_FILE).is_file() and \
             _sha256(Path(preset) / VOCAB_FILE) == VOCAB_SHA256:
@@ -65,30 +81,39 @@ def ensure_vocab() -> Path:
                 raise HarmonyUnavailable("the bundled o200k vocabulary has the wrong sha256; "
                                          + INSTALL_HINT)
             directory.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".partial")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            _write_atomic(target, data)
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(directory)
     # Also fill harmony's download cache, so that no code path of it reaches for the network.
     rs_cache = directory / "rs-cache"
     rs_cache.mkdir(parents=True, exist_ok=True)
     cached = rs_cache / RS_CACHE_NAME
     if not cached.is_file() or cached.stat().st_size != (directory / VOCAB_FILE).stat().st_size:
-        cached.write_bytes((directory / VOCAB_FILE).read_bytes())
+        _write_atomic(cached, (directory / VOCAB_FILE).read_bytes())
     os.environ["TIKTOKEN_RS_CACHE_DIR"] = str(rs_cache)
     return directory
 
 
-@functools.lru_cache(maxsize=1)
 def load_encoding():
     """The harmony gpt-oss encoding (o200k_harmony), loaded offline once per process."""
+    if _encoding is None:
+        with _LOCK:
+            if _encoding is None:
+                _load_encoding()
+    return _encoding
+
+
+_encoding = None
+
+
+def _load_encoding() -> None:
+    global _encoding
     ensure_vocab()
     try:
         from openai_harmony import HarmonyEncodingName, load_harmony_encoding
     except ModuleNotFoundError:
         raise HarmonyUnavailable("openai-harmony is not installed: `pip install openai-harmony`") from None
     try:
-        return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+        _encoding = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
     except Exception as e:  # noqa: BLE001 - harmony raises its own error types
         raise HarmonyUnavailable(f"openai-harmony could not load the o200k vocabulary ({e}); "
                                  + INSTALL_HINT) from None

@@ -113,7 +113,9 @@ class AttentionLoRA(_LoraHolder):
             if pairs is None or proj not in pairs:
                 continue
             pair = pairs[proj]
-            d = (x[rows] @ pair["A"].T) @ pair["B"].T * self.scales[name]  # (n_rows, out)
+            # NOTE: adapters are kept in fp32 whatever the model runs in; the delta is computed
+            # in fp32 and rounded once to the base output's dtype (bf16 serving)
+            d = ((x[rows].float() @ pair["A"].T) @ pair["B"].T * self.scales[name]).to(y.dtype)
             if rows.start == 0 and rows.stop >= n:
                 y = y + d
             else:
@@ -148,12 +150,13 @@ class ExpertsLoRA(_LoraHolder):
             sel = (rows >= span.start) & (rows < span.stop)  # (n,) rows of this sequence
             if not bool(sel.any()):
                 continue
-            a, b = pair["A"][e], pair["B"][e]  # (r, in), (out, r)
+            a, b = pair["A"][e], pair["B"][e]  # (r, in), (out, r); fp32, as in AttentionLoRA
             if bool(sel.all()):
-                y = y + (x @ a.T) @ b.T * self.scales[name]
+                y = y + ((x.float() @ a.T) @ b.T * self.scales[name]).to(y.dtype)
             else:
                 idx = sel.nonzero().squeeze(1)
-                y = y.index_add(0, idx, (x[idx] @ a.T) @ b.T * self.scales[name])
+                y = y.index_add(0, idx, ((x[idx].float() @ a.T) @ b.T
+                                         * self.scales[name]).to(y.dtype))
         return y
 
 

@@ -16,11 +16,12 @@ from inhouse import __version__
 from inhouse.config import ServerSettings, cache_root
 from inhouse.governance.audit_log import (AuditLog, default_key_path, default_url,
                                           load_signing_key)
-from inhouse.governance.pii import redact
+from inhouse.governance.pii import redact, redact_texts
 from inhouse.governance.privacy import PersonalData
 from inhouse.governance.tenancy import Caller
 from inhouse.governance.database import private_dir
 from inhouse.pipeline.chat import ChatTurn, Finished, engine_params
+from inhouse.pipeline.offload import Offload
 
 
 def _salt() -> bytes:
@@ -39,20 +40,13 @@ def open_audit_log(settings: ServerSettings) -> AuditLog:
                     load_signing_key(default_key_path()))
 
 
-def _redacted(m) -> dict:
-    d = dataclasses.asdict(m)
-    d["content"] = redact(m.content)[0]
-    if m.reasoning:
-        d["reasoning"] = redact(m.reasoning)[0]
-    return d
-
-
 class Auditor:
     """Writes a turn's leaves. Retention runs here too, over every store (`PersonalData`)."""
 
     def __init__(self, log: AuditLog | None, settings: ServerSettings,
-                 data: PersonalData | None = None) -> None:
+                 data: PersonalData | None = None, offload: Offload | None = None) -> None:
         self.log, self.settings, self.data = log, settings, data
+        self.offload = offload or Offload()
         self._salt = _salt() if log is not None else b""
         self._retention_checked = 0.0
 
@@ -90,10 +84,24 @@ class Auditor:
         if self.settings.audit_content == "full":
             content = {"messages": [dataclasses.asdict(m) for m in turn.messages]}
         elif self.settings.audit_content == "redacted":
-            content = {"messages": [_redacted(m) for m in turn.messages]}
+            content = {"messages": await self._redacted(turn.messages)}
         await asyncio.to_thread(self.log.append, record, content, record_id, "request",
                                 caller.subject)
         await self._retention()
+
+    async def _redacted(self, messages) -> list[dict]:
+        """The messages with PII replaced by [LABEL]: off the event loop, since redaction scans
+        every character (a worker process for large prompts)."""
+        texts = tuple(t for m in messages for t in (m.content, m.reasoning or ""))
+        red = iter(await self.offload.run(sum(map(len, texts)), redact_texts, texts))
+        out = []
+        for m in messages:
+            d = dataclasses.asdict(m)
+            d["content"], reasoning = next(red), next(red)
+            if m.reasoning:
+                d["reasoning"] = reasoning
+            out.append(d)
+        return out
 
     async def ended(self, record_id: str, caller: Caller, finish_reason: str,
                     status: int | None = None, error: str | None = None) -> None:
@@ -125,5 +133,5 @@ class Auditor:
                                     {"prompt_ids": list(f.prompt_ids), "output_ids": list(f.output_ids),
                                      "answer": answer})
         elif self.settings.audit_content == "redacted":  # no ids: they would decode to the PII
-            await asyncio.to_thread(self.log.add_content, record_id,
-                                    {"answer": redact(answer or "")[0]})
+            await asyncio.to_thread(lambda: self.log.add_content(
+                record_id, {"answer": redact(answer or "")[0]}))

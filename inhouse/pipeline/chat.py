@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 from inhouse.engine import EngineClient, SamplingParams, TokenLogprob, check_prompt_length
 from inhouse.harmony import (ChatMessage, Event, OutputParser, ParsedOutput, PromptOptions,
                              render_prompt, stop_token_ids)
 from inhouse.harmony.parser import CALL
+
+
+Renderer = Callable[[list[ChatMessage], PromptOptions], Awaitable[list[int]]]
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,16 @@ def engine_params(turn: ChatTurn) -> SamplingParams:
     return replace(turn.params, stop_token_ids=tuple(stop_token_ids()))
 
 
-async def stream_chat(client: EngineClient,
-                      turn: ChatTurn) -> AsyncIterator[Event | TokenEvent | Finished]:
-    """Harmony events as the model produces them, then one `Finished`. Rendering runs in a
-    worker thread: a long prompt never stalls the event loop that serves everyone else."""
-    prompt_ids = await asyncio.to_thread(render_prompt, list(turn.messages), turn.options)
+async def _render_in_thread(messages: list[ChatMessage], options: PromptOptions) -> list[int]:
+    return await asyncio.to_thread(render_prompt, messages, options)
+
+
+async def stream_chat(client: EngineClient, turn: ChatTurn,
+                      render: Renderer = _render_in_thread
+                      ) -> AsyncIterator[Event | TokenEvent | Finished]:
+    """Harmony events as the model produces them, then one `Finished`. Rendering runs off the
+    event loop (`render`: a thread by default; the server's `RenderOffload` for large prompts)."""
+    prompt_ids = list(await render(list(turn.messages), turn.options))
     prompt_ids += list(turn.assistant_prefix)
     check_prompt_length(len(prompt_ids), client.model_config.max_position_embeddings)
     params = engine_params(turn)

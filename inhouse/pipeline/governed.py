@@ -67,19 +67,24 @@ class GovernedTurns:
                  observer: TurnObserver, store: ResponseStore | None = None) -> None:
         self.client, self.settings, self.auditor = client, settings, auditor
         self.observer, self.store = observer, store
+        self.offload = auditor.offload
+
+    def shutdown(self) -> None:
+        self.offload.shutdown()
 
     async def start(self, req: TurnRequest) -> GovernedTurn:
         """Refusals (PII block, bad input, a full queue) raise `RequestError` here, before any
         output; a refusal after the request leaves is recorded in their completion leaves."""
-        messages, masker, labels = await asyncio.to_thread(apply_pii_policy, self.settings,
-                                                           list(req.messages))
+        messages, masker, labels = await apply_pii_policy(self.settings, list(req.messages),
+                                                          self.offload)
         turns = [ChatTurn(tuple(messages), req.options, p, rid, req.assistant_prefix)
                  for p, rid in zip(req.params, req.record_ids)]
         for t in turns:
             await self.auditor.start(t.request_id, req.endpoint, req.caller, t, labels,
                                      req.audit_extra)
         try:
-            streams = await start_streams([stream_chat(self.client, t) for t in turns])
+            render = _Once(self.offload.render)  # n choices, one conversation: rendered once
+            streams = await start_streams([stream_chat(self.client, t, render) for t in turns])
         except BaseException as e:
             refusal = self.refusal(e)
             with anyio.CancelScope(shield=True):
@@ -161,6 +166,19 @@ class GovernedTurns:
         if turn.masker is not None:
             response, items = _masked(response, turn.masker), _masked(items, turn.masker)
         await asyncio.to_thread(self.store.save, response, items, turn.caller)
+
+
+class _Once:
+    """A renderer that renders the first conversation it is given and answers every later call
+    with that result (all choices of one turn share their prompt)."""
+
+    def __init__(self, render) -> None:
+        self.render, self._task = render, None
+
+    async def __call__(self, messages, options) -> list[int]:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self.render(messages, options))
+        return list(await asyncio.shield(self._task))
 
 
 def _masked(obj, masker: Masker):

@@ -5,35 +5,38 @@ from __future__ import annotations
 import dataclasses
 
 from inhouse.config import ServerSettings
-from inhouse.governance.pii import Masker, PiiConfig, Restorer, detect
+from inhouse.governance.pii import Masker, PiiConfig, Restorer, scan_texts
 from inhouse.harmony import (ChatMessage, ContentDelta, MessageDone, ReasoningDelta, ToolCall,
                              ToolCallDelta, ToolCallDone)
 from inhouse.errors import RequestError
+from inhouse.pipeline.offload import Offload
 
 
-def apply_pii_policy(settings: ServerSettings, messages: list[ChatMessage]
-                     ) -> tuple[list[ChatMessage], Masker | None, frozenset[str]]:
-    """(messages to render, the masker to restore answers with, labels found)."""
+async def apply_pii_policy(settings: ServerSettings, messages: list[ChatMessage],
+                           offload: Offload) -> tuple[list[ChatMessage], Masker | None,
+                                                      frozenset[str]]:
+    """(messages to render, the masker to restore answers with, labels found). The scan runs
+    off the event loop (`offload`: a worker process when the texts are large)."""
     mode = settings.pii_mode
     try:
         cfg = PiiConfig(custom=settings.pii_patterns)
     except ValueError as e:
         raise RequestError(f"the server's PII configuration is invalid: {e}", status=500,
                            kind="server_error") from None
-    labels = frozenset(f.label for m in messages for text in _texts(m) for f in detect(text, cfg))
-    if mode == "off" or not labels:
-        return messages, None, labels
+    texts = tuple(t for m in messages for t in _texts(m))
+    scan = await offload.run(sum(map(len, texts)), scan_texts, texts, cfg, mode == "mask")
+    if mode == "off" or not scan.labels:
+        return messages, None, scan.labels
     if mode == "block":
         raise RequestError("the request contains personal information ("
-                           f"{', '.join(sorted(labels))}); this server is set to refuse it",
+                           f"{', '.join(sorted(scan.labels))}); this server is set to refuse it",
                            param="messages", code="pii_blocked")
-    masker = Masker(cfg)
-    masked = [dataclasses.replace(
-        m, content=masker.mask(m.content),
-        reasoning=masker.mask(m.reasoning) if m.reasoning else m.reasoning,
-        tool_calls=tuple(ToolCall(c.name, masker.mask(c.arguments), c.id) for c in m.tool_calls))
+    masked = iter(scan.masked)
+    out = [dataclasses.replace(
+        m, content=next(masked), reasoning=next(masked) if m.reasoning else m.reasoning,
+        tool_calls=tuple(ToolCall(c.name, next(masked), c.id) for c in m.tool_calls))
         for m in messages]
-    return masked, masker, labels
+    return out, Masker(cfg, dict(scan.mapping)), scan.labels
 
 
 def _texts(m: ChatMessage):
