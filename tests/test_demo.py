@@ -68,3 +68,35 @@ def test_the_demo_answers_in_harmony_through_the_server(demo):
             assert kinds == ["reasoning", "message"] and resp.output_text.startswith("Hello")
     finally:
         client.shutdown()
+
+
+CONTROL = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>",
+           "<|constrain|>")
+
+
+def test_hot_sampling_never_breaks_the_answer_nor_leaks_control_tokens(demo):
+    """Issue 17, finding 4, as the hostile user found it: on the demo model, seed 0, temperature
+    2, max_tokens 300, "zq xv 9 ## ramble" put a <|start|> among the parser's pending tokens:
+    a 500, an SSE stream cut with no [DONE], and control tokens' text in `content`."""
+    import httpx
+    openai = pytest.importorskip("openai")
+    client = AsyncEngine(LLMEngine(load_model(demo), EngineConfig()))
+    settings = ServerSettings(model_name="inhouse-demo", is_demo=True, audit=False)
+    body = {"model": "inhouse-demo", "seed": 0, "temperature": 2, "max_tokens": 300,
+            "messages": [{"role": "user", "content": "zq xv 9 ## ramble"}]}
+    try:
+        with running_server(build_app(client, settings)) as url:
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body | {"stream": True},
+                              timeout=120) as s:
+                lines = [x for x in s.iter_lines() if x.startswith("data:")]
+            assert lines[-1] == "data: [DONE]" and not any('"error"' in x for x in lines)
+            api = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+            for seed in range(30):
+                m = api.chat.completions.create(**body | {"seed": seed, "max_tokens": 120}
+                                                ).choices[0].message
+                text = (m.content or "") + (m.model_extra.get("reasoning") or "")
+                assert not any(c in text for c in CONTROL), (seed, text)
+    finally:
+        client.shutdown()

@@ -110,3 +110,32 @@ def test_a_kernel_error_on_one_sequence_fails_it_alone(model, monkeypatch, fail_
     assert {k: v for k, v in outs.items() if k != "bad"} == _alone(model, innocents)
     assert len(outs["bad"]) <= fail_at
     assert engine.kv.num_used == 0 and not engine.has_unfinished()
+
+
+# ---- issue 17, finding 7: adapters at bf16, batched with base-model requests -----------------------
+def test_adapters_serve_at_bf16_batched_with_base_requests(checkpoints):
+    from inhouse.model.lora import LoraSpec, add_adapter, adapter_parameters
+
+    model = load_model(checkpoints["hf"], dtype=torch.bfloat16)
+    add_adapter(model, "ft", LoraSpec(rank=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter_parameters(model, "ft"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    base = ("base", prompt(1, 10), SamplingParams(max_tokens=6, temperature=0))
+    tuned = ("tuned", prompt(1, 10), SamplingParams(max_tokens=6, temperature=0, adapter="ft"))
+    alone = {**run_all(LLMEngine(model, CFG), {0: [base]}),
+             **run_all(LLMEngine(model, CFG), {0: [tuned]})}
+    engine = LLMEngine(model, CFG)
+    outs, reasons = {}, {}
+    for rid, ids, params in (base, tuned):
+        engine.add_request(rid, ids, params)
+        outs[rid] = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] += o.new_token_ids
+            if o.finished:
+                reasons[o.request_id] = (o.finish_reason, o.error)
+    assert reasons == {"base": ("length", None), "tuned": ("length", None)}
+    assert outs == alone  # together as alone, in reproducible mode
+    assert outs["base"] != outs["tuned"]  # the adapter really changes the answer

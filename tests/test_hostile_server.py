@@ -374,3 +374,27 @@ def test_queue_wait_is_observed(real_url):
     text = httpx.get(f"{real_url}/metrics").text
     count = [line for line in text.splitlines() if line.startswith("inhouse_queue_wait_seconds_count")]
     assert count and float(count[0].split()[-1]) >= 1
+
+
+class _FailsMidway(ScriptedEngine):
+    """Yields a few tokens, then raises: whatever breaks under a stream."""
+
+    async def generate(self, request_id, prompt_ids, params):
+        n = 0
+        async for out in super().generate(request_id, prompt_ids, params):
+            yield out
+            n += 1
+            if n == 4:
+                raise RuntimeError("kernel fault")
+
+
+def test_a_stream_that_breaks_ends_with_an_error_event_not_a_cut(world):
+    with running_server(_app(_FailsMidway(FINAL), world)) as u:
+        with httpx.stream("POST", f"{u}/v1/chat/completions", json=BODY | {"stream": True}) as r:
+            lines = [x for x in r.iter_lines() if x.startswith("data:")]
+        assert lines[-1] == "data: [DONE]" and '"server_error"' in lines[-2]
+        with httpx.stream("POST", f"{u}/v1/responses",
+                          json={"model": MODEL, "input": "hi", "stream": True}) as r:
+            events = [x for x in r.iter_lines() if x.startswith("event:")]
+        assert events[-1] == "event: error"
+        assert httpx.get(f"{u}/health").status_code == 200

@@ -57,3 +57,18 @@ def test_custom_patterns():
 def test_quality_on_a_synthetic_labelled_set():
     result = score(make_cases(320, seed=7))
     assert result["ALL"]["precision"] >= 0.95 and result["ALL"]["recall"] >= 0.95, result
+
+
+# ---- issue 17, finding 9: the Government of Canada's own example SIN -------------------------------
+@pytest.mark.parametrize("text, found", [
+    ("My SIN is 046 454 286.", "046 454 286"),
+    ("NAS : 046-454-286", "046-454-286"),
+    ("social insurance number 046454286", "046454286"),
+    ("SIN: 800 000 002", "800 000 002"),  # 8 first, Luhn-valid, in context
+    ("Order 046454286 shipped.", None),  # 0 first without context: a reference number
+    ("Invoice 800 000 002", None),
+    ("SIN 046 454 287", None),  # fails Luhn
+])
+def test_sins_whatever_their_first_digit(text, found):
+    got = [f.text for f in detect(text) if f.label == "SIN"]
+    assert got == ([found] if found else [])

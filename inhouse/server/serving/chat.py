@@ -250,6 +250,12 @@ class ChatCompletions:
             async for i, event in merge(streams):
                 async for line in self._sse_event(choices[i], event, req, chunk):
                     yield line
+        except Exception as e:  # noqa: BLE001 - never a cut stream: an error event, then [DONE]
+            log.exception("%s: stream failed", request_id)
+            error = APIError(500, f"generation failed ({type(e).__name__})", "server_error")
+            yield f"data: {json.dumps(error.body())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         finally:
             self._record(choices)
         if req.stream_options and req.stream_options.include_usage:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -275,6 +276,11 @@ class Responses:
                     events = builder.on(ev)
                 for e in events:
                     yield sse(e)
+        except Exception as e:  # noqa: BLE001 - never a cut stream: the official error event
+            logging.getLogger("inhouse.server").exception("%s: stream failed",
+                                                          builder.response["id"])
+            yield sse(builder.event("error", code="server_error", param=None,
+                                    message=f"generation failed ({type(e).__name__})"))
         finally:
             await stream.aclose()
 
