@@ -138,6 +138,25 @@ def fuzz(url: str, model: str, seconds: int, folder: Path) -> dict:
             "tail": proc.stdout[-3000:]}
 
 
+def server_counts(metrics: str) -> dict:
+    """What the server itself counted (/metrics): requests by route and status, tokens."""
+    by: Counter = Counter()
+    tokens = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("inhouse_requests_total{"):
+            labels, value = line.rsplit(" ", 1)
+            endpoint = labels.split('endpoint="')[1].split('"')[0]
+            status = int(labels.split('status="')[1].split('"')[0])
+            by[(endpoint, status)] += int(float(value))
+        elif line.startswith("inhouse_completion_tokens_total "):
+            tokens = float(line.split()[-1])
+    return {"requests": sum(by.values()), "5xx": sum(v for (_, s), v in by.items() if s >= 500),
+            "generation_200": {e: v for (e, s), v in by.items()
+                               if s == 200 and e in ("/v1/chat/completions", "/v1/responses")},
+            "by_route_status": {f"{e} {s}": v for (e, s), v in sorted(by.items())},
+            "completion_tokens": int(tokens)}
+
+
 def _statuses(obj):
     """Every HTTP status code in one NDJSON event of schemathesis's report."""
     if isinstance(obj, dict):
@@ -169,6 +188,7 @@ def main() -> None:
                                                 args.max_tokens))
             fuzzed = fuzz(url, model, args.fuzz_seconds, folder) if args.fuzz_seconds else {}
             healthy = httpx.get(f"{url}/health").status_code == 200
+            served = server_counts(httpx.get(f"{url}/metrics").text)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -179,9 +199,14 @@ def main() -> None:
             ("fuzz: seconds, responses", f"{fuzzed.get('seconds')}, {fuzzed.get('responses')}"),
             ("fuzz: by status", json.dumps(fuzzed.get("by_status"))),
             ("fuzz: 5xx", str(fuzzed.get("5xx"))),
-            ("server healthy after", str(healthy))]
+            ("server healthy after", str(healthy)),
+            ("server: 5xx of all requests", f"{served['5xx']} of {served['requests']}"),
+            ("server: generation requests answered 200",
+             json.dumps(served["generation_200"])),
+            ("server: tokens generated", str(served["completion_tokens"]))]
     report("issue 17: poisoned streams and fuzzing against a real server", rows,
-           {"machine": machine(), "load": load, "fuzz": fuzzed, "healthy_after": healthy},
+           {"machine": machine(), "load": load, "fuzz": fuzzed, "healthy_after": healthy,
+            "server": served},
            "hostile")
 
 

@@ -84,3 +84,45 @@ def test_keys_cli(tmp_path):
     assert again.exit_code == 1 and again.output.startswith("error: no active key")
     bad = runner.invoke(cli, ["keys", "create", "--name", "x", "--role", "root", "--database-url", url])
     assert bad.exit_code == 1 and "unknown role" in bad.output
+
+
+def test_a_database_made_before_tenants_gains_them(tmp_path):
+    """Keys and stored responses of wave 1 (no tenant columns): each old key is its own tenant;
+    old stored responses belong to no tenant, so only admin keys see them."""
+    import sqlite3
+
+    from inhouse.governance.responses_store import ResponseStore
+    from inhouse.governance.tenancy import Caller
+
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE api_keys (id VARCHAR(32) PRIMARY KEY, name VARCHAR(200) NOT NULL, "
+                "role VARCHAR(16) NOT NULL, key_sha256 VARCHAR(64) NOT NULL UNIQUE, prefix "
+                "VARCHAR(16) NOT NULL, rate_limit INTEGER, created_at FLOAT NOT NULL, revoked_at FLOAT)")
+    con.execute("INSERT INTO api_keys VALUES ('key_old', 'old', 'user', ?, 'ih-old', NULL, 0, NULL)",
+                (__import__("hashlib").sha256(b"ih-oldkey").hexdigest(),))
+    con.execute("CREATE TABLE responses (id VARCHAR(64) PRIMARY KEY, created_at FLOAT NOT NULL, "
+                "model VARCHAR(200) NOT NULL, input_items TEXT NOT NULL, response TEXT NOT NULL)")
+    con.execute("INSERT INTO responses VALUES ('resp_old', 0, 'm', '[]', '{\"id\": \"resp_old\"}')")
+    con.commit()
+    con.close()
+    url = f"sqlite:///{db}"
+    old = KeyStore(url).authenticate("ih-oldkey")
+    assert old.tenant == "key_old" and old.subject is None and not old.on_behalf
+    store = ResponseStore(url)
+    assert store.get("resp_old", Caller("key_old", "key_old", None)) is None
+    assert store.get("resp_old", Caller("admin", "default", None, sees_all_tenants=True))
+
+
+def test_keys_cli_tenant_subject_on_behalf(tmp_path):
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    made = CliRunner().invoke(cli, ["keys", "create", "--name", "portal", "--tenant", "clinic",
+                                    "--subject", "alice", "--on-behalf", "--database-url", url])
+    assert made.exit_code == 0 and "tenant clinic" in made.stdout, made.output
+    key = KeyStore(url).authenticate(made.stdout.strip().splitlines()[-1])
+    assert (key.tenant, key.subject, key.on_behalf) == ("clinic", "alice", True)
+    listed = CliRunner().invoke(cli, ["keys", "list", "--database-url", url])
+    assert "clinic" in listed.stdout and "alice" in listed.stdout
+    bad = CliRunner().invoke(cli, ["keys", "create", "--name", "x", "--tenant", " ",
+                                   "--database-url", url])
+    assert bad.exit_code == 1 and "tenant must be" in bad.output

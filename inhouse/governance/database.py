@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
 
@@ -58,6 +58,16 @@ def open_database(url: str, *, manual_begin: bool = False, busy_ms: int = 10000)
             def _begin(conn):
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
     return engine
+
+
+def add_missing_columns(engine: Engine, table: str, columns: dict[str, str]) -> None:
+    """Columns added to a table after its first release ({name: SQL type}), for databases made
+    before them (`create_all` never alters an existing table)."""
+    have = {c["name"] for c in inspect(engine).get_columns(table)}
+    with engine.begin() as conn:
+        for name, sql_type in columns.items():
+            if name not in have:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
 
 
 def scrub(engine: Engine, tables: tuple[str, ...]) -> None:

@@ -14,11 +14,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import (Boolean, Column, Float, Integer, MetaData, String, Table, inspect, insert,
-                        select, text, update)
+from sqlalchemy import (Boolean, Column, Float, Integer, MetaData, String, Table, insert, select,
+                        update)
 
 from inhouse.errors import InhouseError
-from inhouse.governance.database import open_database
+from inhouse.governance.database import add_missing_columns, open_database
 from inhouse.governance.tenancy import KeyGrant
 
 ROLES = ("user", "auditor", "admin")
@@ -76,11 +76,7 @@ class KeyStore:
     def __init__(self, url: str) -> None:
         self.engine = open_database(url)
         metadata.create_all(self.engine)
-        have = {c["name"] for c in inspect(self.engine).get_columns("api_keys")}
-        with self.engine.begin() as conn:
-            for name, sql_type in ADDED.items():
-                if name not in have:
-                    conn.execute(text(f"ALTER TABLE api_keys ADD COLUMN {name} {sql_type}"))
+        add_missing_columns(self.engine, "api_keys", ADDED)
 
     def create(self, name: str, role: str, rate_limit: int | None = None, tenant: str | None = None,
                subject: str | None = None, on_behalf: bool = False) -> tuple[ApiKey, str]:

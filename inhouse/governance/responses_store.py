@@ -13,10 +13,9 @@ import json
 import time
 from pathlib import Path
 
-from sqlalchemy import (Column, Float, MetaData, String, Table, Text, delete, inspect, insert,
-                        select, text)
+from sqlalchemy import Column, Float, MetaData, String, Table, Text, delete, insert, select
 
-from inhouse.governance.database import open_database, private_dir, scrub
+from inhouse.governance.database import add_missing_columns, open_database, private_dir, scrub
 from inhouse.governance.tenancy import Caller
 
 metadata = MetaData()
@@ -44,11 +43,7 @@ class ResponseStore:
     def __init__(self, url: str) -> None:
         self.engine = open_database(url, busy_ms=5000)
         metadata.create_all(self.engine)
-        have = {c["name"] for c in inspect(self.engine).get_columns("responses")}
-        with self.engine.begin() as conn:
-            for name, sql_type in ADDED.items():
-                if name not in have:
-                    conn.execute(text(f"ALTER TABLE responses ADD COLUMN {name} {sql_type}"))
+        add_missing_columns(self.engine, "responses", ADDED)
 
     def save(self, response: dict, input_items: list[dict], owner: Caller) -> None:
         with self.engine.begin() as conn:
