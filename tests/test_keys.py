@@ -121,8 +121,9 @@ def test_keys_cli_tenant_subject_on_behalf(tmp_path):
     assert made.exit_code == 0 and "tenant clinic" in made.stdout, made.output
     key = KeyStore(url).authenticate(made.stdout.strip().splitlines()[-1])
     assert (key.tenant, key.subject, key.on_behalf) == ("clinic", "alice", True)
-    listed = CliRunner().invoke(cli, ["keys", "list", "--database-url", url])
-    assert "clinic" in listed.stdout and "alice" in listed.stdout
+    listed = CliRunner().invoke(cli, ["keys", "list", "--database-url", url],
+                                env={"COLUMNS": "200"})
+    assert "clinic" in listed.stdout and "alice (+others)" in listed.stdout
     bad = CliRunner().invoke(cli, ["keys", "create", "--name", "x", "--tenant", " ",
                                    "--database-url", url])
     assert bad.exit_code == 1 and "tenant must be" in bad.output
