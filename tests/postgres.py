@@ -33,6 +33,8 @@ def postgres_url():
     pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'psycopg[binary]')")
     bindir = _binaries()
     if bindir is None:
+        if os.environ.get("CI"):  # `make test` installs them: missing in CI is a failure
+            pytest.fail("no PostgreSQL server binaries; `make test` should have installed them")
         pytest.skip("no PostgreSQL server binaries (Debian: apt-get install postgresql)")
     base = tempfile.mkdtemp(prefix="inhouse-pg-")
     data, sock = os.path.join(base, "data"), os.path.join(base, "sock")

@@ -57,3 +57,28 @@ def test_server_on_postgres(postgres_url):
         assert httpx.get(f"{u}/v1/responses/{r.json()['id']}", headers=h).status_code == 200
         v = httpx.get(f"{u}/v1/audit/verify", headers=h).json()
         assert v["ok"] and v["records"] == 2
+
+
+def test_tenancy_and_erasure_on_postgres(postgres_url):
+    """Issue 17 on PostgreSQL: another tenant's stored response is a 404; erasing a subject
+    removes their stored responses and content (then VACUUMs the tables)."""
+    from inhouse.governance.privacy import PersonalData
+
+    url = fresh_db(postgres_url)
+    keys = KeyStore(url)
+    _, a = keys.create("a", "user", subject="erin")
+    _, b = keys.create("b", "user")
+    audit = AuditLog(url, load_signing_key(cache_root() / "audit-signing.key"))
+    store = ResponseStore(url)
+    app = build_app(ScriptedEngine(FINAL), ServerSettings(model_name="m", audit_content="full"),
+                    store, audit, keys)
+    with running_server(app) as u:
+        r = httpx.post(f"{u}/v1/responses", json={"model": "m", "input": "erin's words"},
+                       headers={"Authorization": f"Bearer {a}"})
+        rid = r.json()["id"]
+        assert httpx.get(f"{u}/v1/responses/{rid}",
+                         headers={"Authorization": f"Bearer {b}"}).status_code == 404
+    done = PersonalData(audit, store).erase("erin")
+    assert (done.audit_records, done.stored_responses) == (1, 1)
+    assert store.export("erin") == [] and "erin's words" not in str(audit.export("erin"))
+    assert audit.verify(audit.key.public_key()).ok
