@@ -442,6 +442,9 @@ class ServerSettings:
     # LoRA adapters served as "MODEL:NAME": (name, sha256 digest of its files) pairs
     adapters: tuple[tuple[str, str], ...] = ()
     metrics_require_key: bool = False  # /metrics answers only requests with a valid API key
+    audit_signing_key: str = ""  # the checkpoint key file ("" -> audit-signing.key in the cache)
+    audit_witness: str = ""  # a file (JSON lines) or http(s) URL each signed checkpoint goes to
+    audit_seal_seconds: float = 60.0  # a checkpoint at least this often while records wait
 
     def __post_init__(self) -> None:
         if not self.model_name:

@@ -55,6 +55,10 @@ def replay(log: AuditLog, record_id: str, model_path: Path,
         engine_info.get("dtype") or "bfloat16", torch.bfloat16)
     params = dict(start["params"]) | {"seed": done["seed"],
                                       "stop_token_ids": tuple(start["params"]["stop_token_ids"])}
+    if done.get("finish_reason") == "abort":
+        # cut short on purpose (a stop string matched, as the request leaf's "stop" records):
+        # the logged ids are a prefix of the run, and exactly that prefix is replayed
+        params["max_tokens"] = max(1, len(content["output_ids"]))
     model = load_model(info.root, dtype=dtype)
     wanted = start.get("adapter_digest")
     if wanted and adapter_dir is None:

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import delete, insert, select, update
 
 from inhouse.governance import merkle
-from inhouse.governance.audit_log import (AuditLog, canonical, checkpoints_t, content_t, leaves_t,
-                                          load_signing_key)
+from inhouse.governance.audit_log import (AuditLog, canonical, checkpoints_t, contents_t,
+                                          head_t, leaves_t, load_signing_key)
 
 
 def new_log(tmp_path, n=12, every=5, name="audit.db"):
@@ -26,18 +26,36 @@ def new_log(tmp_path, n=12, every=5, name="audit.db"):
 
 
 def rewrite(log, mutate):
-    """The strongest attacker: edit rows, then recompute every leaf hash consistently."""
+    """The strongest attacker without the signing key: edit rows, then make every table agree
+    again (leaf hashes, content commitments with fresh salts, the head); only the signed
+    checkpoints (and a witness) are left to catch it."""
+    import secrets
+
+    from inhouse.governance.audit_verify import commitment
+
     with log.engine.begin() as conn:
         rows = [json.loads(r.record) for r in conn.execute(select(leaves_t.c.record)
                                                            .order_by(leaves_t.c.idx))]
+        kept = {(c.record_id, c.idx): c.content for c in conn.execute(select(contents_t))}
+        by_leaf = {id(b): kept.get((b["record_id"], b["index"])) for b in rows}
         rows = mutate(rows)
         conn.execute(delete(leaves_t))
+        conn.execute(delete(contents_t))
         for i, body in enumerate(rows):
-            body["index"] = i
+            body = dict(body, index=i)
+            content = by_leaf.get(id(body)) or next(
+                (v for (rid, _), v in kept.items() if rid == body["record_id"]
+                 and "content_sha256" in body), None)
+            if content is not None:
+                salt = secrets.token_hex(16)
+                body["content_sha256"] = commitment(salt, content)
+                conn.execute(insert(contents_t).values(idx=i, record_id=body["record_id"],
+                                                       salt=salt, content=content))
             conn.execute(insert(leaves_t).values(
                 idx=i, record_id=body["record_id"], kind=body["kind"], subject=body["subject"],
                 created_at=body["created_at"], record=canonical(body).decode(),
                 leaf_hash=merkle.leaf_hash(canonical(body)).hex()))
+        conn.execute(update(head_t).values(size=len(rows)))
 
 
 def test_a_clean_log_verifies(tmp_path):
@@ -117,12 +135,16 @@ def test_a_forged_checkpoint_fails_its_signature(tmp_path):
     assert not report.ok and "bad signature" in report.problem
 
 
-def test_erasing_content_keeps_the_log_valid(tmp_path):
+def test_erasing_content_keeps_the_log_valid_deleting_it_does_not(tmp_path):
     log, pub = new_log(tmp_path)
     rid = log.list(subject="s1")[0]["record_id"]
-    assert log.content_of(rid) == {"prompt": f"question 1"}
-    with log.engine.begin() as conn:
-        conn.execute(delete(content_t))
+    assert log.content_of(rid) == {"prompt": "question 1"}
+    with log.engine.begin() as conn:  # a DBA deletes content behind the log's back
+        conn.execute(delete(contents_t).where(contents_t.c.record_id == rid))
+    report = log.verify(pub)
+    assert not report.ok and "no erasure covers it" in report.problem
+    assert [r["verified"] for r in log.get(rid)] == [False]
+    log.erase(subject="s1")  # the same content, erased: accounted for by a signed leaf
     assert log.content_of(rid) is None and log.verify(pub).ok
 
 

@@ -110,13 +110,21 @@ def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
             bodies = [{"model": MODEL, "messages": [{"role": "user", "content": f"Tell me {i}"}],
                        "max_tokens": 12, "temperature": 1.0, **({"seed": 5} if i else {})}
                       for i in range(3)]  # concurrent, one without a seed (drawn and logged)
+            bodies += [bodies[1] | {"n": 2}, bodies[1] | {"stream": True},
+                       # stop strings cut the answer: the logged prefix replays
+                       bodies[1] | {"max_tokens": 80, "stop": [" ", "e", "a", "o"]}]
             import concurrent.futures as cf
             with cf.ThreadPoolExecutor(3) as pool:
                 list(pool.map(lambda b: httpx.post(f"{u}/v1/chat/completions", json=b, timeout=60), bodies))
+            r = httpx.post(f"{u}/v1/responses", json={"model": MODEL, "input": "hi", "seed": 3,
+                                                      "max_output_tokens": 10}, timeout=60)
+            assert r.status_code == 200
     finally:
         engine.shutdown()
+    ends = [r["finish_reason"] for r in log.list(limit=1000) if r["kind"] == "completion"]
+    assert "abort" in ends and len(ends) == 8  # the stop-string one was cut short
     runner = CliRunner()
-    for rid in {r["record_id"] for r in log.list()}:
+    for rid in {r["record_id"] for r in log.list(limit=1000)}:
         res = runner.invoke(cli, ["audit", "replay", rid, "--model", str(path), "--database-url", url])
         assert res.exit_code == 0 and "identical" in res.stdout, res.output
     other = runner.invoke(cli, ["audit", "replay", log.list()[0]["record_id"], "--model",

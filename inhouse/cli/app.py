@@ -295,6 +295,13 @@ def serve(
              "may use the model; refused without this flag).")] = False,
     metrics_require_key: Annotated[bool, typer.Option(
         help="/metrics answers only requests with a valid API key.")] = False,
+    audit_signing_key: Annotated[Path | None, typer.Option(
+        help="The audit log's Ed25519 signing key (created if missing; default: "
+             "audit-signing.key in the cache). Keep it off the database's volume.")] = None,
+    audit_witness: Annotated[str | None, typer.Option(
+        help="Send every signed checkpoint to this file (one JSON line each; WORM storage, "
+             "another host) or http(s) URL (POSTed, retried): `audit verify --witness` then "
+             "catches rollbacks, truncations and deleted checkpoints.")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
@@ -302,7 +309,8 @@ def serve(
     run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies,
                database_url or "", audit_content, retain_days, pii, pii_pattern or [],
                adapter or [], mmap=mmap, allow_unauthenticated=allow_unauthenticated,
-               metrics_require_key=metrics_require_key)
+               metrics_require_key=metrics_require_key,
+               audit_signing_key=str(audit_signing_key or ""), audit_witness=audit_witness or "")
 
 
 @app.command()

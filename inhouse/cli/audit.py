@@ -10,13 +10,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from inhouse.cli.common import cli_errors, out
+from inhouse.cli.common import cli_errors, err, out
 
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 
 DbOpt = Annotated[str | None, typer.Option("--database-url", help="SQLAlchemy URL of the audit "
                                            "database (default: the SQLite file in the cache).")]
-KeyOpt = Annotated[Path | None, typer.Option("--key", help="Ed25519 signing key file (default: "
+KeyOpt = Annotated[Path | None, typer.Option("--audit-signing-key", "--key",
+                                             help="Ed25519 signing key file (default: "
                                              "audit-signing.key in the cache).")]
 
 
@@ -45,15 +46,62 @@ def _personal_data(database_url: str | None, key: Path | None):
     return PersonalData(log, ResponseStore(database_url or default_url(cache_root())))
 
 
+def _open_for_reading(database_url: str | None):
+    """The log alone, for verification with a pinned key: no private key is needed or read."""
+    from inhouse.errors import InhouseError
+    from inhouse.governance.audit_log import AuditLog, default_url
+
+    url = database_url or default_url()
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise InhouseError(f"no audit database at {url}")
+    return AuditLog(url)
+
+
+@audit_app.command("public-key")
+@cli_errors
+def public_key(key: KeyOpt = None) -> None:
+    """Print the log's public key (PEM), for the auditor to keep and pin with
+    `verify --public-key`."""
+    from inhouse.errors import InhouseError
+    from inhouse.governance.audit_log import default_key_path, load_signing_key, public_key_pem
+
+    key_path = key or default_key_path()
+    if not key_path.is_file():
+        raise InhouseError(f"no signing key at {key_path}; pass --audit-signing-key")
+    out.print(public_key_pem(load_signing_key(key_path).public_key()).decode().strip(),
+              markup=False, highlight=False)
+
+
 @audit_app.command()
 @cli_errors
-def verify(database_url: DbOpt = None, key: KeyOpt = None) -> None:
-    """Check every record, the signed checkpoints and their consistency; name the first bad record."""
-    log, public = _open(database_url, key)
-    report = log.verify(public)
+def verify(database_url: DbOpt = None, key: KeyOpt = None,
+           public_key_file: Annotated[Path | None, typer.Option(
+               "--public-key", help="The log's public key (PEM, from `audit public-key`): trust "
+                                    "it alone. Without it the key is derived from the private "
+                                    "key file, which anyone who can replace that file defeats.")] = None,
+           witness: Annotated[Path | None, typer.Option(
+               help="A witness file of checkpoints (serve --audit-witness): catches rollback, "
+                    "truncation, forks and deleted checkpoints.")] = None) -> None:
+    """Check every record, column, content row, the head, the signed checkpoints and (with
+    --witness) the witnessed ones; name the first bad record."""
+    from inhouse.governance.audit_log import load_public_key
+    from inhouse.governance.witness import read_witness
+
+    if public_key_file is not None:
+        log, public = _open_for_reading(database_url), load_public_key(public_key_file)
+    else:
+        log, public = _open(database_url, key)
+        err.print("[yellow]warning: the public key is derived from the private key file; pin it "
+                  "with --public-key (see `inhouse audit public-key`)[/yellow]")
+    witnessed = read_witness(witness) if witness is not None else None
+    report = log.verify(public, witnessed)
     if report.ok:
         out.print(f"[green]ok[/green]: {report.num_records} records, {report.num_checkpoints} signed "
-                  f"checkpoints, {report.unsealed} records after the last checkpoint")
+                  f"checkpoints, {report.unsealed} records after the last checkpoint (not yet "
+                  f"sealed)" + (f", {report.num_witnessed} witnessed checkpoints agree"
+                                if witnessed is not None else "")
+                  + (f"; {report.legacy_content} content rows predate commitments and cannot be "
+                     "verified" if report.legacy_content else ""))
         return
     out.print(f"[red]TAMPERED[/red]: first bad record {report.first_bad_index}: {report.problem}")
     raise typer.Exit(3)
@@ -68,11 +116,14 @@ def list_records(database_url: DbOpt = None, key: KeyOpt = None,
     """List records (newest last): index, time, record id, kind, subject, endpoint or outcome."""
     log, _ = _open(database_url, key)
     cutoff = time.time() - since * 3600 if since is not None else None
-    t = Table("index", "time", "record", "kind", "subject", "detail")
+    t = Table("index", "time", "record", "kind", "subject", "detail", "verified")
     for r in log.list(subject, cutoff, limit):
         detail = r.get("endpoint") or f"{r.get('finish_reason')} {r.get('completion_tokens', '')}"
-        t.add_row(str(r["index"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
-                  r["record_id"], r["kind"], r.get("subject") or "", str(detail))
+        created = r.get("created_at")
+        t.add_row(str(r["index"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
+                  if isinstance(created, (int, float)) else "?",
+                  r["record_id"], r["kind"], r.get("subject") or "", str(detail),
+                  "yes" if r["verified"] else f"[red]NO: {r['problem']}[/red]")
     out.print(t)
 
 

@@ -78,7 +78,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
           audit_content: str = "redacted", retain_days: float = 0.0, pii_mode: str = "off",
           pii_patterns: list[str] | None = None, adapters: list[str] | None = None,
           mmap: bool = False, allow_unauthenticated: bool = False,
-          metrics_require_key: bool = False) -> None:
+          metrics_require_key: bool = False, audit_signing_key: str = "",
+          audit_witness: str = "") -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -122,7 +123,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               engine_mode=mode, model_dtype=dtype.value, kernel=kernels.path_name(info.int8),
                               retain_days=retain_days, pii_mode=pii_mode,
                               pii_patterns=tuple(patterns),
-                              metrics_require_key=metrics_require_key)
+                              metrics_require_key=metrics_require_key,
+                              audit_signing_key=audit_signing_key, audit_witness=audit_witness)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     err.print(f"[dim]loading {path} ...[/dim]")
     loaded = load_model(path, dtype=dtype.torch, mmap=mmap)
@@ -140,6 +142,5 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
         out.print(f"[dim]{len(api_keys)} API key(s) required[/dim]")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
-    finally:
-        app.state.governed.shutdown()
+    finally:  # the app's lifespan sealed the audit log and stopped the workers
         client.shutdown()

@@ -16,7 +16,7 @@ from inhouse import __version__
 from inhouse.config import ServerSettings, cache_root
 from inhouse.governance.audit_log import (AuditLog, default_key_path, default_url,
                                           load_signing_key)
-from inhouse.governance.pii import redact, redact_texts
+from inhouse.governance.pii import redact_texts
 from inhouse.governance.privacy import PersonalData
 from inhouse.governance.tenancy import Caller
 from inhouse.governance.database import private_dir
@@ -36,8 +36,14 @@ def _salt() -> bytes:
 
 
 def open_audit_log(settings: ServerSettings) -> AuditLog:
-    return AuditLog(settings.audit_database_url or default_url(),
-                    load_signing_key(default_key_path()))
+    from pathlib import Path
+
+    from inhouse.governance.witness import open_witness
+
+    key = Path(settings.audit_signing_key) if settings.audit_signing_key else default_key_path()
+    witness = open_witness(settings.audit_witness) if settings.audit_witness else None
+    return AuditLog(settings.audit_database_url or default_url(), load_signing_key(key),
+                    checkpoint_seconds=settings.audit_seal_seconds, witness=witness)
 
 
 class Auditor:
@@ -126,12 +132,12 @@ class Auditor:
                   "total_s": round(f.total_s, 4)}
         if f.error:
             record["error"] = f.error
-        await asyncio.to_thread(self.log.append, record, None, record_id, "completion",
-                                caller.subject)
+        content = None
         if self.settings.audit_content == "full":
-            await asyncio.to_thread(self.log.add_content, record_id,
-                                    {"prompt_ids": list(f.prompt_ids), "output_ids": list(f.output_ids),
-                                     "answer": answer})
+            content = {"prompt_ids": list(f.prompt_ids), "output_ids": list(f.output_ids),
+                       "answer": answer}
         elif self.settings.audit_content == "redacted":  # no ids: they would decode to the PII
-            await asyncio.to_thread(lambda: self.log.add_content(
-                record_id, {"answer": redact(answer or "")[0]}))
+            content = {"answer": (await self.offload.run(len(answer or ""), redact_texts,
+                                                         (answer or "",)))[0]}
+        await asyncio.to_thread(self.log.append, record, content, record_id, "completion",
+                                caller.subject)

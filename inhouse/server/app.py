@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 
@@ -34,7 +36,21 @@ def build_app(client: EngineClient, settings: ServerSettings,
     `settings.database_url`, a SQLite file in the cache when empty); `audit_log` receives one
     record per request when `settings.audit` (default: opens `settings.audit_database_url`).
     Every entry point runs its turns through one `GovernedTurns` (inhouse.pipeline.governed)."""
-    app = FastAPI(title="inhouse", version=__version__,
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        """Seal the audit log on a timer while serving, and once more at a clean shutdown
+        (uvicorn turns SIGTERM and SIGINT into this)."""
+        log_ = app.state.audit_log
+        if log_ is not None:
+            log_.start_sealing()
+        try:
+            yield
+        finally:
+            app.state.governed.shutdown()
+            if log_ is not None:
+                await asyncio.to_thread(log_.close)
+
+    app = FastAPI(title="inhouse", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API for self-hosted gpt-oss models.")
     app.state.started_at = int(time.time())
     app.state.client = client

@@ -1,0 +1,261 @@
+"""Issue 18, tried as a skeptical auditor would: a log written by real requests through the server,
+then every single-value edit of every table, every row deletion, insertions and swaps, deleted
+checkpoints, rollbacks to every earlier copy, and a swapped signing key. `verify` with the pinned
+public key and the witness must catch every one."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from inhouse.cli import app as cli
+from inhouse.config import ServerSettings
+from inhouse.governance.audit_log import (AuditLog, checkpoint_message, load_signing_key,
+                                          public_key_pem)
+from inhouse.governance.audit_verify import key_id
+from inhouse.governance.witness import FileWitness, read_witness
+from inhouse.server import build_app
+from tests.server_utils import ScriptedEngine, running_server
+from tests.test_server_chat import FINAL
+
+MODEL = "tiny-test"
+TABLES = ("audit_leaves", "audit_leaf_content", "audit_checkpoints", "audit_head")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """A log of 8 chat and Responses requests (content kept), one erasure, sealed every 4
+    records and at the end; a copy of the database after each checkpoint (for rollbacks)."""
+    tmp = tmp_path_factory.mktemp("audit")
+    db, key = tmp / "audit.db", load_signing_key(tmp / "signing.key")
+    witness = tmp / "witness.jsonl"
+    log = AuditLog(f"sqlite:///{db}", key, checkpoint_every=4, checkpoint_seconds=1e9,
+                   witness=FileWitness(witness))
+    copies = []
+    settings = ServerSettings(model_name=MODEL, audit_content="full")
+    with running_server(build_app(ScriptedEngine(FINAL), settings, audit_log=log)) as u:
+        for i in range(8):
+            user = f"user{i % 3}"
+            if i % 2:
+                httpx.post(f"{u}/v1/responses", json={"model": MODEL, "input": f"q{i}",
+                                                      "user": user})
+            else:
+                httpx.post(f"{u}/v1/chat/completions", json={
+                    "model": MODEL, "user": user, "stop": ["zz"],
+                    "messages": [{"role": "user", "content": f"question {i}"}]})
+            if i % 2:
+                copies.append(tmp / f"copy{i}.db")
+                _copy(db, copies[-1])
+    log.erase(subject="user1")
+    log.close()  # the final seal
+    assert log.verify(key.public_key(), read_witness(witness)).ok
+    return db, key, witness, copies
+
+
+def _copy(src: Path, dst: Path) -> None:
+    con = sqlite3.connect(src)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    shutil.copy(src, dst)
+
+
+def _verify(db: Path, key, witness: Path, public=None):
+    log = AuditLog(f"sqlite:///{db}")
+    return log.verify(public or key.public_key(), read_witness(witness))
+
+
+def _rows(db: Path, table: str) -> tuple[list[str], list[tuple]]:
+    con = sqlite3.connect(db)
+    cur = con.execute(f"SELECT * FROM {table}")
+    cols = [d[0] for d in cur.description]
+    rows = cur.fetchall()
+    con.close()
+    return cols, rows
+
+
+def _pk(table: str) -> str:
+    return {"audit_leaves": "idx", "audit_leaf_content": "idx", "audit_checkpoints": "tree_size",
+            "audit_head": "id"}[table]
+
+
+def _other(value):
+    if isinstance(value, bool) or value is None:
+        return "x"
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value + 0.5
+    return value[:-1] + ("0" if value[-1:] != "0" else "1") if value else "x"
+
+
+def _edits(db: Path):
+    """(description, SQL, params) for every single-value change, row deletion and swap."""
+    for table in TABLES:
+        cols, rows = _rows(db, table)
+        pk = _pk(table)
+        for row in rows:
+            key = row[cols.index(pk)]
+            for c, v in zip(cols, row):
+                if c == pk:
+                    continue
+                yield (f"{table}.{c} of {key}", f"UPDATE {table} SET {c} = ? WHERE {pk} = ?",
+                       (_other(v), key))
+            yield f"delete {table} {key}", f"DELETE FROM {table} WHERE {pk} = ?", (key,)
+        if table in ("audit_leaves", "audit_leaf_content") and len(rows) > 2:
+            a, b = rows[1], rows[-2]
+            for c in cols:
+                if c == pk:
+                    continue
+                i = cols.index(c)
+                yield (f"swap {table}.{c} of rows {a[0]} and {b[0]}",
+                       f"UPDATE {table} SET {c} = CASE {pk} WHEN ? THEN ? WHEN ? THEN ? END "
+                       f"WHERE {pk} IN (?, ?)", (a[0], b[i], b[0], a[i], a[0], b[0]))
+    cols, rows = _rows(db, "audit_leaf_content")
+    first = rows[0]
+    yield ("insert a content row for a record that committed none",
+           "INSERT INTO audit_leaf_content VALUES (?, ?, ?, ?)",
+           (10_000, first[1], first[2], first[3]))
+
+
+def test_every_edit_deletion_and_swap_is_detected(written, tmp_path):
+    db, key, witness, _ = written
+    missed, total = [], 0
+    for what, sql, params in _edits(db):
+        copy = tmp_path / "t.db"
+        _copy(db, copy)
+        con = sqlite3.connect(copy)
+        changed = con.execute(sql, params).rowcount
+        con.commit()
+        con.close()
+        if not changed:
+            continue
+        total += 1
+        if _verify(copy, key, witness).ok:
+            missed.append(what)
+    assert total > 150 and missed == [], f"{len(missed)} of {total} missed: {missed[:10]}"
+
+
+def test_deleted_checkpoints_are_detected_by_the_witness(written, tmp_path):
+    db, key, witness, _ = written
+    copy = tmp_path / "t.db"
+    _copy(db, copy)
+    con = sqlite3.connect(copy)
+    con.execute("DELETE FROM audit_checkpoints")
+    con.commit()
+    con.close()
+    assert AuditLog(f"sqlite:///{copy}").verify(key.public_key()).ok  # no witness: 0 checkpoints
+    report = _verify(copy, key, witness)
+    assert not report.ok and "missing from the database" in report.problem
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5])
+def test_truncation_is_detected_by_the_witness(written, tmp_path, cut):
+    db, key, witness, _ = written
+    copy = tmp_path / "t.db"
+    _copy(db, copy)
+    con = sqlite3.connect(copy)
+    n = con.execute("SELECT size FROM audit_head").fetchone()[0]
+    con.execute("DELETE FROM audit_leaves WHERE idx >= ?", (n - cut,))
+    con.execute("DELETE FROM audit_leaf_content WHERE idx >= ?", (n - cut,))
+    con.execute("DELETE FROM audit_checkpoints WHERE tree_size > ?", (n - cut,))
+    con.execute("UPDATE audit_head SET size = ?", (n - cut,))
+    con.commit()
+    con.close()
+    report = _verify(copy, key, witness)
+    # the last leaf is the erasure: without it, user1's missing content shows first
+    assert not report.ok and ("fewer than the" in report.problem
+                              or "no erasure covers it" in report.problem)
+
+
+def test_every_rollback_to_an_earlier_copy_is_detected(written):
+    db, key, witness, copies = written
+    assert copies
+    for copy in copies:
+        assert AuditLog(f"sqlite:///{copy}").verify(key.public_key()).ok  # fine on its own
+        report = _verify(copy, key, witness)
+        assert not report.ok, copy
+
+
+def test_a_swapped_signing_key_is_refused_by_the_pinned_key(written, tmp_path):
+    db, key, witness, _ = written
+    copy = tmp_path / "t.db"
+    _copy(db, copy)
+    forger = load_signing_key(tmp_path / "forger.key")
+    con = sqlite3.connect(copy)
+    for size, root, signed_at in con.execute(
+            "SELECT tree_size, root, signed_at FROM audit_checkpoints").fetchall():
+        sig = forger.sign(checkpoint_message(size, root, signed_at)).hex()
+        con.execute("UPDATE audit_checkpoints SET signature = ?, key_id = ? WHERE tree_size = ?",
+                    (sig, key_id(forger.public_key()), size))
+    con.commit()
+    con.close()
+    # what the old `verify` did: trust the key beside the database (here, the forger's)
+    assert AuditLog(f"sqlite:///{copy}").verify(forger.public_key()).ok
+    report = _verify(copy, key, witness)  # the pinned key
+    assert not report.ok and "not the pinned key" in report.problem
+
+
+def test_a_rewrite_re_signed_with_the_real_key_is_caught_by_the_witness(written, tmp_path):
+    """An insider with the signing key rewrites a record and re-signs every checkpoint: only
+    the witness's earlier copy of the checkpoints shows it."""
+    from tests.test_audit_log import rewrite
+
+    db, key, witness, _ = written
+    copy = tmp_path / "t.db"
+    _copy(db, copy)
+    log = AuditLog(f"sqlite:///{copy}", key)
+    rewrite(log, lambda rows: [dict(r, finish_reason="length") if r["kind"] == "completion"
+                               else r for r in rows])
+    con = sqlite3.connect(copy)
+    con.execute("DELETE FROM audit_checkpoints")
+    con.commit()
+    con.close()
+    log.checkpoint()  # re-signed with the real key
+    assert log.verify(key.public_key()).ok  # consistent in itself
+    report = _verify(copy, key, witness)
+    assert not report.ok and "witnessed" in report.problem
+
+
+def test_the_cli_pins_the_key_and_reads_the_witness(written, tmp_path):
+    db, key, witness, copies = written
+    pem = tmp_path / "audit.pub"
+    r = CliRunner().invoke(cli, ["audit", "public-key", "--audit-signing-key",
+                                 str(tmp_path.parent / "signing.key")])
+    pem.write_bytes(public_key_pem(key.public_key()))
+    url = f"sqlite:///{db}"
+    ok = CliRunner().invoke(cli, ["audit", "verify", "--database-url", url, "--public-key",
+                                 str(pem), "--witness", str(witness)])
+    assert ok.exit_code == 0 and "witnessed checkpoints agree" in ok.stdout, ok.output
+    bad = CliRunner().invoke(cli, ["audit", "verify", "--database-url", f"sqlite:///{copies[0]}",
+                                  "--public-key", str(pem), "--witness", str(witness)])
+    assert bad.exit_code == 3 and "TAMPERED" in bad.stdout
+    assert r.exit_code in (0, 1)
+
+
+def test_the_public_key_command_prints_the_pinnable_key(tmp_path):
+    key = load_signing_key(tmp_path / "k.pem")
+    r = CliRunner().invoke(cli, ["audit", "public-key", "--audit-signing-key",
+                                 str(tmp_path / "k.pem")])
+    assert r.exit_code == 0 and r.stdout.strip() == public_key_pem(key.public_key()).decode().strip()
+    assert "PRIVATE" not in r.stdout
+
+
+def test_list_and_show_mark_what_fails_verification(written, tmp_path):
+    db, key, witness, _ = written
+    copy = tmp_path / "t.db"
+    _copy(db, copy)
+    con = sqlite3.connect(copy)
+    con.execute("UPDATE audit_leaf_content SET content = replace(content, 'question 2', "
+                "'question 9') WHERE content LIKE '%question 2%'")
+    con.commit()
+    con.close()
+    log = AuditLog(f"sqlite:///{copy}")
+    marked = [r for r in log.list(limit=1000) if not r["verified"]]
+    assert len(marked) == 1 and "modified" in marked[0]["problem"]
+    leaves = log.get(marked[0]["record_id"])
+    assert leaves[0]["verified"] is False and "question 9" in str(leaves[0]["content"])
