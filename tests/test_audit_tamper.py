@@ -259,3 +259,79 @@ def test_list_and_show_mark_what_fails_verification(written, tmp_path):
     assert len(marked) == 1 and "modified" in marked[0]["problem"]
     leaves = log.get(marked[0]["record_id"])
     assert leaves[0]["verified"] is False and "question 9" in str(leaves[0]["content"])
+
+
+# ---- proofs for third parties (no database) ------------------------------------------------------
+def _a_record(db):
+    log = AuditLog(f"sqlite:///{db}")
+    return next(r["record_id"] for r in log.list(limit=1000)
+                if r["kind"] == "request" and r.get("subject") == "user0"), log
+
+
+def test_a_proof_checks_offline_and_every_forgery_fails(written, tmp_path):
+    import json
+
+    from inhouse.governance.audit_proof import ProofError, check_proof, make_proof
+
+    db, key, witness, _ = written
+    rid, log = _a_record(db)
+    proof = make_proof(log, rid, with_content=True)
+    report = check_proof(json.loads(json.dumps(proof)), key.public_key())
+    assert [r["kind"] for r in report.records] == ["request", "completion"]
+    assert report.records[0]["model"] == MODEL and report.content_proven == \
+        [r["index"] for r in report.records]
+    forgeries = {
+        "another answer": lambda p: p["content"].__setitem__(
+            next(iter(p["content"])), p["content"][next(iter(p["content"]))]
+            | {"content": p["content"][next(iter(p["content"]))]["content"].replace("question",
+                                                                                  "answer")}),
+        "an edited record": lambda p: p["leaves"][1].__setitem__(
+            "record", p["leaves"][1]["record"].replace('"finish_reason":"stop"',
+                                                       '"finish_reason":"length"')),
+        "a moved leaf": lambda p: p["leaves"][0].__setitem__("index", p["leaves"][0]["index"] + 1),
+        "a bent path": lambda p: p["leaves"][0]["inclusion"].__setitem__(0, "00" * 32),
+        "another root": lambda p: p["checkpoint"].__setitem__("root", "11" * 32),
+        "a forged signature": lambda p: p["checkpoint"].__setitem__("signature", "22" * 64),
+        "another key": lambda p: p["checkpoint"].__setitem__("key_id", "0" * 16),
+        "garbage": lambda p: p.__setitem__("leaves", "x"),
+    }
+    for what, forge in forgeries.items():
+        forged = json.loads(json.dumps(proof))
+        forge(forged)
+        with pytest.raises(ProofError):
+            check_proof(forged, key.public_key())
+            pytest.fail(what)
+    other = load_signing_key(tmp_path / "other.key")
+    with pytest.raises(ProofError, match="pinned"):
+        check_proof(proof, other.public_key())
+
+
+def test_prove_and_check_proof_from_the_cli_and_the_server(written, tmp_path):
+    db, key, witness, _ = written
+    rid, log = _a_record(db)
+    pem = tmp_path / "audit.pub"
+    pem.write_bytes(public_key_pem(key.public_key()))
+    runner = CliRunner()
+    made = runner.invoke(cli, ["audit", "prove", rid, "--out", str(tmp_path / "p.json"),
+                               "--database-url", f"sqlite:///{db}"])
+    assert made.exit_code == 0, made.output
+    ok = runner.invoke(cli, ["audit", "check-proof", str(tmp_path / "p.json"), "--public-key",
+                             str(pem)])
+    assert ok.exit_code == 0 and "valid" in ok.stdout and "model_digest" in ok.stdout, ok.output
+    (tmp_path / "p.json").write_text((tmp_path / "p.json").read_text().replace(
+        '"tree_size": ', '"tree_size": 1'))
+    bad = runner.invoke(cli, ["audit", "check-proof", str(tmp_path / "p.json"), "--public-key",
+                              str(pem)])
+    assert bad.exit_code == 3 and "INVALID" in bad.stdout
+    from inhouse.governance.keys import KeyStore
+    keys = KeyStore(f"sqlite:///{tmp_path / 'k.db'}")
+    _, auditor = keys.create("dpo", "auditor")
+    app = build_app(ScriptedEngine(FINAL), ServerSettings(model_name=MODEL), audit_log=log,
+                    key_store=keys)
+    with running_server(app) as u:
+        h = {"Authorization": f"Bearer {auditor}"}
+        r = httpx.get(f"{u}/v1/audit/records/{rid}/proof", headers=h)
+        assert r.status_code == 200 and r.json()["record_id"] == rid and "content" not in r.json()
+        from inhouse.governance.audit_proof import check_proof
+        assert check_proof(r.json(), key.public_key()).record_id == rid
+        assert httpx.get(f"{u}/v1/audit/records/nope/proof", headers=h).status_code == 404

@@ -188,3 +188,54 @@ def erase(subject: Annotated[str | None, typer.Option(help="Erase this subject's
     done = data.erase(subject, before, "request" if subject else "retention")
     out.print(f"erased the content of {done.audit_records} audit record(s) and "
               f"{done.stored_responses} stored response(s); the erasure is recorded in the log")
+
+
+@audit_app.command()
+@cli_errors
+def prove(record_id: Annotated[str, typer.Argument(help="The record id.")],
+          out_file: Annotated[Path, typer.Option("--out", help="Where to write the proof (JSON).")],
+          with_content: Annotated[bool, typer.Option(
+              help="Include the record's content (and its salts): the proof then also proves "
+                   "the prompt and answer text. Personal data: hand it only to who may see it.")] = False,
+          database_url: DbOpt = None) -> None:
+    """Write a proof a third party checks offline: the record's leaves, their inclusion proofs
+    and the signed checkpoint that contains them."""
+    from inhouse.governance.audit_proof import make_proof
+
+    proof = make_proof(_open_for_reading(database_url), record_id, with_content)
+    out_file.write_text(json.dumps(proof, indent=1, ensure_ascii=False))
+    cp = proof["checkpoint"]
+    out.print(f"wrote {out_file}: {len(proof['leaves'])} leaves of {record_id} in the tree of "
+              f"size {cp['tree_size']} signed by key {cp['key_id']}")
+
+
+@audit_app.command("check-proof")
+@cli_errors
+def check_proof_cmd(proof_file: Annotated[Path, typer.Argument(help="The proof (JSON).")],
+                    public_key_file: Annotated[Path, typer.Option(
+                        "--public-key", help="The log's public key (PEM) you pinned.")]) -> None:
+    """Check a proof with no database: signatures, inclusion, content commitments."""
+    from inhouse.errors import InhouseError
+    from inhouse.governance.audit_log import load_public_key
+    from inhouse.governance.audit_proof import ProofError, check_proof
+
+    try:
+        proof = json.loads(proof_file.read_text())
+    except (OSError, ValueError) as e:
+        raise InhouseError(f"cannot read the proof {proof_file}: {e}") from None
+    try:
+        r = check_proof(proof, load_public_key(public_key_file))
+    except ProofError as e:
+        out.print(f"[red]INVALID[/red]: {e}")
+        raise typer.Exit(3) from None
+    signed = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(r.signed_at))
+    out.print(f"[green]valid[/green]: record {r.record_id} is in the log (tree of size "
+              f"{r.tree_size}, signed {signed} by key {r.key_id})")
+    for rec in r.records:
+        made = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(rec["created_at"]))
+        what = {k: rec[k] for k in ("model", "model_digest", "adapter_digest", "params", "endpoint",
+                                    "finish_reason", "completion_tokens", "output_ids_sha256")
+                if rec.get(k) is not None}
+        out.print(f"  leaf {rec['index']} ({rec['kind']}, {made}"
+                  f"{', content proven' if rec['index'] in r.content_proven else ''}): "
+                  f"{json.dumps(what)}", markup=False, highlight=False)

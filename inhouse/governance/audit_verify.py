@@ -180,7 +180,7 @@ def check_checkpoints(cps: list, n: int, roots: dict[int, bytes], public_key: Ed
         if cp.key_id != pinned:
             return previous, (f"checkpoint at size {cp.tree_size} names key {cp.key_id}, not "
                               f"the pinned key {pinned}")
-        if not _signed(public_key, cp.tree_size, cp.root, cp.signed_at, cp.signature):
+        if not is_signed(public_key, cp.tree_size, cp.root, cp.signed_at, cp.signature):
             return previous, f"checkpoint at size {cp.tree_size} has a bad signature"
         if cp.tree_size > n:  # the interval lost records: somewhere from `previous` on
             return previous, (f"records {previous}..{cp.tree_size - 1}: the checkpoint at size "
@@ -208,7 +208,7 @@ def check_witnessed(witnessed: list[dict], hashes: list[bytes], roots: dict[int,
                                           float(w["signed_at"]), str(w["signature"]))
         except (KeyError, TypeError, ValueError):
             return 0, f"a witnessed line is not a checkpoint: {str(w)[:80]}"
-        if w.get("key_id") != pinned or not _signed(public_key, size, root, signed_at, sig):
+        if w.get("key_id") != pinned or not is_signed(public_key, size, root, signed_at, sig):
             return 0, f"the witnessed checkpoint at size {size} is not signed by the pinned key"
         if size > n:
             return n, (f"the log holds {n} records, fewer than the {size} witnessed (truncated "
@@ -224,7 +224,7 @@ def check_witnessed(witnessed: list[dict], hashes: list[bytes], roots: dict[int,
     return None
 
 
-def _signed(public_key: Ed25519PublicKey, size: int, root: str, signed_at: float,
+def is_signed(public_key: Ed25519PublicKey, size: int, root: str, signed_at: float,
             signature: str) -> bool:
     try:
         public_key.verify(bytes.fromhex(signature), checkpoint_message(size, root, signed_at))

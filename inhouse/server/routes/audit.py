@@ -27,7 +27,9 @@ async def verify(request: Request) -> dict:
     report = await asyncio.to_thread(log.verify, log.key.public_key())
     return {"ok": report.ok, "records": report.num_records, "checkpoints": report.num_checkpoints,
             "unsealed": report.unsealed, "first_bad_index": report.first_bad_index,
-            "problem": report.problem}
+            "problem": report.problem,
+            "note": "checked against the server's own key; pin the public key and verify "
+                    "offline with `inhouse audit verify --public-key --witness`"}
 
 
 @router.get("/v1/audit/records")
@@ -42,3 +44,15 @@ async def record(record_id: str, request: Request) -> dict:
     if not leaves:
         raise APIError(404, f"no audit record {record_id}")
     return {"record_id": record_id, "leaves": leaves}
+
+
+@router.get("/v1/audit/records/{record_id}/proof")
+async def proof(record_id: str, request: Request, content: bool = False) -> dict:
+    """The record's inclusion proof against a signed checkpoint (`audit check-proof` checks
+    it offline); `?content=true` adds the content and its salts."""
+    from inhouse.governance.audit_proof import ProofError, make_proof
+
+    try:
+        return await asyncio.to_thread(make_proof, _log(request), record_id, content)
+    except ProofError as e:
+        raise APIError(404, str(e), code="proof_unavailable") from None
