@@ -335,3 +335,96 @@ def test_prove_and_check_proof_from_the_cli_and_the_server(written, tmp_path):
         from inhouse.governance.audit_proof import check_proof
         assert check_proof(r.json(), key.public_key()).record_id == rid
         assert httpx.get(f"{u}/v1/audit/records/nope/proof", headers=h).status_code == 404
+
+
+# ---- sealing and witnesses ---------------------------------------------------------------------
+def test_sealing_on_a_timer_and_at_close(tmp_path):
+    key = load_signing_key(tmp_path / "k")
+    log = AuditLog(f"sqlite:///{tmp_path / 'a.db'}", key, checkpoint_every=1000,
+                   checkpoint_seconds=0.3)
+    log.start_sealing(tick_s=0.05)
+    log._last_checkpoint = 0  # the first record waits no longer than the interval
+    log.append({"x": 1})
+    import time
+    deadline = time.time() + 5
+    while log.verify(key.public_key()).unsealed and time.time() < deadline:
+        time.sleep(0.05)
+    assert log.verify(key.public_key()).unsealed == 0  # sealed by the timer, no write needed
+    log.checkpoint_seconds = 1e9
+    log.append({"x": 2})
+    assert log.verify(key.public_key()).unsealed == 1
+    log.close()
+    assert log.verify(key.public_key()).unsealed == 0  # sealed at shutdown
+
+
+def test_a_clean_server_shutdown_seals_the_log(tmp_path):
+    import socket
+    import threading
+
+    import uvicorn
+
+    key = load_signing_key(tmp_path / "k")
+    witness = tmp_path / "w.jsonl"
+    log = AuditLog(f"sqlite:///{tmp_path / 'a.db'}", key, checkpoint_every=1000,
+                   checkpoint_seconds=1e9, witness=FileWitness(witness))
+    app = build_app(ScriptedEngine(FINAL), ServerSettings(model_name=MODEL), audit_log=log)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    import time
+    while not server.started:
+        time.sleep(0.02)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(3):
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body).status_code == 200
+    assert log.verify(key.public_key()).unsealed == 6
+    server.should_exit = True  # what SIGTERM and SIGINT do
+    thread.join(timeout=20)
+    report = log.verify(key.public_key(), read_witness(witness))
+    assert report.ok and report.unsealed == 0 and report.num_witnessed == 1
+
+
+def test_an_http_witness_is_retried_until_it_accepts(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from inhouse.governance.witness import HttpWitness
+
+    got, refusals = [], {"left": 2}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["content-length"]))
+            if refusals["left"]:
+                refusals["left"] -= 1
+                self.send_response(503)
+            else:
+                got.append(json.loads(body))
+                self.send_response(201)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    import json
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key = load_signing_key(tmp_path / "k")
+    log = AuditLog(f"sqlite:///{tmp_path / 'a.db'}", key, checkpoint_every=2,
+                   witness=HttpWitness(f"http://127.0.0.1:{server.server_address[1]}/cp"))
+    import time
+    t0 = time.perf_counter()
+    for i in range(4):
+        log.append({"i": i})
+    assert time.perf_counter() - t0 < 2  # appends never wait for the witness
+    deadline = time.time() + 15
+    while len(got) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    log.close()
+    server.shutdown()
+    assert [c["tree_size"] for c in got] == [2, 4]
+    assert log.verify(key.public_key(), got).ok

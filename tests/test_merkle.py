@@ -72,3 +72,12 @@ def test_changing_any_leaf_breaks_consistency_with_the_old_root(n, data):
     tampered[data.draw(st.integers(0, m - 1))] = merkle.leaf_hash(b"forged")
     proof = merkle.consistency_proof(tampered, m)
     assert not merkle.verify_consistency(m, n, old_root, merkle.root(tampered), proof)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 300), st.lists(st.integers(1, 300), max_size=20))
+def test_roots_at_many_sizes_in_one_pass_equal_each_root(n, sizes):
+    leaves = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
+    sizes = [s for s in sizes if s <= n] + [n]
+    got = merkle.roots_at(leaves, sizes)
+    assert got == {s: merkle.root(leaves[:s]) for s in sizes}
