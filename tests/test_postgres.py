@@ -82,3 +82,64 @@ def test_tenancy_and_erasure_on_postgres(postgres_url):
     assert (done.audit_records, done.stored_responses) == (1, 1)
     assert store.export("erin") == [] and "erin's words" not in str(audit.export("erin"))
     assert audit.verify(audit.key.public_key()).ok
+
+
+def test_tampering_is_detected_on_postgres(postgres_url, tmp_path):
+    """Issue 18 on PostgreSQL: a log written through the server, then one edit of each column of
+    each table, one deletion per table, deleted checkpoints and a truncation, each on its own
+    copy of the database (CREATE DATABASE ... TEMPLATE): verify with the pinned key and the
+    witness catches every one."""
+    from inhouse.governance.witness import FileWitness, read_witness
+
+    url = fresh_db(postgres_url)
+    key = load_signing_key(tmp_path / "k")
+    witness = tmp_path / "w.jsonl"
+    log = AuditLog(url, key, checkpoint_every=4, checkpoint_seconds=1e9,
+                   witness=FileWitness(witness))
+    settings = ServerSettings(model_name="m", audit_content="full")
+    stores = (ResponseStore(url), KeyStore(url))
+    with running_server(build_app(ScriptedEngine(FINAL), settings, stores[0], log,
+                                  stores[1])) as u:
+        for i in range(5):
+            httpx.post(f"{u}/v1/chat/completions", json={
+                "model": "m", "user": f"u{i % 2}",
+                "messages": [{"role": "user", "content": f"question {i}"}]})
+    log.close()
+    lines = read_witness(witness)
+    assert log.verify(key.public_key(), lines).ok
+    for engine in (log.engine, stores[0].engine, stores[1].engine):
+        engine.dispose()  # a template database must have no other sessions
+    name = url.rsplit("/", 1)[1]
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    edits = [
+        "UPDATE audit_leaves SET record_id = 'x' WHERE idx = 3",
+        "UPDATE audit_leaves SET kind = 'x' WHERE idx = 3",
+        "UPDATE audit_leaves SET subject = 'someone else' WHERE idx = 3",
+        "UPDATE audit_leaves SET created_at = created_at - 86400 WHERE idx = 3",
+        "UPDATE audit_leaves SET record = replace(record, '\"m\"', '\"n\"') WHERE idx = 2",
+        "UPDATE audit_leaves SET leaf_hash = md5(leaf_hash) || md5(leaf_hash) WHERE idx = 2",
+        "UPDATE audit_leaf_content SET content = replace(content, 'question', 'answer')",
+        "UPDATE audit_leaf_content SET salt = md5(salt)",
+        "DELETE FROM audit_leaf_content WHERE idx = (SELECT min(idx) FROM audit_leaf_content)",
+        "UPDATE audit_head SET size = size - 1",
+        "DELETE FROM audit_leaves WHERE idx = 4",
+        "UPDATE audit_checkpoints SET key_id = 'abcdabcdabcdabcd'",
+        "UPDATE audit_checkpoints SET signed_at = signed_at + 1",
+        "DELETE FROM audit_checkpoints",
+        "DELETE FROM audit_leaves WHERE idx >= 8; DELETE FROM audit_leaf_content WHERE idx >= 8; "
+        "DELETE FROM audit_checkpoints WHERE tree_size > 8; UPDATE audit_head SET size = 8",
+    ]
+    base = postgres_url.rsplit("/", 1)[0]
+    for n, sql in enumerate(edits):
+        copy = f"{name}_c{n}"
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {copy} TEMPLATE {name}"))
+        eng = create_engine(f"{base}/{copy}")
+        with eng.begin() as conn:
+            for statement in sql.split("; "):
+                conn.execute(text(statement))
+        eng.dispose()
+        tampered = AuditLog(f"{base}/{copy}")
+        assert not tampered.verify(key.public_key(), lines).ok, sql
+        tampered.engine.dispose()
+    admin.dispose()

@@ -83,7 +83,9 @@ class Auditor:
                              "dtype": self.settings.model_dtype, "kernel": self.settings.kernel},
                   "params": params, "reasoning_effort": turn.options.reasoning_effort,
                   "num_messages": len(turn.messages),
-                  "tools": [t.name for t in turn.options.tools],
+                  # the definitions, not just the names: they shape the prompt and the answer
+                  "tools": [dataclasses.asdict(t) for t in turn.options.tools],
+                  "assistant_prefix": list(turn.assistant_prefix),
                   "content_mode": self.settings.audit_content} | (extra or {})
         record["pii"] = {"mode": self.settings.pii_mode, "labels": sorted(pii_labels)}
         content = None

@@ -89,7 +89,7 @@ class ChatCompletions:
             for i in range(req.n))
         return TurnRequest("/v1/chat/completions", caller, tuple(messages), options, params,
                            tuple(f"{request_id}-{i}" for i in range(req.n)), tuple(prefix),
-                           {"stop": self._stops(req)})
+                           {"stop": self._stops(req), "n": req.n})
 
     async def _start(self, req: ChatCompletionRequest, request_id: str, caller: Caller):
         """(choices, their governed streams): refusals raise here, before any output."""
