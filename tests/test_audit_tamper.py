@@ -428,3 +428,69 @@ def test_an_http_witness_is_retried_until_it_accepts(tmp_path):
     server.shutdown()
     assert [c["tree_size"] for c in got] == [2, 4]
     assert log.verify(key.public_key(), got).ok
+
+
+# ---- key rotation ------------------------------------------------------------------------------
+def test_a_rotated_key_is_followed_from_the_pinned_one_and_a_forged_rotation_is_not(tmp_path):
+    import json
+
+    from inhouse.governance.audit_proof import ProofError, check_proof, make_proof
+
+    old, new = load_signing_key(tmp_path / "old"), load_signing_key(tmp_path / "new")
+    witness = tmp_path / "w.jsonl"
+    log = AuditLog(f"sqlite:///{tmp_path / 'a.db'}", old, checkpoint_every=3,
+                   witness=FileWitness(witness))
+    for i in range(4):
+        log.append({"i": i}, record_id=f"r{i}")
+    log.rotate_key(new)
+    for i in range(4, 9):
+        log.append({"i": i}, record_id=f"r{i}")
+    log.close()
+    report = log.verify(old.public_key(), read_witness(witness))  # pinned before the rotation
+    assert report.ok and report.num_witnessed >= 3
+    assert not log.verify(new.public_key()).ok  # the new key alone cannot vouch for the past
+    proof = make_proof(log, "r7")
+    assert proof["key_chain"] and check_proof(proof, old.public_key()).record_id == "r7"
+    assert check_proof(proof, new.public_key()).record_id == "r7"  # pinned after: no chain needed
+    early = make_proof(log, "r1")  # against the newest checkpoint, signed by the new key
+    assert check_proof(early, old.public_key()).record_id == "r1"
+    assert check_proof(early, new.public_key()).record_id == "r1"
+    stranger = load_signing_key(tmp_path / "stranger")
+    with pytest.raises(ProofError):
+        check_proof(early, stranger.public_key())
+    forged = json.loads(json.dumps(proof))
+    forged["key_chain"][0]["record"] = forged["key_chain"][0]["record"].replace("rotation", "rotatio")
+    with pytest.raises(ProofError):
+        check_proof(forged, old.public_key())
+
+    # an attacker without the old key writes a rotation to a key of their own
+    mallory = load_signing_key(tmp_path / "mallory")
+    forged_log = AuditLog(f"sqlite:///{tmp_path / 'b.db'}", old, checkpoint_every=1000)
+    for i in range(3):
+        forged_log.append({"i": i})
+    forged_log.checkpoint()
+    forged_log.key = mallory  # no rotation leaf sealed by the old key
+    forged_log.append({"i": 3})
+    forged_log.checkpoint()
+    bad = forged_log.verify(old.public_key())
+    assert not bad.ok and "not the pinned key" in bad.problem
+
+
+def test_rotate_key_from_the_cli(tmp_path):
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    key = load_signing_key(tmp_path / "old")
+    log = AuditLog(url, key)
+    log.append({"x": 1})
+    log.checkpoint()
+    pem = tmp_path / "old.pub"
+    pem.write_bytes(public_key_pem(key.public_key()))
+    r = CliRunner().invoke(cli, ["audit", "rotate-key", "--new-key", str(tmp_path / "new"),
+                                 "--database-url", url, "--audit-signing-key",
+                                 str(tmp_path / "old")])
+    assert r.exit_code == 0 and "rotated from key" in r.stdout, r.output
+    nxt = load_signing_key(tmp_path / "new")
+    after = AuditLog(url, nxt)
+    after.append({"x": 2})
+    after.checkpoint()
+    ok = CliRunner().invoke(cli, ["audit", "verify", "--database-url", url, "--public-key", str(pem)])
+    assert ok.exit_code == 0, ok.output

@@ -239,3 +239,22 @@ def check_proof_cmd(proof_file: Annotated[Path, typer.Argument(help="The proof (
         out.print(f"  leaf {rec['index']} ({rec['kind']}, {made}"
                   f"{', content proven' if rec['index'] in r.content_proven else ''}): "
                   f"{json.dumps(what)}", markup=False, highlight=False)
+
+
+@audit_app.command("rotate-key")
+@cli_errors
+def rotate_key(new_key: Annotated[Path, typer.Option(
+                   help="The next signing key file (created, mode 0600, if missing).")],
+               database_url: DbOpt = None, key: KeyOpt = None) -> None:
+    """Rotate the checkpoint signing key: a signed leaf names the next key and a checkpoint of
+    the current key seals it. Stop the server first; restart it with
+    --audit-signing-key NEW_KEY. Auditors keep their pinned key: verify follows the rotation."""
+    from inhouse.governance.audit_log import load_signing_key, public_key_pem
+    from inhouse.governance.audit_verify import key_id
+
+    log, _ = _open(database_url, key)
+    old = key_id(log.key.public_key())
+    nxt = load_signing_key(new_key)
+    log.rotate_key(nxt)
+    out.print(f"rotated from key {old} to key {key_id(nxt.public_key())}; its public key:")
+    out.print(public_key_pem(nxt.public_key()).decode().strip(), markup=False, highlight=False)

@@ -221,6 +221,19 @@ class AuditLog:
                 log.error("audit witness: checkpoint %d not recorded (%s)", size, e)
         return size, root_hex
 
+    def rotate_key(self, new_key: Ed25519PrivateKey) -> None:
+        """A `key-rotation` leaf naming the next key, sealed by a checkpoint of the current key;
+        from then on checkpoints are signed by the next key. Rotate with the server stopped:
+        a process still holding the old key would sign checkpoints verify then refuses."""
+        if self.key is None:
+            raise AuditError("no signing key: nothing to rotate from")
+        public = new_key.public_key()
+        self.append({"next_key_id": key_id(public),
+                     "next_public_key": public_key_pem(public).decode()},
+                    record_id=f"rot_{uuid.uuid4().hex[:20]}", kind="key-rotation")
+        self.checkpoint()
+        self.key = new_key
+
     def start_sealing(self, tick_s: float = 1.0) -> None:
         """Seal on a timer: records older than `checkpoint_seconds` never wait for the next
         write to be covered by a checkpoint."""

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from inhouse.errors import InhouseError
 from inhouse.governance import merkle
-from inhouse.governance.audit_verify import commitment, is_signed, key_id
+from inhouse.governance.audit_verify import commitment, is_signed, key_id, rotation_key
 
 FORMAT = "inhouse-audit-proof/1"
 
@@ -49,6 +49,16 @@ def make_proof(log, record_id: str, with_content: bool = False) -> dict:
         hashes = [bytes.fromhex(h) for (h,) in conn.execute(
             select(leaves_t.c.leaf_hash).where(leaves_t.c.idx < cp.tree_size)
             .order_by(leaves_t.c.idx))]
+        chain = []  # key rotations before this checkpoint, each with the checkpoint that sealed it
+        for r in conn.execute(select(leaves_t.c.idx, leaves_t.c.record)
+                              .where(leaves_t.c.kind == "key-rotation",
+                                     leaves_t.c.idx < cp.tree_size).order_by(leaves_t.c.idx)):
+            seal = conn.execute(select(checkpoints_t).where(checkpoints_t.c.tree_size > r.idx)
+                                .order_by(checkpoints_t.c.tree_size)).first()
+            chain.append({"index": r.idx, "record": r.record,
+                          "inclusion": [h.hex() for h in merkle.inclusion_proof(
+                              hashes[:seal.tree_size], r.idx)],
+                          "checkpoint": _cp(seal)})
         content = {}
         if with_content:
             content = {str(r.idx): {"salt": r.salt, "content": r.content} for r in conn.execute(
@@ -58,12 +68,17 @@ def make_proof(log, record_id: str, with_content: bool = False) -> dict:
         "leaves": [{"index": m.idx, "record": m.record,
                     "inclusion": [h.hex() for h in merkle.inclusion_proof(hashes, m.idx)]}
                    for m in mine],
-        "checkpoint": {"tree_size": cp.tree_size, "root": cp.root, "signed_at": cp.signed_at,
-                       "signature": cp.signature, "key_id": cp.key_id},
+        "checkpoint": _cp(cp),
+        "key_chain": chain,
     }
     if with_content:
         proof["content"] = content
     return proof
+
+
+def _cp(cp) -> dict:
+    return {"tree_size": cp.tree_size, "root": cp.root, "signed_at": cp.signed_at,
+            "signature": cp.signature, "key_id": cp.key_id}
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,30 @@ class ProofReport:
     content_proven: list[int]  # leaf indexes whose content the proof also proves
 
 
+def _follow_chain(chain: list[dict], pinned: Ed25519PublicKey) -> Ed25519PublicKey:
+    """The key the log signs with after the rotations in `chain` that start from the pinned
+    key: each rotation leaf must be included in a checkpoint signed by the key before it."""
+    current = pinned
+    for link in chain:
+        lcp = link["checkpoint"]
+        if lcp["key_id"] != key_id(current):
+            continue  # a rotation before the key the auditor pinned
+        size, root = int(lcp["tree_size"]), str(lcp["root"])
+        if not is_signed(current, size, root, float(lcp["signed_at"]), str(lcp["signature"])):
+            raise ProofError(f"the rotation checkpoint at size {size} has a bad signature")
+        raw = str(link["record"])
+        if not merkle.verify_inclusion(merkle.leaf_hash(raw.encode()), int(link["index"]), size,
+                                       [bytes.fromhex(h) for h in link["inclusion"]],
+                                       bytes.fromhex(root)):
+            raise ProofError(f"the key rotation at {link['index']} is not in its checkpoint")
+        body = json.loads(raw)
+        nxt = rotation_key(body) if body.get("kind") == "key-rotation" else None
+        if nxt is None or body.get("index") != int(link["index"]):
+            raise ProofError(f"record {link['index']} is not a valid key rotation")
+        current = nxt
+    return current
+
+
 def check_proof(proof: dict, public_key: Ed25519PublicKey) -> ProofReport:
     """Raise ProofError naming what fails; else what the proof establishes."""
     try:
@@ -83,10 +122,11 @@ def check_proof(proof: dict, public_key: Ed25519PublicKey) -> ProofReport:
             raise ProofError(f"not an inhouse audit proof (format {proof.get('format')!r})")
         cp = proof["checkpoint"]
         size, root = int(cp["tree_size"]), str(cp["root"])
-        if cp.get("key_id") != key_id(public_key):
+        signer = _follow_chain(proof.get("key_chain") or [], public_key)
+        if cp.get("key_id") != key_id(signer):
             raise ProofError(f"the checkpoint names key {cp.get('key_id')}, not the pinned key "
-                             f"{key_id(public_key)}")
-        if not is_signed(public_key, size, root, float(cp["signed_at"]), str(cp["signature"])):
+                             f"{key_id(public_key)} (nor one it rotated to)")
+        if not is_signed(signer, size, root, float(cp["signed_at"]), str(cp["signature"])):
             raise ProofError(f"the checkpoint at size {size} is not signed by the pinned key")
         records = []
         for leaf in proof["leaves"]:

@@ -7,8 +7,8 @@ checked against one (docs/audit.md has the threat model).
   that does not match, belongs to no committing leaf, or is missing without a later erasure leaf
   that covers it, is tampering;
 - head: the stored size equals the number of leaves;
-- checkpoints: signed by the pinned key (its `key_id` too), roots of the leaves, each an extension
-  of the one before (RFC 6962 consistency);
+- checkpoints: signed by the pinned key (its `key_id` too), or by a key a `key-rotation` leaf
+  named and a checkpoint of the key before it sealed; roots of the leaves;
 - witnessed checkpoints (kept elsewhere, see witness.py): each must be in the database, its root
   must be the root of the leaves the database holds now, and the database's head must be a
   consistent extension of it: rollback, truncation, forks and deleted checkpoints are caught even
@@ -139,7 +139,6 @@ def verify_rows(rows: list[Leaf], contents: dict[int, Content], cps: list, head_
                 public_key: Ed25519PublicKey, witnessed: list[dict] | None = None,
                 legacy_content: int = 0) -> VerifyReport:
     n = len(rows)
-    pinned = key_id(public_key)
 
     def fail(index: int | None, problem: str) -> VerifyReport:
         return VerifyReport(False, n, len(cps), 0, index, problem, len(witnessed or ()),
@@ -161,9 +160,10 @@ def verify_rows(rows: list[Leaf], contents: dict[int, Content], cps: list, head_
     roots = merkle.roots_at(hashes, [cp.tree_size for cp in cps]
                             + [int(w.get("tree_size", 0) or 0) for w in witnessed or ()
                                if str(w.get("tree_size", "")).isdigit()] + [n])
-    problem = check_checkpoints(cps, n, roots, public_key, pinned)
+    rotations = [b for b in bodies if b.get("kind") == "key-rotation"]
+    problem, trusted = check_checkpoints(cps, n, roots, public_key, rotations)
     if problem is None:
-        problem = check_witnessed(witnessed or [], hashes, roots, cps, public_key, pinned)
+        problem = check_witnessed(witnessed or [], hashes, roots, cps, trusted)
     if problem is not None:
         found.append(problem)
     if found:
@@ -174,30 +174,58 @@ def verify_rows(rows: list[Leaf], contents: dict[int, Content], cps: list, head_
 
 
 def check_checkpoints(cps: list, n: int, roots: dict[int, bytes], public_key: Ed25519PublicKey,
-                      pinned: str) -> tuple[int, str] | None:
+                      rotations: list[dict]) -> tuple[tuple[int, str] | None,
+                                                      dict[str, Ed25519PublicKey]]:
+    """(first problem or None, every key the chain of trust reached: key id -> public key).
+    Checkpoints are signed by the current key: the pinned one, until a checkpoint it signed
+    seals a `key-rotation` leaf naming the next."""
+    current = key_id(public_key)
+    trusted = {current: public_key}
+    pending = sorted(rotations, key=lambda b: b["index"])
     previous = 0
     for cp in cps:
-        if cp.key_id != pinned:
-            return previous, (f"checkpoint at size {cp.tree_size} names key {cp.key_id}, not "
-                              f"the pinned key {pinned}")
-        if not is_signed(public_key, cp.tree_size, cp.root, cp.signed_at, cp.signature):
-            return previous, f"checkpoint at size {cp.tree_size} has a bad signature"
+        if cp.key_id != current:
+            return (previous, f"checkpoint at size {cp.tree_size} names key {cp.key_id}, not "
+                              f"the pinned key {current} (or one a sealed rotation named)"), trusted
+        if not is_signed(trusted[current], cp.tree_size, cp.root, cp.signed_at, cp.signature):
+            return (previous, f"checkpoint at size {cp.tree_size} has a bad signature"), trusted
         if cp.tree_size > n:  # the interval lost records: somewhere from `previous` on
-            return previous, (f"records {previous}..{cp.tree_size - 1}: the checkpoint at size "
-                              f"{cp.tree_size} covers records that are gone (only {n} remain)")
+            return (previous, f"records {previous}..{cp.tree_size - 1}: the checkpoint at size "
+                              f"{cp.tree_size} covers records that are gone (only {n} remain)"), trusted
         # NOTE: every root is recomputed from the same leaves, so each checkpoint is an
         # extension of the one before by construction; the consistency proof an offline client
         # needs is checked from the last witnessed head (check_witnessed)
         if roots[cp.tree_size].hex() != cp.root:
-            return previous, (f"records {previous}..{cp.tree_size - 1} do not match the "
+            return (previous, f"records {previous}..{cp.tree_size - 1} do not match the "
                               f"checkpoint signed at size {cp.tree_size} (changed, inserted, "
-                              "deleted or reordered)")
+                              "deleted or reordered)"), trusted
+        while pending and pending[0]["index"] < cp.tree_size:  # sealed by the current key
+            rotation = pending.pop(0)
+            nxt = rotation_key(rotation)
+            if nxt is None:
+                return (rotation["index"], f"record {rotation['index']} rotates to a key that "
+                                           "is not an Ed25519 public key"), trusted
+            current = key_id(nxt)
+            trusted[current] = nxt
         previous = cp.tree_size
-    return None
+    return None, trusted
+
+
+def rotation_key(body: dict) -> Ed25519PublicKey | None:
+    """The next key a `key-rotation` record names, if it is one and matches its key id."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_pem_public_key(str(body["next_public_key"]).encode())
+    except (KeyError, ValueError):
+        return None
+    if not isinstance(key, Ed25519PublicKey) or key_id(key) != body.get("next_key_id"):
+        return None
+    return key
 
 
 def check_witnessed(witnessed: list[dict], hashes: list[bytes], roots: dict[int, bytes],
-                    cps: list, public_key: Ed25519PublicKey, pinned: str) -> tuple[int, str] | None:
+                    cps: list, trusted: dict[str, Ed25519PublicKey]) -> tuple[int, str] | None:
     """The database against checkpoints kept elsewhere; (index, problem) or None."""
     n = len(hashes)
     in_db = {cp.tree_size: cp for cp in cps}
@@ -208,7 +236,8 @@ def check_witnessed(witnessed: list[dict], hashes: list[bytes], roots: dict[int,
                                           float(w["signed_at"]), str(w["signature"]))
         except (KeyError, TypeError, ValueError):
             return 0, f"a witnessed line is not a checkpoint: {str(w)[:80]}"
-        if w.get("key_id") != pinned or not is_signed(public_key, size, root, signed_at, sig):
+        key = trusted.get(w.get("key_id"))
+        if key is None or not is_signed(key, size, root, signed_at, sig):
             return 0, f"the witnessed checkpoint at size {size} is not signed by the pinned key"
         if size > n:
             return n, (f"the log holds {n} records, fewer than the {size} witnessed (truncated "
