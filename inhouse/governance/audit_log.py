@@ -33,9 +33,10 @@ from inhouse.config import cache_root
 from inhouse.errors import InhouseError
 from inhouse.governance import merkle
 from inhouse.governance.audit_verify import (Content, Leaf, VerifyReport, checkpoint_message,
-                                             commitment, content_problem, key_id, leaf_problem,
+                                             commitment, content_problem, key_id, leaf_message,
+                                             leaf_problem, leaf_signed, signed_version,
                                              verify_rows)
-from inhouse.governance.database import open_database, private_dir, scrub
+from inhouse.governance.database import add_missing_columns, open_database, private_dir, scrub
 from inhouse.governance.witness import Witness
 
 log = logging.getLogger("inhouse.audit")
@@ -49,6 +50,8 @@ leaves_t = Table(
     Column("created_at", Float, nullable=False),
     Column("record", Text, nullable=False),  # canonical JSON, hashed into the leaf
     Column("leaf_hash", String(64), nullable=False),
+    # Ed25519 over the leaf hash while the record is unsealed; cleared by the sealing checkpoint
+    Column("signature", String(128)),
 )
 contents_t = Table(  # one row per leaf that has content; its salted hash is in the leaf
     "audit_leaf_content", metadata,
@@ -152,6 +155,7 @@ class AuditLog:
         except Exception as e:  # noqa: BLE001 - a bad URL or a missing driver
             raise AuditError(f"cannot open the audit database {url!r}: {e}") from None
         metadata.create_all(self.engine)
+        add_missing_columns(self.engine, "audit_leaves", {"signature": "VARCHAR(128)"})
         with self.engine.begin() as conn:
             if conn.execute(select(head_t.c.size).where(head_t.c.id == 1)).first() is None:
                 conn.execute(insert(head_t).values(id=1, size=0))
@@ -179,9 +183,11 @@ class AuditLog:
             if content_json is not None:
                 body["content_sha256"] = commitment(salt, content_json)
             leaf = merkle.leaf_hash(canonical(body)).hex()
+            sig = self.key.sign(leaf_message(leaf)).hex() if self.key is not None else None
             conn.execute(insert(leaves_t).values(
                 idx=size, record_id=record_id, kind=kind, subject=subject,
-                created_at=body["created_at"], record=canonical(body).decode(), leaf_hash=leaf))
+                created_at=body["created_at"], record=canonical(body).decode(), leaf_hash=leaf,
+                signature=sig))
             if content_json is not None:
                 conn.execute(insert(contents_t).values(idx=size, record_id=record_id, salt=salt,
                                                        content=content_json))
@@ -189,8 +195,17 @@ class AuditLog:
         entry = AuditEntry(size, record_id, leaf)
         if self.key is not None and ((size + 1) % self.checkpoint_every == 0 or
                                      time.time() - self._last_checkpoint > self.checkpoint_seconds):
-            self.checkpoint()
+            self._seal_quietly()
         return entry
+
+    def _seal_quietly(self) -> None:
+        """Seal now; a log that refuses to be sealed (a record written behind its back) keeps
+        the record this call wrote, says so loudly, and leaves the rest to `verify`."""
+        try:
+            self.checkpoint()
+        except AuditError as e:
+            self._last_checkpoint = time.time()  # the timer tries again an interval later
+            log.error("audit log NOT SEALED: %s", e)
 
     def checkpoint(self) -> tuple[int, str] | None:
         """Sign the current tree head and hand it to the witness; returns (size, root hex), or
@@ -205,6 +220,8 @@ class AuditLog:
             if size == 0 or (last is not None and last[0] == size):
                 self._last_checkpoint = time.time()
                 return None
+            sealed = last[0] if last is not None else 0
+            self._check_tail(conn, sealed)
             hashes = [bytes.fromhex(h) for (h,) in conn.execute(
                 select(leaves_t.c.leaf_hash).order_by(leaves_t.c.idx))]
             root_hex = merkle.root(hashes).hex()
@@ -213,6 +230,8 @@ class AuditLog:
             cp = dict(tree_size=size, root=root_hex, signed_at=signed_at, signature=sig,
                       key_id=key_id(self.key.public_key()))
             conn.execute(insert(checkpoints_t).values(**cp))
+            conn.execute(update(leaves_t).where(leaves_t.c.idx >= sealed, leaves_t.c.idx < size)
+                         .values(signature=None))
         self._last_checkpoint = time.time()
         if self.witness is not None:
             try:
@@ -220,6 +239,25 @@ class AuditLog:
             except OSError as e:  # the log stays written; verify --witness will show the gap
                 log.error("audit witness: checkpoint %d not recorded (%s)", size, e)
         return size, root_hex
+
+    def _check_tail(self, conn, sealed: int) -> None:
+        """Before sealing: every record since the last checkpoint must carry its own signature
+        by this log's key, or someone wrote it behind the log's back; sealing it would vouch
+        for it. (The tail after a checkpoint of a log older than record signatures is not
+        signed: it is sealed once, as it is.)"""
+        cp = conn.execute(select(checkpoints_t).where(checkpoints_t.c.tree_size == sealed)).first()
+        if cp is not None and signed_version(self.key.public_key(), cp.tree_size, cp.root,
+                                             cp.signed_at, cp.signature) == 1:
+            return
+        public = self.key.public_key()
+        for row in conn.execute(select(leaves_t).where(leaves_t.c.idx >= sealed)):
+            leaf = Leaf(row.idx, row.record_id, row.kind, row.subject, row.created_at, row.record,
+                        row.leaf_hash, row.signature)
+            if merkle.leaf_hash(row.record.encode()).hex() != row.leaf_hash or \
+                    not leaf_signed(public, leaf):
+                raise AuditError(f"refusing to seal: record {row.idx} is not signed by this "
+                                 "log's key (written behind the log's back?); run "
+                                 "`inhouse audit verify`")
 
     def rotate_key(self, new_key: Ed25519PrivateKey) -> None:
         """A `key-rotation` leaf naming the next key, sealed by a checkpoint of the current key;
@@ -244,7 +282,7 @@ class AuditLog:
             while not self._closing.wait(min(tick_s, self.checkpoint_seconds)):
                 if time.time() - self._last_checkpoint >= self.checkpoint_seconds:
                     try:
-                        self.checkpoint()
+                        self._seal_quietly()
                     except Exception:  # noqa: BLE001 - a busy database: the next tick retries
                         log.exception("audit sealing failed; retrying")
 
@@ -258,7 +296,7 @@ class AuditLog:
             self._sealer.join(timeout=5)
             self._sealer = None
         if self.key is not None:
-            self.checkpoint()
+            self._seal_quietly()
         if self.witness is not None:
             self.witness.close()
 
@@ -269,8 +307,8 @@ class AuditLog:
             q = q.where(where)
         if limit is not None:
             q = q.limit(limit)
-        return [Leaf(r.idx, r.record_id, r.kind, r.subject, r.created_at, r.record, r.leaf_hash)
-                for r in conn.execute(q)]
+        return [Leaf(r.idx, r.record_id, r.kind, r.subject, r.created_at, r.record, r.leaf_hash,
+                     r.signature) for r in conn.execute(q)]
 
     def _marked(self, conn, rows: list[Leaf]) -> list[dict]:
         """The records of these leaves, each marked `"verified": false` with its problem when it

@@ -40,8 +40,16 @@ class VerifyReport:
     legacy_content: int = 0  # content rows written before commitments: not verifiable
 
 
-def checkpoint_message(size: int, root_hex: str, signed_at: float) -> bytes:
-    return f"inhouse-audit-checkpoint\n{size}\n{root_hex}\n{signed_at:.6f}".encode()
+def checkpoint_message(size: int, root_hex: str, signed_at: float, version: int = 2) -> bytes:
+    """What a checkpoint signs. Version 2 (since leaf signatures) also says: every record after
+    this one is signed by itself until the next checkpoint; version 1 checkpoints are older."""
+    tag = "inhouse-audit-checkpoint/2" if version == 2 else "inhouse-audit-checkpoint"
+    return f"{tag}\n{size}\n{root_hex}\n{signed_at:.6f}".encode()
+
+
+def leaf_message(leaf_hash_hex: str) -> bytes:
+    """What a record's own signature signs, until a checkpoint seals it (then it is cleared)."""
+    return f"inhouse-audit-leaf\n{leaf_hash_hex}".encode()
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -66,6 +74,7 @@ class Leaf:
     created_at: float
     record: str
     leaf_hash: str
+    signature: str | None = None  # the record's own signature while unsealed (then cleared)
 
 
 @dataclass(frozen=True)
@@ -161,9 +170,11 @@ def verify_rows(rows: list[Leaf], contents: dict[int, Content], cps: list, head_
                             + [int(w.get("tree_size", 0) or 0) for w in witnessed or ()
                                if str(w.get("tree_size", "")).isdigit()] + [n])
     rotations = [b for b in bodies if b.get("kind") == "key-rotation"]
-    problem, trusted = check_checkpoints(cps, n, roots, public_key, rotations)
+    problem, chain = check_checkpoints(cps, n, roots, public_key, rotations)
     if problem is None:
-        problem = check_witnessed(witnessed or [], hashes, roots, cps, trusted)
+        problem = check_witnessed(witnessed or [], hashes, roots, cps, chain.trusted)
+    if problem is None:
+        problem = check_leaf_signatures(rows, cps[-1].tree_size if cps else 0, chain)
     if problem is not None:
         found.append(problem)
     if found:
@@ -173,42 +184,72 @@ def verify_rows(rows: list[Leaf], contents: dict[int, Content], cps: list, head_
                         legacy_content)
 
 
+@dataclass
+class Chain:
+    """The chain of trust as the checkpoints walk it: every key reached (key id -> key), the
+    current one, and the format of the last checkpoint."""
+
+    trusted: dict[str, Ed25519PublicKey]
+    current: str
+    last_version: int = 2
+
+
 def check_checkpoints(cps: list, n: int, roots: dict[int, bytes], public_key: Ed25519PublicKey,
-                      rotations: list[dict]) -> tuple[tuple[int, str] | None,
-                                                      dict[str, Ed25519PublicKey]]:
-    """(first problem or None, every key the chain of trust reached: key id -> public key).
-    Checkpoints are signed by the current key: the pinned one, until a checkpoint it signed
-    seals a `key-rotation` leaf naming the next."""
+                      rotations: list[dict]) -> tuple[tuple[int, str] | None, Chain]:
+    """(first problem or None, the chain of trust). Checkpoints are signed by the current key:
+    the pinned one, until a checkpoint it signed seals a `key-rotation` leaf naming the next."""
     current = key_id(public_key)
     trusted = {current: public_key}
+    chain = Chain(trusted, current)
     pending = sorted(rotations, key=lambda b: b["index"])
     previous = 0
     for cp in cps:
         if cp.key_id != current:
             return (previous, f"checkpoint at size {cp.tree_size} names key {cp.key_id}, not "
-                              f"the pinned key {current} (or one a sealed rotation named)"), trusted
-        if not is_signed(trusted[current], cp.tree_size, cp.root, cp.signed_at, cp.signature):
-            return (previous, f"checkpoint at size {cp.tree_size} has a bad signature"), trusted
+                              f"the pinned key {current} (or one a sealed rotation named)"), chain
+        version = signed_version(trusted[current], cp.tree_size, cp.root, cp.signed_at,
+                                 cp.signature)
+        if not version:
+            return (previous, f"checkpoint at size {cp.tree_size} has a bad signature"), chain
+        chain.last_version = version
         if cp.tree_size > n:  # the interval lost records: somewhere from `previous` on
             return (previous, f"records {previous}..{cp.tree_size - 1}: the checkpoint at size "
-                              f"{cp.tree_size} covers records that are gone (only {n} remain)"), trusted
+                              f"{cp.tree_size} covers records that are gone (only {n} remain)"), chain
         # NOTE: every root is recomputed from the same leaves, so each checkpoint is an
         # extension of the one before by construction; the consistency proof an offline client
         # needs is checked from the last witnessed head (check_witnessed)
         if roots[cp.tree_size].hex() != cp.root:
             return (previous, f"records {previous}..{cp.tree_size - 1} do not match the "
                               f"checkpoint signed at size {cp.tree_size} (changed, inserted, "
-                              "deleted or reordered)"), trusted
+                              "deleted or reordered)"), chain
         while pending and pending[0]["index"] < cp.tree_size:  # sealed by the current key
             rotation = pending.pop(0)
             nxt = rotation_key(rotation)
             if nxt is None:
                 return (rotation["index"], f"record {rotation['index']} rotates to a key that "
-                                           "is not an Ed25519 public key"), trusted
+                                           "is not an Ed25519 public key"), chain
             current = key_id(nxt)
             trusted[current] = nxt
+            chain.current = current
         previous = cp.tree_size
-    return None, trusted
+    return None, chain
+
+
+def check_leaf_signatures(rows: list[Leaf], sealed: int, chain: Chain) -> tuple[int, str] | None:
+    """Sealed records carry no signature of their own (the checkpoint replaced it); each record
+    after the last checkpoint must be signed by the current key, so that nobody without it can
+    add records the next checkpoint would seal. After a version-1 checkpoint (a log older than
+    leaf signatures) the tail is not signed."""
+    for row in rows[:sealed]:
+        if row.signature is not None:
+            return row.idx, f"record {row.idx} is sealed yet carries a record signature (edited)"
+    if chain.last_version < 2:
+        return None
+    for row in rows[sealed:]:
+        if not leaf_signed(chain.trusted[chain.current], row):
+            return row.idx, (f"record {row.idx} is not yet sealed and not signed by the log's key "
+                             "(written behind the log's back)")
+    return None
 
 
 def rotation_key(body: dict) -> Ed25519PublicKey | None:
@@ -253,10 +294,27 @@ def check_witnessed(witnessed: list[dict], hashes: list[bytes], roots: dict[int,
     return None
 
 
+def signed_version(public_key: Ed25519PublicKey, size: int, root: str, signed_at: float,
+                   signature: str) -> int:
+    """2 or 1: the checkpoint format the signature is valid for; 0: not valid."""
+    for version in (2, 1):
+        try:
+            public_key.verify(bytes.fromhex(signature),
+                              checkpoint_message(size, root, signed_at, version))
+            return version
+        except (InvalidSignature, ValueError):
+            continue
+    return 0
+
+
 def is_signed(public_key: Ed25519PublicKey, size: int, root: str, signed_at: float,
-            signature: str) -> bool:
+              signature: str) -> bool:
+    return signed_version(public_key, size, root, signed_at, signature) > 0
+
+
+def leaf_signed(public_key: Ed25519PublicKey, row: Leaf) -> bool:
     try:
-        public_key.verify(bytes.fromhex(signature), checkpoint_message(size, root, signed_at))
+        public_key.verify(bytes.fromhex(row.signature or ""), leaf_message(row.leaf_hash))
         return True
     except (InvalidSignature, ValueError):
         return False
