@@ -60,8 +60,7 @@ def _open_for_reading(database_url: str | None):
 @audit_app.command("public-key")
 @cli_errors
 def public_key(key: KeyOpt = None) -> None:
-    """Print the log's public key (PEM), for the auditor to keep and pin with
-    `verify --public-key`."""
+    """Print the log's public key (PEM), for the auditor to pin with `verify --public-key`."""
     from inhouse.errors import InhouseError
     from inhouse.governance.audit_log import default_key_path, load_signing_key, public_key_pem
 
@@ -82,8 +81,9 @@ def verify(database_url: DbOpt = None, key: KeyOpt = None,
            witness: Annotated[Path | None, typer.Option(
                help="A witness file of checkpoints (serve --audit-witness): catches rollback, "
                     "truncation, forks and deleted checkpoints.")] = None) -> None:
-    """Check every record, column, content row, the head, the signed checkpoints and (with
-    --witness) the witnessed ones; name the first bad record."""
+    """Check every record, column, content row, checkpoint and witnessed checkpoint.
+
+    Names the first bad record; exits 3 if anything fails."""
     from inhouse.governance.audit_log import load_public_key
     from inhouse.governance.witness import read_witness
 
@@ -178,7 +178,7 @@ def erase(subject: Annotated[str | None, typer.Option(help="Erase this subject's
           older_than_days: Annotated[float | None, typer.Option(help="Erase content older than "
                                                                 "this many days.")] = None,
           database_url: DbOpt = None, key: KeyOpt = None) -> None:
-    """Delete stored prompts and answers (never the leaves: `verify` still passes); logged."""
+    """Delete a person's prompts, answers and stored responses; logged, `verify` still passes."""
     from inhouse.errors import InhouseError
 
     if subject is None and older_than_days is None:
@@ -198,8 +198,10 @@ def prove(record_id: Annotated[str, typer.Argument(help="The record id.")],
               help="Include the record's content (and its salts): the proof then also proves "
                    "the prompt and answer text. Personal data: hand it only to who may see it.")] = False,
           database_url: DbOpt = None) -> None:
-    """Write a proof a third party checks offline: the record's leaves, their inclusion proofs
-    and the signed checkpoint that contains them."""
+    """Write a proof a third party checks offline.
+
+    The proof holds the record's leaves, their inclusion proofs and the signed checkpoint that
+    contains them."""
     from inhouse.governance.audit_proof import make_proof
 
     proof = make_proof(_open_for_reading(database_url), record_id, with_content)
@@ -246,9 +248,11 @@ def check_proof_cmd(proof_file: Annotated[Path, typer.Argument(help="The proof (
 def rotate_key(new_key: Annotated[Path, typer.Option(
                    help="The next signing key file (created, mode 0600, if missing).")],
                database_url: DbOpt = None, key: KeyOpt = None) -> None:
-    """Rotate the checkpoint signing key: a signed leaf names the next key and a checkpoint of
-    the current key seals it. Stop the server first; restart it with
-    --audit-signing-key NEW_KEY. Auditors keep their pinned key: verify follows the rotation."""
+    """Rotate the checkpoint signing key (stop the server first).
+
+    A signed leaf names the next key and a checkpoint of the current key seals it; restart the
+    server with --audit-signing-key NEW_KEY. Auditors keep their pinned key: verify follows the
+    rotation."""
     from inhouse.governance.audit_log import load_signing_key, public_key_pem
     from inhouse.governance.audit_verify import key_id
 
