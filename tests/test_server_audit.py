@@ -112,7 +112,12 @@ def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
                       for i in range(3)]  # concurrent, one without a seed (drawn and logged)
             bodies += [bodies[1] | {"n": 2}, bodies[1] | {"stream": True},
                        # stop strings cut the answer: the logged prefix replays
-                       bodies[1] | {"max_tokens": 80, "stop": [" ", "e", "a", "o"]}]
+                       bodies[1] | {"max_tokens": 80, "stop": [" ", "e", "a", "o"]},
+                       bodies[1] | {"tool_choice": "required", "tools": [{
+                           "type": "function", "function": {
+                               "name": "get_weather", "description": "Weather in a city.",
+                               "parameters": {"type": "object", "properties": {
+                                   "city": {"type": "string"}}}}}]}]
             import concurrent.futures as cf
             with cf.ThreadPoolExecutor(3) as pool:
                 list(pool.map(lambda b: httpx.post(f"{u}/v1/chat/completions", json=b, timeout=60), bodies))
@@ -122,7 +127,10 @@ def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
     finally:
         engine.shutdown()
     ends = [r["finish_reason"] for r in log.list(limit=1000) if r["kind"] == "completion"]
-    assert "abort" in ends and len(ends) == 8  # the stop-string one was cut short
+    assert "abort" in ends and len(ends) == 9  # the stop-string one was cut short
+    tooled = [r for r in log.list(limit=1000) if r["kind"] == "request" and r["tools"]]
+    assert tooled and tooled[0]["tools"][0]["parameters"]["properties"]["city"] and \
+        tooled[0]["assistant_prefix"]  # the definitions and the forced call header
     runner = CliRunner()
     for rid in {r["record_id"] for r in log.list(limit=1000)}:
         res = runner.invoke(cli, ["audit", "replay", rid, "--model", str(path), "--database-url", url])
