@@ -71,7 +71,9 @@ def replay(log: AuditLog, record_id: str, model_path: Path,
         if got != wanted:
             raise InhouseError(f"refusing to replay: the adapter at {adapter_dir} has digest {got}, "
                                f"the record was produced by {wanted}")
-    engine = LLMEngine(model, EngineConfig(mode="reproducible"))
+    from inhouse.harmony.grammar import GrammarBackend
+
+    engine = LLMEngine(model, EngineConfig(mode="reproducible"), grammars=GrammarBackend())
     engine.add_request(record_id, content["prompt_ids"], SamplingParams(**params))
     out: list[int] = []
     while engine.has_unfinished():

@@ -100,3 +100,49 @@ def test_hot_sampling_never_breaks_the_answer_nor_leaks_control_tokens(demo):
                 assert not any(c in text for c in CONTROL), (seed, text)
     finally:
         client.shutdown()
+
+
+BOUNDED = [  # schemas whose every value is bounded: the grammar alone guarantees a finished answer
+    {"type": "object", "properties": {"size": {"enum": ["small", "big"]}, "ok": {"type": "boolean"}},
+     "required": ["size", "ok"], "additionalProperties": False},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 100}},
+     "required": ["n"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+     "required": ["city"], "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                               "maxItems": 3}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"p": {"type": "object", "properties": {
+        "x": {"type": "integer", "minimum": -5, "maximum": 5}}, "required": ["x"],
+        "additionalProperties": False}}, "required": ["p"], "additionalProperties": False},
+]
+
+
+def test_the_demo_answers_in_json_matching_the_schema(demo):
+    """Issue 19, first part: the demo model cannot write JSON; the grammar makes its answer
+    JSON that validates, streaming or not, with its reasoning left free."""
+    import jsonschema
+    openai = pytest.importorskip("openai")
+    from inhouse.harmony.grammar import GrammarBackend
+
+    client = AsyncEngine(LLMEngine(load_model(demo), EngineConfig(), grammars=GrammarBackend()))
+    settings = ServerSettings(model_name="inhouse-demo", is_demo=True, audit=False)
+    try:
+        with running_server(build_app(client, settings)) as url:
+            api = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+            for i, schema in enumerate(BOUNDED):
+                for stream in (False, True):
+                    kw = dict(model="inhouse-demo", max_tokens=300, seed=i,
+                              messages=[{"role": "user", "content": "What is the capital of France?"}],
+                              response_format={"type": "json_schema", "json_schema": {
+                                  "name": "answer", "schema": schema, "strict": True}})
+                    if stream:
+                        text = "".join(c.choices[0].delta.content or "" for c in
+                                       api.chat.completions.create(stream=True, **kw) if c.choices)
+                    else:
+                        r = api.chat.completions.create(**kw)
+                        text = r.choices[0].message.content
+                        assert r.choices[0].finish_reason == "stop"
+                    jsonschema.validate(json.loads(text), schema)
+    finally:
+        client.shutdown()

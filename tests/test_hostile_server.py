@@ -398,3 +398,20 @@ def test_a_stream_that_breaks_ends_with_an_error_event_not_a_cut(world):
             events = [x for x in r.iter_lines() if x.startswith("event:")]
         assert events[-1] == "event: error"
         assert httpx.get(f"{u}/health").status_code == 200
+
+
+# ---- issue 19 (first part): response_format ----------------------------------------------------
+@pytest.mark.parametrize("fmt, param", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "not": {}}}}, "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}}},
+     "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}},
+     "response_format.json_schema.json_schema.name"),
+])
+def test_a_response_format_that_cannot_be_enforced_is_a_400(world, fmt, param):
+    with running_server(_app(ScriptedEngine(FINAL), world)) as u:
+        r = httpx.post(f"{u}/v1/chat/completions", json=BODY | {"response_format": fmt})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith("response_format"), r.json()

@@ -104,7 +104,10 @@ def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
     settings = ServerSettings(model_name=MODEL, audit_content="full", engine_mode="reproducible",
                               model_digest=checkpoint_digest(find_checkpoint(path)),
                               model_dtype="float32", kernel=kernels.path_name())
-    engine = AsyncEngine(LLMEngine(load_model(path), EngineConfig(mode="reproducible")))
+    from inhouse.harmony.grammar import GrammarBackend
+
+    engine = AsyncEngine(LLMEngine(load_model(path), EngineConfig(mode="reproducible"),
+                                   grammars=GrammarBackend()))
     try:
         with running_server(build_app(engine, settings, audit_log=log)) as u:
             bodies = [{"model": MODEL, "messages": [{"role": "user", "content": f"Tell me {i}"}],
@@ -117,7 +120,11 @@ def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
                            "type": "function", "function": {
                                "name": "get_weather", "description": "Weather in a city.",
                                "parameters": {"type": "object", "properties": {
-                                   "city": {"type": "string"}}}}}]}]
+                                   "city": {"type": "string"}}}}}]},
+                       # a grammar: recorded in the params, applied again by replay
+                       bodies[1] | {"response_format": {"type": "json_schema", "json_schema": {
+                           "name": "size", "schema": {"type": "object", "properties": {
+                               "size": {"enum": ["small", "big"]}}, "required": ["size"]}}}}]
             import concurrent.futures as cf
             with cf.ThreadPoolExecutor(3) as pool:
                 list(pool.map(lambda b: httpx.post(f"{u}/v1/chat/completions", json=b, timeout=60), bodies))
@@ -127,7 +134,9 @@ def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
     finally:
         engine.shutdown()
     ends = [r["finish_reason"] for r in log.list(limit=1000) if r["kind"] == "completion"]
-    assert "abort" in ends and len(ends) == 9  # the stop-string one was cut short
+    assert "abort" in ends and len(ends) == 10  # the stop-string one was cut short
+    assert any(r["kind"] == "request" and r["params"].get("grammar")
+               for r in log.list(limit=1000))
     tooled = [r for r in log.list(limit=1000) if r["kind"] == "request" and r["tools"]]
     assert tooled and tooled[0]["tools"][0]["parameters"]["properties"]["city"] and \
         tooled[0]["assistant_prefix"]  # the definitions and the forced call header

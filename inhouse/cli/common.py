@@ -74,4 +74,6 @@ def open_engine(model: Path | None, dtype: DType, quiet: bool = False, mmap: boo
     if not quiet:
         err.print(f"[dim]loading {label} ...[/dim]")
     loaded = load_model(model, dtype=dtype.torch, mmap=mmap)
-    return AsyncEngine(LLMEngine(loaded, EngineConfig())), label
+    from inhouse.harmony.grammar import GrammarBackend
+
+    return AsyncEngine(LLMEngine(loaded, EngineConfig(), grammars=GrammarBackend())), label

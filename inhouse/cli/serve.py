@@ -130,7 +130,9 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     loaded = load_model(path, dtype=dtype.torch, mmap=mmap)
     digests = tuple((n, attach_adapter(loaded, n, d, contents)) for n, d, contents in read)
     settings = dataclasses.replace(settings, adapters=digests)
-    client = AsyncEngine(LLMEngine(loaded, engine_cfg))
+    from inhouse.harmony.grammar import GrammarBackend
+
+    client = AsyncEngine(LLMEngine(loaded, engine_cfg, grammars=GrammarBackend()))
     app = build_app(client, settings)
     banner = f"inhouse serving '{name}' on http://{host}:{port}/v1"
     if demo:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -30,12 +31,28 @@ class EngineStats:
     finished_per_s: float = 0.0  # requests finished per second lately (0: none measured)
 
 
+class GrammarMatcher(Protocol):
+    def fill_mask(self, logits: torch.Tensor) -> None:
+        """Set the logits (V,) of the tokens the grammar forbids next to -inf, in place."""
+
+    def consume(self, token: int) -> bool: ...
+
+
+class GrammarCompiler(Protocol):
+    """Compiles a request's grammar into a matcher (harmony.grammar.GrammarBackend); the engine
+    is given one at construction and never sees the vocabulary or harmony itself."""
+
+    def new_matcher(self, grammar: str) -> GrammarMatcher: ...
+
+
 class LLMEngine:
     """Single-threaded core; `AsyncEngine` drives it from a background thread."""
 
-    def __init__(self, model: Transformer, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, model: Transformer, config: EngineConfig = EngineConfig(),
+                 grammars: GrammarCompiler | None = None) -> None:
         self.model = model
         self.config = config
+        self.grammars = grammars
         mc = model.config
         sliding = sum(mc.is_sliding(i) for i in range(mc.num_hidden_layers))
         layout = KVLayout(mc.num_hidden_layers - sliding, sliding, mc.sliding_window,
@@ -65,8 +82,19 @@ class LLMEngine:
             raise InvalidRequest(f"the request needs KV memory for {reserve} tokens, more than the "
                                  "whole KV budget; lower max_tokens or raise --kv-budget",
                                  "max_tokens")
+        matcher = None
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise InvalidRequest("this engine was built without a grammar backend",
+                                     "response_format")
+            try:
+                matcher = self.grammars.new_matcher(params.grammar)
+            except ValueError as e:
+                raise InvalidRequest(f"the grammar cannot be compiled: {e}",
+                                     "response_format") from None
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(request_id, list(prompt_ids), params, seed, reserve)
+        seq.matcher = matcher
         seq.generator = torch.Generator().manual_seed(seed)
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
@@ -130,7 +158,15 @@ class LLMEngine:
     def _sample(seq: Sequence, row: torch.Tensor) -> tuple[int, object]:
         if bool(torch.isnan(row).any()) or bool(torch.isposinf(row).any()):
             raise FloatingPointError("the model produced non-finite logits")
-        return sample(row, seq.params, seq.generator, seq.output_ids)
+        if seq.matcher is not None:
+            row = row.clone()
+            seq.matcher.fill_mask(row)
+            if not bool(torch.isfinite(row).any()):
+                raise RuntimeError("the grammar allows no next token")
+        token, lp = sample(row, seq.params, seq.generator, seq.output_ids)
+        if seq.matcher is not None and not seq.matcher.consume(token):
+            raise RuntimeError(f"the grammar refused token {token} it had allowed")
+        return token, lp
 
     def _run_alone(self, chunks) -> list:
         """After a batched step failed: each sequence recomputed by itself from its own tokens
@@ -178,6 +214,7 @@ class LLMEngine:
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self.scheduler.remove(seq)
         seq.cache = None  # frees the KV tensors
+        seq.matcher = None
         self._seqs.pop(seq.request_id, None)
         return self._output(seq, new_ids, new_lp, error)
 

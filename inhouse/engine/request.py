@@ -33,6 +33,7 @@ class Sequence:
     finish_reason: str | None = None
     cache: object | None = None  # the model's KVCache, created when the sequence first runs
     generator: torch.Generator | None = None
+    matcher: object | None = None  # the grammar's state for this sequence (GrammarMatcher)
     arrived_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # when the scheduler first ran it
 

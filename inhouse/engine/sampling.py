@@ -46,6 +46,10 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; n: the sampled token's logprob and the top n
     adapter: str | None = None  # the LoRA adapter that generates (None: the base model)
+    # a grammar the output must follow (llguidance's lark dialect, over token ids from the first
+    # generated token); compiled by the engine's GrammarCompiler. Logprobs are then those of the
+    # distribution actually sampled: the model's, restricted to what the grammar allows.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,8 +64,28 @@ class StreamOptions(Strict):
     include_obfuscation: bool | None = None
 
 
-class ResponseFormat(Strict):
+class ResponseFormatText(Strict):
     type: Literal["text"]
+
+
+class ResponseFormatJsonObject(Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatJsonSchema(Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
+                           Field(discriminator="type")]
 
 
 class ChatCompletionRequest(Strict):

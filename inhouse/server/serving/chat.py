@@ -12,8 +12,10 @@ from inhouse import __version__
 from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient, SamplingParams
 from inhouse.governance.tenancy import Caller
-from inhouse.harmony import (ContentDelta, ConversationError, ParseWarning, PromptOptions,
-                             ReasoningDelta, ToolCallDelta, ToolCallDone, decode, tool_call_prefix)
+from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, ParseWarning,
+                             PromptOptions, ReasoningDelta, ToolCallDelta, ToolCallDone, decode,
+                             tool_call_prefix)
+from inhouse.harmony.grammar import answer_grammar, response_format_instructions
 from inhouse.harmony.openai_shapes import function_tools, messages_from_chat
 from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
 from inhouse.server.errors import APIError
@@ -54,6 +56,16 @@ class ChatCompletions:
         if req.n > self.settings.max_n:
             raise APIError(400, f"'n' is {req.n}; at most {self.settings.max_n}", param="n")
         messages = messages_from_chat([m.model_dump(exclude_none=True) for m in req.messages])
+        grammar = None
+        fmt = req.response_format
+        if fmt is not None and fmt.type != "text":
+            spec = fmt.json_schema if fmt.type == "json_schema" else None
+            schema = spec.schema_ if spec is not None else None
+            grammar = answer_grammar(schema, "response_format.json_schema.schema"
+                                     if spec is not None else "response_format")
+            messages.append(ChatMessage("developer", response_format_instructions(
+                spec.name if spec else "json_object", spec.description if spec else None,
+                schema)))
         tools = function_tools([t.model_dump() for t in (req.tools or [])])
         choice = req.tool_choice
         prefix: list[int] = []
@@ -85,7 +97,8 @@ class ChatCompletions:
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
             min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0, seed=seed_for(req.seed, i),
-            logprobs=(req.top_logprobs or 0) if req.logprobs else None, adapter=adapter)
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None, adapter=adapter,
+            grammar=grammar)
             for i in range(req.n))
         return TurnRequest("/v1/chat/completions", caller, tuple(messages), options, params,
                            tuple(f"{request_id}-{i}" for i in range(req.n)), tuple(prefix),

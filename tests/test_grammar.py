@@ -1,0 +1,88 @@
+"""Grammars that follow harmony (issue 19, first part): the analysis stays free, the answer is
+JSON that matches the schema; what cannot be enforced is refused, naming the keyword."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from inhouse.harmony import ConversationError, load_encoding
+from inhouse.harmony.grammar import GrammarBackend, answer_grammar
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"},
+                                           "size": {"enum": ["small", "big"]}},
+          "required": ["city", "size"], "additionalProperties": False}
+
+
+def ids(text: str) -> list[int]:
+    return load_encoding().encode(text, allowed_special="all")
+
+
+def consumes(grammar: str, text: str) -> bool:
+    m = GrammarBackend().new_matcher(grammar)
+    return all(m.consume(t) for t in ids(text)) and m.matcher.is_accepting()
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('<|channel|>analysis<|message|>Think <b>free</b>ly.<|end|><|start|>assistant'
+     '<|channel|>final<|message|>{"city":"Paris","size":"big"}<|return|>', True),
+    ('<|channel|>final<|message|>{"city":"Paris","size":"big"}<|return|>', True),  # no analysis
+    ('<|channel|>final<|message|>{"city":"Paris"}<|return|>', False),  # missing key
+    ('<|channel|>final<|message|>{"city":"Paris","size":"huge"}<|return|>', False),  # not in enum
+    ('<|channel|>final<|message|>Paris<|return|>', False),  # not JSON
+    ('<|channel|>commentary to=functions.f<|message|>{}<|call|>', False),  # no tool calls
+    ('<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>analysis<|message|>y'
+     '<|end|>', False),  # the answer cannot be put off forever
+])
+def test_the_grammar_leaves_reasoning_free_and_constrains_the_answer(text, ok):
+    assert consumes(answer_grammar(SCHEMA), text) is ok
+
+
+def test_the_mask_allows_only_what_the_grammar_allows():
+    m = GrammarBackend().new_matcher(answer_grammar(SCHEMA))
+    for t in ids("<|channel|>final<|message|>"):
+        assert m.consume(t)
+    logits = torch.zeros(201088)
+    m.fill_mask(logits)
+    allowed = torch.isfinite(logits).nonzero().flatten().tolist()
+    assert allowed and all(load_encoding().decode([t]).startswith("{") for t in allowed)
+
+
+@pytest.mark.parametrize("schema, where", [
+    ({"type": "object", "not": {"required": ["a"]}}, "schema.not"),
+    ({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}},
+     "schema.properties.a.uniqueItems"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}, None),
+    (["not", "an", "object"], None),
+])
+def test_what_cannot_be_enforced_is_refused_not_loosened(schema, where):
+    with pytest.raises(ConversationError) as e:
+        answer_grammar(schema, "response_format.json_schema.schema")
+    assert e.value.param == "response_format.json_schema.schema"
+    if where:
+        assert where in str(e.value)
+
+
+def test_a_constrained_request_through_the_engine_follows_its_grammar(checkpoints):
+    """Even the tiny random model, which writes noise, stays inside the grammar."""
+    from inhouse.config import EngineConfig
+    from inhouse.engine import LLMEngine, SamplingParams
+    from inhouse.harmony import render_prompt, ChatMessage
+    from inhouse.model import load_model
+
+    engine = LLMEngine(load_model(checkpoints["hf"]), EngineConfig(), grammars=GrammarBackend())
+    grammar = answer_grammar(SCHEMA)
+    prompt = render_prompt([ChatMessage("user", "hi")])
+    engine.add_request("c", prompt, SamplingParams(max_tokens=40, seed=1, grammar=grammar))
+    out = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            out += o.new_token_ids
+    m = GrammarBackend().new_matcher(grammar)
+    assert all(m.consume(t) for t in out)  # every sampled token was allowed
+    with pytest.raises(Exception, match="grammar"):
+        LLMEngine(engine.model).add_request("d", prompt, SamplingParams(grammar=grammar))
+    with pytest.raises(Exception, match="cannot be compiled"):
+        engine.add_request("e", prompt, SamplingParams(grammar="start: %json {"))
