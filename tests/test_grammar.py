@@ -44,9 +44,7 @@ def test_the_mask_allows_only_what_the_grammar_allows():
     m = GrammarBackend().new_matcher(answer_grammar(SCHEMA))
     for t in ids("<|channel|>final<|message|>"):
         assert m.consume(t)
-    logits = torch.zeros(201088)
-    m.fill_mask(logits)
-    allowed = torch.isfinite(logits).nonzero().flatten().tolist()
+    allowed = torch.from_numpy(m.allowed()).nonzero().flatten().tolist()
     assert allowed and all(load_encoding().decode([t]).startswith("{") for t in allowed)
 
 

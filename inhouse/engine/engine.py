@@ -32,8 +32,8 @@ class EngineStats:
 
 
 class GrammarMatcher(Protocol):
-    def fill_mask(self, logits: torch.Tensor) -> None:
-        """Set the logits (V,) of the tokens the grammar forbids next to -inf, in place."""
+    def allowed(self):
+        """A boolean numpy array over the vocabulary: the tokens the grammar allows next."""
 
     def consume(self, token: int) -> bool: ...
 
@@ -159,10 +159,10 @@ class LLMEngine:
         if bool(torch.isnan(row).any()) or bool(torch.isposinf(row).any()):
             raise FloatingPointError("the model produced non-finite logits")
         if seq.matcher is not None:
-            row = row.clone()
-            seq.matcher.fill_mask(row)
-            if not bool(torch.isfinite(row).any()):
+            allowed = torch.from_numpy(seq.matcher.allowed())[:row.shape[0]]
+            if not bool(allowed.any()):
                 raise RuntimeError("the grammar allows no next token")
+            row = row.masked_fill(~allowed, float("-inf"))
         token, lp = sample(row, seq.params, seq.generator, seq.output_ids)
         if seq.matcher is not None and not seq.matcher.consume(token):
             raise RuntimeError(f"the grammar refused token {token} it had allowed")

@@ -133,16 +133,14 @@ class GrammarMatcher:
 
     matcher: Any
 
-    def fill_mask(self, logits) -> None:
-        """Set the logits of every token the grammar forbids next to -inf (in place)."""
+    def allowed(self):
+        """A boolean numpy array over the vocabulary: the tokens the grammar allows next."""
         import numpy as np
-        import torch
         from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
         bitmask = allocate_token_bitmask(1, NUM_IDS)  # (1, words) int32, bit i of word w: id 32w+i
         fill_next_token_bitmask(self.matcher, bitmask, 0)
-        allowed = np.unpackbits(bitmask[0].view(np.uint8), bitorder="little")[:logits.shape[0]]
-        logits[torch.from_numpy(allowed == 0)] = float("-inf")
+        return np.unpackbits(bitmask[0].view(np.uint8), bitorder="little")[:NUM_IDS].astype(bool)
 
     def consume(self, token: int) -> bool:
         """Advance past the sampled token; False if the grammar refused it (a bug: the mask
