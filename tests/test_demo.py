@@ -144,5 +144,9 @@ def test_the_demo_answers_in_json_matching_the_schema(demo):
                         text = r.choices[0].message.content
                         assert r.choices[0].finish_reason == "stop"
                     jsonschema.validate(json.loads(text), schema)
+                r = api.responses.create(model="inhouse-demo", max_output_tokens=300, input="Hi",
+                                         text={"format": {"type": "json_schema", "name": "answer",
+                                                          "schema": schema, "strict": True}})
+                jsonschema.validate(json.loads(r.output_text), schema)
     finally:
         client.shutdown()

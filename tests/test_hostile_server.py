@@ -415,3 +415,23 @@ def test_a_response_format_that_cannot_be_enforced_is_a_400(world, fmt, param):
         r = httpx.post(f"{u}/v1/chat/completions", json=BODY | {"response_format": fmt})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"].startswith("response_format"), r.json()
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"truncation": "auto"}, "truncation"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {
+        "type": "object", "not": {}}}}}, "text.format.schema"),
+])
+def test_responses_options_are_served_or_refused_never_ignored(world, extra, param):
+    with running_server(_app(ScriptedEngine(FINAL), world)) as u:
+        r = httpx.post(f"{u}/v1/responses", json={"model": MODEL, "input": "hi"} | extra)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_responses_echo_the_text_format(world):
+    fmt = {"type": "json_schema", "name": "x", "schema": {"type": "object"}, "strict": True}
+    with running_server(_app(ScriptedEngine(FINAL), world)) as u:
+        r = oai(u).responses.create(model=MODEL, input="hi", text={"format": fmt})
+    assert r.text.format.type == "json_schema" and r.text.format.name == "x"

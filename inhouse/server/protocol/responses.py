@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -88,8 +88,24 @@ class NamedFunction(Strict):
     name: str
 
 
-class TextFormat(Strict):
+class TextFormatText(Strict):
     type: Literal["text"]
+
+
+class TextFormatJsonObject(Strict):
+    type: Literal["json_object"]
+
+
+class TextFormatJsonSchema(Strict):
+    type: Literal["json_schema"]
+    name: str = Field(pattern=FUNCTION_NAME)
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+TextFormat = Annotated[TextFormatText | TextFormatJsonObject | TextFormatJsonSchema,
+                       Field(discriminator="type")]
 
 
 class TextConfig(Strict):

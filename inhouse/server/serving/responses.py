@@ -13,8 +13,10 @@ from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient, SamplingParams
 from inhouse.governance.responses_store import ResponseStore
 from inhouse.governance.tenancy import Caller
-from inhouse.harmony import (ContentDelta, ConversationError, MessageDone, PromptOptions,
-                             ReasoningDelta, ToolCallDelta, ToolCallDone, tool_call_prefix)
+from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, MessageDone,
+                             PromptOptions, ReasoningDelta, ToolCallDelta, ToolCallDone,
+                             tool_call_prefix)
+from inhouse.harmony.grammar import answer_grammar, response_format_instructions
 from inhouse.harmony.openai_shapes import function_tools, messages_from_items
 from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
 from inhouse.server.errors import APIError
@@ -179,6 +181,16 @@ class Responses:
         adapter = check_model(req.model, self.settings)
         if req.background:
             raise APIError(400, "background responses are not supported", param="background")
+        # nothing a client sends is silently ignored: what is not served yet is refused
+        if req.include:
+            raise APIError(400, f"'include' value {req.include[0]!r} is not supported",
+                           param="include")
+        if req.truncation == "auto":
+            raise APIError(400, "truncation 'auto' is not supported yet; send a conversation "
+                                "that fits the context window", param="truncation")
+        if req.top_logprobs:
+            raise APIError(400, "'top_logprobs' is not supported on /v1/responses yet",
+                           param="top_logprobs")
         items = await self._history(req, caller)
         tools = function_tools([t.model_dump() for t in (req.tools or [])])
         prefix: list[int] = []
@@ -195,13 +207,21 @@ class Responses:
                                     "among the tools", param="tool_choice")
             prefix = tool_call_prefix(req.tool_choice.name)
         effort = EFFORT[(req.reasoning.effort if req.reasoning else None) or "medium"]
+        messages = messages_from_items(items, req.instructions)
+        grammar = None
+        fmt = req.text.format if req.text is not None else None
+        if fmt is not None and fmt.type != "text":
+            schema = fmt.schema_ if fmt.type == "json_schema" else None
+            grammar = answer_grammar(schema, "text.format.schema" if schema is not None
+                                     else "text.format")
+            messages.append(ChatMessage("developer", response_format_instructions(
+                getattr(fmt, "name", "json_object"), getattr(fmt, "description", None), schema)))
         params = SamplingParams(
             max_tokens=max_tokens_for(req.max_output_tokens, self.client, self.settings,
                                       "max_output_tokens"),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, seed=seed_for(req.seed, 0),
-            adapter=adapter)
-        messages = messages_from_items(items, req.instructions)
+            adapter=adapter, grammar=grammar)
         try:
             options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
         except ConversationError as e:
@@ -223,7 +243,9 @@ class Responses:
             "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": effort, "summary": None}, "store": req.store,
             "temperature": req.temperature, "top_p": req.top_p,
-            "text": {"format": {"type": "text"}}, "tool_choice": tool_choice,
+            "text": {"format": req.text.format.model_dump(by_alias=True, exclude_none=True)
+                     if req.text is not None and req.text.format is not None
+                     else {"type": "text"}}, "tool_choice": tool_choice,
             "tools": [t.model_dump(exclude_none=True) for t in (req.tools or [])],
             "truncation": req.truncation or "disabled", "usage": None, "user": req.user,
             "metadata": req.metadata or {},
