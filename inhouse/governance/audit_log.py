@@ -118,10 +118,6 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
         raise AuditError(f"cannot use the audit signing key {path}: {e}") from None
 
 
-def public_key_bytes(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
 def public_key_pem(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM,
                             serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -245,17 +241,15 @@ class AuditLog:
         by this log's key, or someone wrote it behind the log's back; sealing it would vouch
         for it. (The tail after a checkpoint of a log older than record signatures is not
         signed: it is sealed once, as it is.)"""
-        cp = conn.execute(select(checkpoints_t).where(checkpoints_t.c.tree_size == sealed)).first()
-        if cp is not None and signed_version(self.key.public_key(), cp.tree_size, cp.root,
-                                             cp.signed_at, cp.signature) == 1:
-            return
         public = self.key.public_key()
-        for row in conn.execute(select(leaves_t).where(leaves_t.c.idx >= sealed)):
-            leaf = Leaf(row.idx, row.record_id, row.kind, row.subject, row.created_at, row.record,
-                        row.leaf_hash, row.signature)
-            if merkle.leaf_hash(row.record.encode()).hex() != row.leaf_hash or \
+        cp = conn.execute(select(checkpoints_t).where(checkpoints_t.c.tree_size == sealed)).first()
+        if cp is not None and signed_version(public, cp.tree_size, cp.root, cp.signed_at,
+                                             cp.signature) == 1:
+            return
+        for leaf in self._leaves(conn, leaves_t.c.idx >= sealed):
+            if merkle.leaf_hash(leaf.record.encode()).hex() != leaf.leaf_hash or \
                     not leaf_signed(public, leaf):
-                raise AuditError(f"refusing to seal: record {row.idx} is not signed by this "
+                raise AuditError(f"refusing to seal: record {leaf.idx} is not signed by this "
                                  "log's key (written behind the log's back?); run "
                                  "`inhouse audit verify`")
 
@@ -314,10 +308,14 @@ class AuditLog:
         """The records of these leaves, each marked `"verified": false` with its problem when it
         fails the checks that concern it alone (its hash, its columns, its content)."""
         contents = self._contents(conn, [r.idx for r in rows])
-        erasures = [json.loads(r.record) for r in self._leaves(conn, leaves_t.c.kind == "erasure")]
+        checked = [(row, *leaf_problem(row.idx, row)) for row in rows]
+        erasures = []  # read only when some committed content is missing: a scan of the log
+        if any(p is None and b.get("content_sha256") and row.idx not in contents
+               for row, p, b in checked):
+            erasures = [json.loads(r.record)
+                        for r in self._leaves(conn, leaves_t.c.kind == "erasure")]
         out = []
-        for row in rows:
-            problem, body = leaf_problem(row.idx, row)
+        for row, problem, body in checked:
             if body is None:
                 body = {"index": row.idx, "record_id": row.record_id, "kind": row.kind}
             if problem is None:
@@ -372,10 +370,6 @@ class AuditLog:
         for p in parts:
             merged |= p
         return merged
-
-    @property
-    def public_key(self) -> Ed25519PublicKey | None:
-        return self.key.public_key() if self.key is not None else None
 
     # ---- verification ----------------------------------------------------------------------------
     def verify(self, public_key: Ed25519PublicKey,

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from inhouse.governance import merkle
@@ -53,8 +54,6 @@ def leaf_message(leaf_hash_hex: str) -> bytes:
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
-    from cryptography.hazmat.primitives import serialization
-
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
@@ -254,8 +253,6 @@ def check_leaf_signatures(rows: list[Leaf], sealed: int, chain: Chain) -> tuple[
 
 def rotation_key(body: dict) -> Ed25519PublicKey | None:
     """The next key a `key-rotation` record names, if it is one and matches its key id."""
-    from cryptography.hazmat.primitives import serialization
-
     try:
         key = serialization.load_pem_public_key(str(body["next_public_key"]).encode())
     except (KeyError, ValueError):
