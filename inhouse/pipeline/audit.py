@@ -67,13 +67,27 @@ class Auditor:
     def _hash(self, ids) -> str:
         return hashlib.sha256(self._salt + ",".join(map(str, ids)).encode()).hexdigest()
 
-    async def start(self, record_id: str, endpoint: str, caller: Caller, turn: ChatTurn,
+    async def start(self, endpoint: str, caller: Caller, turns: list[ChatTurn],
                     pii_labels: frozenset[str] = frozenset(), extra: dict | None = None) -> None:
-        """The `request` leaf, committed before generation starts. `extra`: inputs that shape
-        the output beyond the turn itself (stop strings, ...)."""
-        if self.log is None:
+        """One `request` leaf per choice, committed before generation starts. The choices share
+        their messages, so their content is redacted once. `extra`: inputs that shape the
+        output beyond the turn itself (stop strings, ...)."""
+        if self.log is None or not turns:
             return
-        params = dataclasses.asdict(engine_params(turn))
+        content = None
+        messages = turns[0].messages
+        if self.settings.audit_content == "full":
+            content = {"messages": [dataclasses.asdict(m) for m in messages]}
+        elif self.settings.audit_content == "redacted":
+            content = {"messages": await self._redacted(messages)}
+        for turn in turns:
+            record = self._request_record(endpoint, caller, turn, pii_labels, extra)
+            await asyncio.to_thread(self.log.append, record, content, turn.request_id, "request",
+                                    caller.subject)
+        await self._retention()
+
+    def _request_record(self, endpoint: str, caller: Caller, turn: ChatTurn,
+                        pii_labels: frozenset[str], extra: dict | None) -> dict:
         adapter = turn.params.adapter
         record = {"endpoint": endpoint, "api_key_id": caller.key_id, "tenant": caller.tenant,
                   "model": self.settings.model_name,
@@ -81,21 +95,15 @@ class Auditor:
                   "adapter_digest": dict(self.settings.adapters).get(adapter) if adapter else None,
                   "engine": {"version": __version__, "mode": self.settings.engine_mode,
                              "dtype": self.settings.model_dtype, "kernel": self.settings.kernel},
-                  "params": params, "reasoning_effort": turn.options.reasoning_effort,
+                  "params": dataclasses.asdict(engine_params(turn)),
+                  "reasoning_effort": turn.options.reasoning_effort,
                   "num_messages": len(turn.messages),
                   # the definitions, not just the names: they shape the prompt and the answer
                   "tools": [dataclasses.asdict(t) for t in turn.options.tools],
                   "assistant_prefix": list(turn.assistant_prefix),
                   "content_mode": self.settings.audit_content} | (extra or {})
         record["pii"] = {"mode": self.settings.pii_mode, "labels": sorted(pii_labels)}
-        content = None
-        if self.settings.audit_content == "full":
-            content = {"messages": [dataclasses.asdict(m) for m in turn.messages]}
-        elif self.settings.audit_content == "redacted":
-            content = {"messages": await self._redacted(turn.messages)}
-        await asyncio.to_thread(self.log.append, record, content, record_id, "request",
-                                caller.subject)
-        await self._retention()
+        return record
 
     async def _redacted(self, messages) -> list[dict]:
         """The messages with PII replaced by [LABEL]: off the event loop, since redaction scans

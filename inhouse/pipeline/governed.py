@@ -77,11 +77,10 @@ class GovernedTurns:
         output; a refusal after the request leaves is recorded in their completion leaves."""
         messages, masker, labels = await apply_pii_policy(self.settings, list(req.messages),
                                                           self.offload)
-        turns = [ChatTurn(tuple(messages), req.options, p, rid, req.assistant_prefix)
+        shared = tuple(messages)
+        turns = [ChatTurn(shared, req.options, p, rid, req.assistant_prefix)
                  for p, rid in zip(req.params, req.record_ids)]
-        for t in turns:
-            await self.auditor.start(t.request_id, req.endpoint, req.caller, t, labels,
-                                     req.audit_extra)
+        await self.auditor.start(req.endpoint, req.caller, turns, labels, req.audit_extra)
         try:
             render = _Once(self.offload.render)  # n choices, one conversation: rendered once
             streams = await start_streams([stream_chat(self.client, t, render) for t in turns])
