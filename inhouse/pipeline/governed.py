@@ -98,19 +98,7 @@ class GovernedTurns:
 
     def refusal(self, e: BaseException) -> RequestError | None:
         """The engine's and harmony's refusals as a `RequestError`; None for anything else."""
-        if isinstance(e, RequestError):
-            return e
-        if isinstance(e, QueueFull):
-            return RequestError(str(e), status=429, code="queue_full", kind="rate_limit_error",
-                                retry_after_s=self.retry_after())
-        if isinstance(e, InvalidRequest):
-            code = "context_length_exceeded" if "context window" in str(e) else None
-            return RequestError(str(e), param=e.param, code=code)
-        if isinstance(e, ConversationError):
-            return RequestError(str(e), param=e.param or "messages")
-        if isinstance(e, InhouseError):
-            return RequestError(str(e))
-        return None
+        return as_request_error(e, self.retry_after)
 
     def retry_after(self) -> int:
         """Seconds until the queue ahead has drained at the rate requests finished lately."""
@@ -165,6 +153,25 @@ class GovernedTurns:
         if turn.masker is not None:
             response, items = _masked(response, turn.masker), _masked(items, turn.masker)
         await asyncio.to_thread(self.store.save, response, items, turn.caller)
+
+
+def as_request_error(e: BaseException, retry_after=lambda: 1) -> RequestError | None:
+    """A refusal from the layers below (engine, harmony) as a `RequestError`, the one mapping the
+    pipeline and the server's error handler share; None when `e` is no refusal (a bug: 500).
+    `retry_after()`: the seconds a full queue asks the client to wait."""
+    if isinstance(e, RequestError):
+        return e
+    if isinstance(e, QueueFull):
+        return RequestError(str(e), status=429, code="queue_full", kind="rate_limit_error",
+                            retry_after_s=retry_after())
+    if isinstance(e, InvalidRequest):
+        code = "context_length_exceeded" if "context window" in str(e) else None
+        return RequestError(str(e), param=e.param, code=code)
+    if isinstance(e, ConversationError):
+        return RequestError(str(e), param=e.param or "messages")
+    if isinstance(e, InhouseError):
+        return RequestError(str(e))
+    return None
 
 
 class _Once:

@@ -7,9 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inhouse.engine import InvalidRequest, QueueFull
-from inhouse.errors import InhouseError, RequestError
-from inhouse.harmony import ConversationError
+from inhouse.errors import InhouseError
+from inhouse.pipeline.governed import as_request_error
 
 
 class APIError(Exception):
@@ -30,20 +29,11 @@ class APIError(Exception):
 
 def from_engine_error(e: Exception) -> APIError:
     """Refusals from the layers below (pipeline, engine, harmony) in OpenAI's shape."""
-    if isinstance(e, RequestError):
-        headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
-        return APIError(e.status, str(e), e.kind, param=e.param, code=e.code, headers=headers)
-    if isinstance(e, QueueFull):
-        return APIError(429, str(e), "rate_limit_error", code="queue_full",
-                        headers={"Retry-After": "1"})
-    if isinstance(e, InvalidRequest):
-        code = "context_length_exceeded" if "context window" in str(e) else None
-        return APIError(400, str(e), param=e.param, code=code)
-    if isinstance(e, ConversationError):
-        return APIError(400, str(e), param=e.param or "messages")
-    if isinstance(e, InhouseError):
-        return APIError(400, str(e))
-    return APIError(500, f"internal error ({type(e).__name__})", "server_error")
+    r = as_request_error(e)
+    if r is None:
+        return APIError(500, f"internal error ({type(e).__name__})", "server_error")
+    headers = {"Retry-After": str(r.retry_after_s)} if r.retry_after_s else None
+    return APIError(r.status, str(r), r.kind, param=r.param, code=r.code, headers=headers)
 
 
 def _loc_param(loc: tuple) -> str | None:
