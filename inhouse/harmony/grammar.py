@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from inhouse.harmony.conversation import ConversationError
+from inhouse.harmony.conversation import ChatMessage, ConversationError
 from inhouse.harmony.vocab import VOCAB_FILE, ensure_vocab, load_encoding
 
 # o200k_base's pre-tokenisation pattern (as tiktoken defines it), for llguidance's tokenizer
@@ -101,30 +101,28 @@ def answer_grammar(schema: dict | None, param: str = "response_format") -> str:
     return grammar
 
 
-def response_format_instructions(name: str, description: str | None, schema: dict | None) -> str:
-    """The developer instructions that tell the model the format (harmony's "# Response
-    Formats" section); the grammar enforces it."""
+def json_answer(name: str, description: str | None, schema: dict | None,
+                param: str) -> tuple[ChatMessage, str]:
+    """What a JSON answer format asks of a turn, whichever API it came by: the developer message
+    that tells the model the format (harmony's "# Response Formats" section) and the grammar
+    that enforces it (`answer_grammar`; refusals name `param`)."""
+    grammar = answer_grammar(schema, param)
     lines = ["# Response Formats", "", f"## {name}", ""]
     if description:
         lines.append(f"// {description}")
     lines.append(json.dumps(schema if schema is not None else {"type": "object"},
                             separators=(",", ":")))
-    return "\n".join(lines)
+    return ChatMessage("developer", "\n".join(lines)), grammar
 
 
 def check_grammar(grammar: str, param: str) -> None:
     import llguidance
 
-    ok, problem = _validate(llguidance, grammar)
-    if not ok:
-        raise ConversationError(f"the schema cannot be compiled into a grammar: {problem}",
-                                param=param)
-
-
-def _validate(llguidance, grammar: str) -> tuple[bool, str]:
     g = llguidance.LLMatcher.grammar_from_lark(grammar)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(g, ll_tokenizer())
-    return not is_error, "; ".join(messages) if is_error else ""
+    if is_error:
+        raise ConversationError("the schema cannot be compiled into a grammar: "
+                                + "; ".join(messages), param=param)
 
 
 @dataclass

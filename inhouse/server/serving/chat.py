@@ -12,10 +12,10 @@ from inhouse import __version__
 from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient, SamplingParams
 from inhouse.governance.tenancy import Caller
-from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, ParseWarning,
+from inhouse.harmony import (ContentDelta, ConversationError, ParseWarning,
                              PromptOptions, ReasoningDelta, ToolCallDelta, ToolCallDone, decode,
                              tool_call_prefix)
-from inhouse.harmony.grammar import answer_grammar, response_format_instructions
+from inhouse.harmony.grammar import json_answer
 from inhouse.harmony.openai_shapes import function_tools, messages_from_chat
 from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
 from inhouse.server.errors import APIError
@@ -58,14 +58,14 @@ class ChatCompletions:
         messages = messages_from_chat([m.model_dump(exclude_none=True) for m in req.messages])
         grammar = None
         fmt = req.response_format
-        if fmt is not None and fmt.type != "text":
-            spec = fmt.json_schema if fmt.type == "json_schema" else None
-            schema = spec.schema_ if spec is not None else None
-            grammar = answer_grammar(schema, "response_format.json_schema.schema"
-                                     if spec is not None else "response_format")
-            messages.append(ChatMessage("developer", response_format_instructions(
-                spec.name if spec else "json_object", spec.description if spec else None,
-                schema)))
+        if fmt is not None and fmt.type == "json_schema":
+            spec = fmt.json_schema
+            instructions, grammar = json_answer(spec.name, spec.description, spec.schema_,
+                                                "response_format.json_schema.schema")
+            messages.append(instructions)
+        elif fmt is not None and fmt.type == "json_object":
+            instructions, grammar = json_answer("json_object", None, None, "response_format")
+            messages.append(instructions)
         tools = function_tools([t.model_dump() for t in (req.tools or [])])
         choice = req.tool_choice
         prefix: list[int] = []

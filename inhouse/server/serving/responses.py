@@ -13,10 +13,10 @@ from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient, SamplingParams
 from inhouse.governance.responses_store import ResponseStore
 from inhouse.governance.tenancy import Caller
-from inhouse.harmony import (ChatMessage, ContentDelta, ConversationError, MessageDone,
+from inhouse.harmony import (ContentDelta, ConversationError, MessageDone,
                              PromptOptions, ReasoningDelta, ToolCallDelta, ToolCallDone,
                              tool_call_prefix)
-from inhouse.harmony.grammar import answer_grammar, response_format_instructions
+from inhouse.harmony.grammar import json_answer
 from inhouse.harmony.openai_shapes import function_tools, messages_from_items
 from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
 from inhouse.server.errors import APIError
@@ -210,12 +210,13 @@ class Responses:
         messages = messages_from_items(items, req.instructions)
         grammar = None
         fmt = req.text.format if req.text is not None else None
-        if fmt is not None and fmt.type != "text":
-            schema = fmt.schema_ if fmt.type == "json_schema" else None
-            grammar = answer_grammar(schema, "text.format.schema" if schema is not None
-                                     else "text.format")
-            messages.append(ChatMessage("developer", response_format_instructions(
-                getattr(fmt, "name", "json_object"), getattr(fmt, "description", None), schema)))
+        if fmt is not None and fmt.type == "json_schema":
+            instructions, grammar = json_answer(fmt.name, fmt.description, fmt.schema_,
+                                                "text.format.schema")
+            messages.append(instructions)
+        elif fmt is not None and fmt.type == "json_object":
+            instructions, grammar = json_answer("json_object", None, None, "text.format")
+            messages.append(instructions)
         params = SamplingParams(
             max_tokens=max_tokens_for(req.max_output_tokens, self.client, self.settings,
                                       "max_output_tokens"),
