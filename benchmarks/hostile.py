@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,15 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from benchmarks.common import machine, report  # noqa: E402
+from tests.server_utils import free_port, wait_ready  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str | None, port: int, folder: Path) -> subprocess.Popen:
@@ -52,18 +46,11 @@ def start_server(model: str | None, port: int, folder: Path) -> subprocess.Popen
         cmd += ["--model", model]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"),
                             env=os.environ | {"RUST_BACKTRACE": "0"})
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited; see {folder / 'server.log'}")
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not start in 300 s")
+    try:
+        wait_ready(proc, port, 300)
+    except RuntimeError as e:
+        raise SystemExit(f"{e}; see {folder / 'server.log'}") from None
+    return proc
 
 
 async def poisoned_streams(url: str, model: str, streams: int, poisoned: int,

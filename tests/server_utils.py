@@ -17,11 +17,34 @@ from inhouse.engine.engine import EngineStats
 from inhouse.harmony import load_encoding
 
 
-@contextlib.contextmanager
-def running_server(app):
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def wait_ready(proc, port: int, timeout_s: float) -> None:
+    """Wait for a server process on 127.0.0.1:port to answer /ready; RuntimeError if it exits
+    first or is not up in time (then it is killed)."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not start in {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def running_server(app):
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -4,7 +4,6 @@ response a client received in full has a complete audit record."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,27 +15,15 @@ from typer.testing import CliRunner
 from inhouse.cli import app as cli
 from inhouse.config import cache_root
 from inhouse.governance.audit_log import AuditLog, load_signing_key
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.server_utils import free_port, wait_ready
 
 
 def _start(port, url):
     proc = subprocess.Popen([sys.executable, "-m", "inhouse.cli", "serve", "--port", str(port),
                              "--database-url", url, "--audit-content", "full"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    wait_ready(proc, port, 120)
+    return proc
 
 
 def _client(port, max_tokens, results, i):
@@ -58,7 +45,7 @@ def _client(port, max_tokens, results, i):
 
 def test_kill_dash_9_mid_stream_leaves_an_honest_verifiable_log(tmp_path):
     url = f"sqlite:///{tmp_path / 'audit.db'}"
-    port = _free_port()
+    port = free_port()
     proc = _start(port, url)
     results = {}
     # short answers finish before the kill, long ones are cut by it
@@ -75,7 +62,7 @@ def test_kill_dash_9_mid_stream_leaves_an_honest_verifiable_log(tmp_path):
     cut = [r for r in results.values() if not r["done"]]
     assert finished and cut  # the test really crashed mid-stream
 
-    proc = _start(_free_port(), url)  # it comes back up on the same database
+    proc = _start(free_port(), url)  # it comes back up on the same database
     proc.terminate()
     proc.wait()
     log = AuditLog(url, load_signing_key(cache_root() / "audit-signing.key"))
