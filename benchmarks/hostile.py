@@ -112,7 +112,7 @@ def fuzz(url: str, model: str, seconds: int, folder: Path) -> dict:
            "--checks", "not_a_server_error", "--workers", "2", "--request-timeout", "120",
            "--report", "ndjson", "--report-ndjson-path", str(ndjson), "--no-color"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=folder)  # its cache stays out of the repo
     elapsed = time.perf_counter() - t0
     statuses: Counter = Counter()
     if ndjson.is_file():
