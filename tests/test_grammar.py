@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from inhouse.harmony import ConversationError, load_encoding
-from inhouse.harmony.grammar import GrammarBackend, answer_grammar
+from inhouse.harmony.constraints import answer_grammar
+from inhouse.harmony.grammar import GrammarBackend
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"},
                                            "size": {"enum": ["small", "big"]}},
@@ -44,7 +45,7 @@ def test_the_mask_allows_only_what_the_grammar_allows():
     m = GrammarBackend().new_matcher(answer_grammar(SCHEMA))
     for t in ids("<|channel|>final<|message|>"):
         assert m.consume(t)
-    allowed = torch.from_numpy(m.allowed()).nonzero().flatten().tolist()
+    allowed = torch.from_numpy(m.allowed(100)).nonzero().flatten().tolist()
     assert allowed and all(load_encoding().decode([t]).startswith("{") for t in allowed)
 
 

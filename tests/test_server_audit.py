@@ -138,8 +138,9 @@ def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
     assert any(r["kind"] == "request" and r["params"].get("grammar")
                for r in log.list(limit=1000))
     tooled = [r for r in log.list(limit=1000) if r["kind"] == "request" and r["tools"]]
-    assert tooled and tooled[0]["tools"][0]["parameters"]["properties"]["city"] and \
-        tooled[0]["assistant_prefix"]  # the definitions and the forced call header
+    forced = [r for r in tooled if r["params"].get("grammar")]
+    assert forced and forced[0]["tools"][0]["parameters"]["properties"]["city"] and \
+        "to=functions." in forced[0]["params"]["grammar"]  # the definitions and the forced call
     runner = CliRunner()
     for rid in {r["record_id"] for r in log.list(limit=1000)}:
         res = runner.invoke(cli, ["audit", "replay", rid, "--model", str(path), "--database-url", url])

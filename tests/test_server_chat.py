@@ -9,7 +9,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from inhouse.config import ServerSettings
 from inhouse.engine import AsyncEngine, LLMEngine
-from inhouse.harmony import ChatMessage, PromptOptions, render_prompt
+from inhouse.harmony import ChatMessage, PromptOptions, load_encoding, render_prompt
 from inhouse.model import load_model
 from inhouse.server import build_app
 from tests.server_utils import ScriptedEngine, running_server
@@ -195,30 +195,44 @@ def test_reasoning_effort_reaches_the_system_message():
     assert "Reasoning: high" in engine.prompt_text()
 
 
-@pytest.mark.parametrize("choice, tail", [
-    ("required", "<|start|>assistant<|channel|>commentary to=functions."),
-    ({"type": "function", "function": {"name": "get_weather"}},
-     "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"),
-])
-def test_tool_choice_forces_a_call(choice, tail):
-    engine, server = scripted_server('{"city": "Oslo"}<|call|>' if isinstance(choice, dict)
-                                     else 'get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>')
+def follows(grammar: str, text: str) -> bool:
+    from inhouse.harmony.grammar import GrammarBackend
+
+    m = GrammarBackend().new_matcher(grammar)
+    return all(m.consume(t) for t in load_encoding().encode(text, allowed_special="all"))
+
+
+CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Oslo"}<|call|>'
+ANSWER = "<|channel|>final<|message|>It is sunny.<|return|>"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_choice_forces_a_call_by_grammar(choice):
+    """The grammar the engine is given allows the call and nothing else (the engine's masking is
+    tested in test_structured.py; this scripted engine writes what it is told)."""
+    engine, server = scripted_server(CALL)
     with server as url:
         r = openai_client(url).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[WEATHER_TOOL],
             tool_choice=choice)
-    assert engine.prompt_text().endswith(tail)
+    grammar = engine.params[-1].grammar
+    assert follows(grammar, CALL) and not follows(grammar, ANSWER)
+    assert not follows(grammar, CALL.replace("get_weather", "get_time"))
     assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
 
 
-def test_tool_choice_none_hides_the_tools():
+def test_tool_choice_none_makes_a_call_impossible():
     engine, server = scripted_server(FINAL)
     with server as url:
         openai_client(url).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[WEATHER_TOOL],
             tool_choice="none")
-    assert "get_weather" not in engine.prompt_text()
+    grammar = engine.params[-1].grammar
+    assert "get_weather" in engine.prompt_text()  # the tools stay in view, as OpenAI keeps them
+    assert follows(grammar, ANSWER) and not follows(grammar, CALL)
+    assert not follows(grammar, CALL.replace("<|channel|>commentary to=functions.get_weather ",
+                                             " to=functions.get_weather<|channel|>commentary "))
 
 
 def test_stop_strings_cut_the_answer():

@@ -32,8 +32,14 @@ class EngineStats:
 
 
 class GrammarMatcher(Protocol):
-    def allowed(self):
-        """A boolean numpy array over the vocabulary: the tokens the grammar allows next."""
+    """One sequence's grammar state. `is_cut`: the matcher forced the output to an end because
+    the tokens left would not have fitted the rest (the turn finishes as "length")."""
+
+    is_cut: bool
+
+    def allowed(self, remaining: int):
+        """A boolean numpy array over the vocabulary: the tokens the grammar allows next, with
+        `remaining` tokens (this one included) left to the sequence."""
 
     def consume(self, token: int) -> bool: ...
 
@@ -154,12 +160,13 @@ class LLMEngine:
                 outputs.append(self._output(seq, (token,), new_lp))
         return outputs
 
-    @staticmethod
-    def _sample(seq: Sequence, row: torch.Tensor) -> tuple[int, object]:
+    def _sample(self, seq: Sequence, row: torch.Tensor) -> tuple[int, object]:
         if bool(torch.isnan(row).any()) or bool(torch.isposinf(row).any()):
             raise FloatingPointError("the model produced non-finite logits")
         if seq.matcher is not None:
-            allowed = torch.from_numpy(seq.matcher.allowed())[:row.shape[0]]
+            remaining = min(seq.params.max_tokens - len(seq.output_ids),
+                            self.model.config.max_position_embeddings - seq.num_tokens)
+            allowed = torch.from_numpy(seq.matcher.allowed(remaining))[:row.shape[0]]
             if not bool(allowed.any()):
                 raise RuntimeError("the grammar allows no next token")
             row = row.masked_fill(~allowed, float("-inf"))
@@ -202,7 +209,7 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids:
-            return "stop"
+            return "length" if seq.matcher is not None and seq.matcher.is_cut else "stop"
         if len(seq.output_ids) >= seq.params.max_tokens:
             return "length"
         if seq.num_tokens >= self.model.config.max_position_embeddings:

@@ -5,7 +5,7 @@ Built on openai-harmony with the o200k vocabulary set up offline (see vocab.py).
 
 from inhouse.harmony.conversation import (ChatMessage, ConversationError, FunctionTool,
                                           PromptOptions, ToolCall, decode, encode_text,
-                                          render_prompt, stop_token_ids, tool_call_prefix)
+                                          render_prompt, stop_token_ids)
 from inhouse.harmony.parser import (ContentDelta, Event, MessageDone, OutputParser, ParsedOutput,
                                     ParseWarning, ReasoningDelta, ToolCallDelta, ToolCallDone,
                                     parse_completion)
@@ -14,4 +14,4 @@ from inhouse.harmony.vocab import ensure_vocab, load_encoding
 __all__ = ["ChatMessage", "ContentDelta", "ConversationError", "Event", "FunctionTool",
            "MessageDone", "OutputParser", "ParsedOutput", "ParseWarning", "PromptOptions",
            "ReasoningDelta", "ToolCall", "ToolCallDelta", "ToolCallDone", "decode", "encode_text",
-           "ensure_vocab", "load_encoding", "parse_completion", "render_prompt", "stop_token_ids", "tool_call_prefix"]
+           "ensure_vocab", "load_encoding", "parse_completion", "render_prompt", "stop_token_ids"]

@@ -58,6 +58,7 @@ class FunctionTool:
     name: str
     description: str = ""
     parameters: dict[str, Any] | None = None
+    strict: bool = False  # its arguments are held to `parameters` by a grammar
 
 
 @dataclass(frozen=True)
@@ -152,15 +153,6 @@ def to_harmony_messages(messages: list[ChatMessage], options: PromptOptions) -> 
         else:
             raise ConversationError(f"message {i}: unknown role {m.role!r}")
     return out
-
-
-def tool_call_prefix(name: str | None) -> list[int]:
-    """Ids that make the assistant's next message a function call (to `name`, or to a function
-    of the model's choice): used for tool_choice "required" and named tool choices."""
-    header = "<|channel|>commentary to=functions."
-    if name:
-        header += f"{name} <|constrain|>json<|message|>"
-    return load_encoding().encode(header, allowed_special="all")
 
 
 def stop_token_ids() -> list[int]:

@@ -1,24 +1,21 @@
-"""Grammars that follow harmony (issue 19): the reasoning stays free, the answer is constrained.
+"""Running a turn's grammar (built by constraints.py) over harmony's vocabulary, with llguidance.
 
-llguidance (the grammar engine vLLM, SGLang and llama.cpp can use) runs them over the o200k
-harmony vocabulary we ship: `ll_tokenizer` builds its tokenizer offline, and `GrammarBackend`
-gives the engine one matcher per constrained sequence (the engine itself never sees harmony:
-it takes a `Constraint`, a grammar string, and this backend at construction).
-
-`answer_grammar(schema)`: an optional analysis message (any text), then
-`<|channel|>final<|message|>` and JSON matching the schema, then `<|return|>`. Special tokens are
-referenced by name (`<|channel|>`), so no text can stand in for them.
+llguidance (the grammar engine vLLM, SGLang and llama.cpp can use) runs over the o200k harmony
+vocabulary we ship: `ll_tokenizer` builds its tokenizer offline, and `GrammarBackend` gives the
+engine one matcher per constrained sequence (the engine itself never sees harmony: it takes a
+grammar string in `SamplingParams.grammar`, and this backend at construction). A matcher also
+finishes the output inside its token budget when the model would not (closing.py).
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from inhouse.harmony.conversation import ChatMessage, ConversationError
+from inhouse.harmony.closing import closing_path
+from inhouse.harmony.conversation import ConversationError
 from inhouse.harmony.vocab import VOCAB_FILE, ensure_vocab, load_encoding
 
 # o200k_base's pre-tokenisation pattern (as tiktoken defines it), for llguidance's tokenizer
@@ -33,11 +30,6 @@ O200K_PATTERN = "|".join([
 ])
 NUM_IDS = 201088  # the checkpoints' vocabulary: o200k's 199998 ranks and harmony's specials
 RETURN = 200002
-# JSON Schema keywords whose meaning the grammar cannot enforce: refused, never loosened
-UNENFORCEABLE = ("uniqueItems", "contains", "dependentSchemas", "dependentRequired",
-                 "if", "then", "else", "not", "patternProperties", "propertyNames",
-                 "unevaluatedProperties", "unevaluatedItems")
-
 _lock = threading.Lock()
 _tokenizer = None
 
@@ -62,59 +54,6 @@ def ll_tokenizer():
     return _tokenizer
 
 
-def _unenforceable(schema: Any, path: str = "schema") -> str | None:
-    if isinstance(schema, dict):
-        for k, v in schema.items():
-            if k in UNENFORCEABLE:
-                return f"{path}.{k}"
-            found = _unenforceable(v, f"{path}.{k}")
-            if found:
-                return found
-    elif isinstance(schema, list):
-        for i, v in enumerate(schema):
-            found = _unenforceable(v, f"{path}[{i}]")
-            if found:
-                return found
-    return None
-
-
-def answer_grammar(schema: dict | None, param: str = "response_format") -> str:
-    """A lark grammar (llguidance's dialect): free analysis, then a final answer that is JSON
-    matching `schema` (None: any JSON object). Refuses, naming the keyword, what it cannot
-    enforce; refuses a schema llguidance cannot compile."""
-    schema = {"type": "object"} if schema is None else schema
-    if not isinstance(schema, dict):
-        raise ConversationError("the schema must be a JSON object", param=param)
-    bad = _unenforceable(schema)
-    if bad:
-        raise ConversationError(f"the JSON Schema keyword at {bad} cannot be enforced by the "
-                                "grammar; remove it", param=param)
-    grammar = "\n".join([
-        "start: analysis? final",
-        'analysis: <|channel|> "analysis" <|message|> THINK <|end|> <|start|> "assistant"',
-        'final: <|channel|> "final" <|message|> answer <|return|>',
-        r"THINK: /(.|\n)*/",
-        # compact JSON: no whitespace for a model to wander in between the values
-        f"answer: %json {json.dumps(schema | {'x-guidance': {'whitespace_flexible': False}})}",
-    ])
-    check_grammar(grammar, param)
-    return grammar
-
-
-def json_answer(name: str, description: str | None, schema: dict | None,
-                param: str) -> tuple[ChatMessage, str]:
-    """What a JSON answer format asks of a turn, whichever API it came by: the developer message
-    that tells the model the format (harmony's "# Response Formats" section) and the grammar
-    that enforces it (`answer_grammar`; refusals name `param`)."""
-    grammar = answer_grammar(schema, param)
-    lines = ["# Response Formats", "", f"## {name}", ""]
-    if description:
-        lines.append(f"// {description}")
-    lines.append(json.dumps(schema if schema is not None else {"type": "object"},
-                            separators=(",", ":")))
-    return ChatMessage("developer", "\n".join(lines)), grammar
-
-
 def check_grammar(grammar: str, param: str) -> None:
     import llguidance
 
@@ -125,24 +64,61 @@ def check_grammar(grammar: str, param: str) -> None:
                                 + "; ".join(messages), param=param)
 
 
+# the budget closing watches (closing.py): it re-plans the way out every step once the tokens
+# left come within ZONE of it, every EVERY steps before, and forces it with SLACK tokens to spare
+# (a walk longer than WALK_MAX is not looked for: a schema whose shortest answer is that long is
+# left to the model)
+ZONE, EVERY, SLACK, WALK_MAX = 32, 8, 8, 512
+
+
 @dataclass
 class GrammarMatcher:
-    """One sequence's place in its grammar."""
+    """One sequence's place in its grammar, and the way out of it when the budget runs short."""
 
     matcher: Any
+    is_cut: bool = False  # a closing path was forced: the model did not finish by itself
+    forced: list[int] = field(default_factory=list)  # the closing path left to force
+    _bitmask: Any = None
+    _close_len: int | None = None
+    _since_plan: int = 0
 
-    def allowed(self):
-        """A boolean numpy array over the vocabulary: the tokens the grammar allows next."""
+    def allowed(self, remaining: int):
+        """A boolean numpy array over the vocabulary: the tokens the grammar allows next, when
+        `remaining` tokens (this one included) are left to the sequence."""
         import numpy as np
         from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
-        bitmask = allocate_token_bitmask(1, NUM_IDS)  # (1, words) int32, bit i of word w: id 32w+i
-        fill_next_token_bitmask(self.matcher, bitmask, 0)
-        return np.unpackbits(bitmask[0].view(np.uint8), bitorder="little")[:NUM_IDS].astype(bool)
+        if self._bitmask is None:
+            self._bitmask = allocate_token_bitmask(1, NUM_IDS)  # (1, words): bit i of word w is id 32w+i
+        if not self.forced:
+            self._plan(remaining, fill_next_token_bitmask)
+        if self.forced:
+            mask = np.zeros(NUM_IDS, dtype=bool)
+            mask[self.forced[0]] = True
+            return mask
+        fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+        return np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")[:NUM_IDS].astype(bool)
+
+    def _plan(self, remaining: int, fill) -> None:
+        due = (self._close_len is None or remaining <= self._close_len + ZONE
+               or self._since_plan >= EVERY)
+        if not due:
+            self._since_plan += 1
+            return
+        self._since_plan = 0
+        path = closing_path(self.matcher, min(remaining, WALK_MAX), self._bitmask, fill)
+        self._close_len = len(path) if path is not None else min(remaining, WALK_MAX)
+        if path and len(path) + SLACK >= remaining:
+            self.forced = path
+            self.is_cut = len(path) > 1  # more than the stop token: the answer was unfinished
 
     def consume(self, token: int) -> bool:
         """Advance past the sampled token; False if the grammar refused it (a bug: the mask
         allowed it) or has already finished."""
+        if self.forced:
+            if token != self.forced[0]:
+                return False
+            self.forced.pop(0)
         return bool(self.matcher.consume_token(token))
 
 

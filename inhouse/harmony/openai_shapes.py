@@ -9,10 +9,12 @@ Input is plain JSON (dicts and lists, as parsed). Every refusal is a `Conversati
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from inhouse.harmony.conversation import ChatMessage, ConversationError, FunctionTool, ToolCall
 
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 ROLES = ("system", "developer", "user", "assistant", "tool")
 ITEM_ROLES = ("system", "developer", "user", "assistant")
 TEXT_PARTS = ("text", "input_text", "output_text", "reasoning_text", "summary_text")
@@ -193,8 +195,12 @@ def function_tools(raw: Any, param: str = "tools") -> tuple[FunctionTool, ...]:
         fn = t.get("function", t) if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise _fail("a function tool needs a name", f"{param}[{i}]")
+        if not FUNCTION_NAME.fullmatch(fn["name"]):  # it goes into harmony's header as is
+            raise _fail("a function name must be 1 to 64 letters, digits, '_' or '-'",
+                        f"{param}[{i}].name")
         params = fn.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise _fail("parameters must be a JSON schema object", f"{param}[{i}].parameters")
-        tools.append(FunctionTool(fn["name"], fn.get("description") or "", params))
+        tools.append(FunctionTool(fn["name"], fn.get("description") or "", params,
+                                  fn.get("strict") is True))
     return tuple(tools)

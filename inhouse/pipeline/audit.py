@@ -100,7 +100,6 @@ class Auditor:
                   "num_messages": len(turn.messages),
                   # the definitions, not just the names: they shape the prompt and the answer
                   "tools": [dataclasses.asdict(t) for t in turn.options.tools],
-                  "assistant_prefix": list(turn.assistant_prefix),
                   "content_mode": self.settings.audit_content} | (extra or {})
         record["pii"] = {"mode": self.settings.pii_mode, "labels": sorted(pii_labels)}
         return record

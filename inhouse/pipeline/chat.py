@@ -23,9 +23,6 @@ class ChatTurn:
     options: PromptOptions = PromptOptions()
     params: SamplingParams = SamplingParams()
     request_id: str = field(default_factory=lambda: f"req_{uuid.uuid4().hex[:16]}")
-    # ids forced after `<|start|>assistant` (e.g. a tool-call header for tool_choice=required);
-    # they count as prompt tokens and are fed to the parser first
-    assistant_prefix: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,13 +66,9 @@ async def stream_chat(client: EngineClient, turn: ChatTurn,
     """Harmony events as the model produces them, then one `Finished`. Rendering runs off the
     event loop (`render`: a thread by default; the server's `RenderOffload` for large prompts)."""
     prompt_ids = list(await render(list(turn.messages), turn.options))
-    prompt_ids += list(turn.assistant_prefix)
     check_prompt_length(len(prompt_ids), client.model_config.max_position_embeddings)
     params = engine_params(turn)
     parser = OutputParser()
-    for token in turn.assistant_prefix:
-        for event in parser.feed(token):
-            yield event
     t0 = time.perf_counter()
     first: float | None = None
     out_ids: list[int] = []

@@ -44,7 +44,6 @@ class TurnRequest:
     options: PromptOptions
     params: tuple[SamplingParams, ...]
     record_ids: tuple[str, ...]  # one per choice: the audit record and engine request ids
-    assistant_prefix: tuple[int, ...] = ()
     audit_extra: dict[str, Any] = field(default_factory=dict)  # stop strings, ...
 
     def __post_init__(self) -> None:
@@ -78,7 +77,7 @@ class GovernedTurns:
         messages, masker, labels = await apply_pii_policy(self.settings, list(req.messages),
                                                           self.offload)
         shared = tuple(messages)
-        turns = [ChatTurn(shared, req.options, p, rid, req.assistant_prefix)
+        turns = [ChatTurn(shared, req.options, p, rid)
                  for p, rid in zip(req.params, req.record_ids)]
         await self.auditor.start(req.endpoint, req.caller, turns, labels, req.audit_extra)
         try:

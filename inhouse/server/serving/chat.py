@@ -13,9 +13,8 @@ from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient, SamplingParams
 from inhouse.governance.tenancy import Caller
 from inhouse.harmony import (ContentDelta, ConversationError, ParseWarning,
-                             PromptOptions, ReasoningDelta, ToolCallDelta, ToolCallDone, decode,
-                             tool_call_prefix)
-from inhouse.harmony.grammar import json_answer
+                             PromptOptions, ReasoningDelta, ToolCallDelta, ToolCallDone, decode)
+from inhouse.harmony.constraints import AnswerFormat, ToolChoice, turn_constraint
 from inhouse.harmony.openai_shapes import function_tools, messages_from_chat
 from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
 from inhouse.server.errors import APIError
@@ -56,31 +55,21 @@ class ChatCompletions:
         if req.n > self.settings.max_n:
             raise APIError(400, f"'n' is {req.n}; at most {self.settings.max_n}", param="n")
         messages = messages_from_chat([m.model_dump(exclude_none=True) for m in req.messages])
-        grammar = None
+        answer = None
         fmt = req.response_format
         if fmt is not None and fmt.type == "json_schema":
             spec = fmt.json_schema
-            instructions, grammar = json_answer(spec.name, spec.description, spec.schema_,
-                                                "response_format.json_schema.schema")
-            messages.append(instructions)
+            answer = AnswerFormat(spec.name, spec.schema_, "response_format.json_schema.schema",
+                                  spec.description)
         elif fmt is not None and fmt.type == "json_object":
-            instructions, grammar = json_answer("json_object", None, None, "response_format")
-            messages.append(instructions)
+            answer = AnswerFormat("json_object", None, "response_format")
         tools = function_tools([t.model_dump() for t in (req.tools or [])])
         choice = req.tool_choice
-        prefix: list[int] = []
-        if choice == "none":
-            tools = ()
-        elif choice == "required":
-            if not tools:
-                raise APIError(400, "tool_choice is 'required' but no tools were given",
-                               param="tool_choice")
-            prefix = tool_call_prefix(None)
-        elif isinstance(choice, NamedToolChoice):
-            if choice.function.name not in {t.name for t in tools}:
-                raise APIError(400, f"tool_choice names '{choice.function.name}', which is not "
-                                    "among the tools", param="tool_choice")
-            prefix = tool_call_prefix(choice.function.name)
+        constraint = turn_constraint(
+            answer, tools, ToolChoice(name=choice.function.name) if isinstance(
+                choice, NamedToolChoice) else ToolChoice(choice or "auto"))
+        if constraint.instructions is not None:
+            messages.append(constraint.instructions)
         effort = EFFORT[req.reasoning_effort or "medium"]
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = max_tokens_for(req.max_completion_tokens or req.max_tokens, self.client,
@@ -98,10 +87,10 @@ class ChatCompletions:
             min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0, seed=seed_for(req.seed, i),
             logprobs=(req.top_logprobs or 0) if req.logprobs else None, adapter=adapter,
-            grammar=grammar)
+            grammar=constraint.grammar)
             for i in range(req.n))
         return TurnRequest("/v1/chat/completions", caller, tuple(messages), options, params,
-                           tuple(f"{request_id}-{i}" for i in range(req.n)), tuple(prefix),
+                           tuple(f"{request_id}-{i}" for i in range(req.n)),
                            {"stop": self._stops(req), "n": req.n})
 
     async def _start(self, req: ChatCompletionRequest, request_id: str, caller: Caller):
@@ -176,11 +165,13 @@ class ChatCompletions:
             return "stop"
         if f.finish_reason == "error":
             raise APIError(500, f"generation failed: {f.error}", "server_error")
-        if c.tool_calls:
-            return "tool_calls"
         if c.stopped_by_string:
             return "stop"
-        return "length" if f.finish_reason == "length" else "stop"
+        if f.finish_reason == "length":  # a grammar may close a cut call: still cut
+            return "length"
+        if c.tool_calls:
+            return "tool_calls"
+        return "stop"
 
     # ---- non-streaming -------------------------------------------------------------------------
     async def _stop_if_matched(self, c: Choice) -> None:

@@ -14,9 +14,8 @@ from inhouse.engine import EngineClient, SamplingParams
 from inhouse.governance.responses_store import ResponseStore
 from inhouse.governance.tenancy import Caller
 from inhouse.harmony import (ContentDelta, ConversationError, MessageDone,
-                             PromptOptions, ReasoningDelta, ToolCallDelta, ToolCallDone,
-                             tool_call_prefix)
-from inhouse.harmony.grammar import json_answer
+                             PromptOptions, ReasoningDelta, ToolCallDelta, ToolCallDone)
+from inhouse.harmony.constraints import AnswerFormat, ToolChoice, turn_constraint
 from inhouse.harmony.openai_shapes import function_tools, messages_from_items
 from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
 from inhouse.server.errors import APIError
@@ -193,42 +192,32 @@ class Responses:
                            param="top_logprobs")
         items = await self._history(req, caller)
         tools = function_tools([t.model_dump() for t in (req.tools or [])])
-        prefix: list[int] = []
-        if req.tool_choice == "none":
-            tools = ()
-        elif req.tool_choice == "required":
-            if not tools:
-                raise APIError(400, "tool_choice is 'required' but no tools were given",
-                               param="tool_choice")
-            prefix = tool_call_prefix(None)
-        elif isinstance(req.tool_choice, NamedFunction):
-            if req.tool_choice.name not in {t.name for t in tools}:
-                raise APIError(400, f"tool_choice names '{req.tool_choice.name}', which is not "
-                                    "among the tools", param="tool_choice")
-            prefix = tool_call_prefix(req.tool_choice.name)
         effort = EFFORT[(req.reasoning.effort if req.reasoning else None) or "medium"]
         messages = messages_from_items(items, req.instructions)
-        grammar = None
+        answer = None
         fmt = req.text.format if req.text is not None else None
         if fmt is not None and fmt.type == "json_schema":
-            instructions, grammar = json_answer(fmt.name, fmt.description, fmt.schema_,
-                                                "text.format.schema")
-            messages.append(instructions)
+            answer = AnswerFormat(fmt.name, fmt.schema_, "text.format.schema", fmt.description)
         elif fmt is not None and fmt.type == "json_object":
-            instructions, grammar = json_answer("json_object", None, None, "text.format")
-            messages.append(instructions)
+            answer = AnswerFormat("json_object", None, "text.format")
+        choice = req.tool_choice
+        constraint = turn_constraint(
+            answer, tools, ToolChoice(name=choice.name) if isinstance(choice, NamedFunction)
+            else ToolChoice(choice or "auto"))
+        if constraint.instructions is not None:
+            messages.append(constraint.instructions)
         params = SamplingParams(
             max_tokens=max_tokens_for(req.max_output_tokens, self.client, self.settings,
                                       "max_output_tokens"),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, seed=seed_for(req.seed, 0),
-            adapter=adapter, grammar=grammar)
+            adapter=adapter, grammar=constraint.grammar)
         try:
             options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
         except ConversationError as e:
             raise APIError(400, str(e), param="input") from None
         plan = TurnRequest("/v1/responses", caller, tuple(messages), options, (params,),
-                           (response_id,), tuple(prefix))
+                           (response_id,))
         return plan, items
 
     def _skeleton(self, req: ResponsesRequest, response_id: str) -> dict:
