@@ -419,8 +419,9 @@ def test_a_response_format_that_cannot_be_enforced_is_a_400(world, fmt, param):
 
 @pytest.mark.parametrize("extra, param", [
     ({"include": ["reasoning.encrypted_content"]}, "include"),
-    ({"truncation": "auto"}, "truncation"),
-    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"include": ["message.output_text.logprobs", "file_search_call.results"]}, "include"),
+    ({"top_logprobs": 21}, "top_logprobs"),
+    ({"truncation": "sometimes"}, "truncation"),
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {
         "type": "object", "not": {}}}}}, "text.format.schema"),
 ])

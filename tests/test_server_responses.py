@@ -32,7 +32,9 @@ def store(tmp_path):
 
 @pytest.fixture(scope="module")
 def real(checkpoints, tmp_path_factory):
-    engine = AsyncEngine(LLMEngine(load_model(checkpoints["hf"])))
+    from inhouse.harmony.grammar import GrammarBackend
+
+    engine = AsyncEngine(LLMEngine(load_model(checkpoints["hf"]), grammars=GrammarBackend()))
     store = ResponseStore(f"sqlite:///{tmp_path_factory.mktemp('db') / 'r.db'}")
     with running_server(build_app(engine, ServerSettings(model_name=MODEL), store)) as url:
         yield url
@@ -147,3 +149,47 @@ def test_bad_responses_requests(store, body, param):
         r = httpx.post(f"{url}/v1/responses", json={"model": MODEL, **body})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param
+
+
+def test_top_logprobs_come_with_each_output_token(real):
+    """Issue 19: `top_logprobs` and include "message.output_text.logprobs" are served. The tiny
+    random model is held to a JSON answer (json_object), so that a message is always written;
+    its logprobs are those of the distribution sampled (the grammar's mask applied)."""
+    kw = dict(model=MODEL, input="Hello", max_output_tokens=40, top_logprobs=2,
+              include=["message.output_text.logprobs"], text={"format": {"type": "json_object"}},
+              extra_body={"seed": 5})
+    r = client(real).responses.create(**kw)
+    (part,) = [p for o in r.output if o.type == "message" for p in o.content]
+    # where the grammar allowed one token only, it is the one alternative (never a -inf one)
+    assert part.logprobs and all(lp.logprob <= 0 and 1 <= len(lp.top_logprobs) <= 2
+                                 for lp in part.logprobs)
+    json.loads(part.text)
+    events = list(client(real).responses.create(stream=True, **kw))
+    deltas = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [(d.token, d.logprob) for d in deltas] == [(lp.token, lp.logprob) for lp in part.logprobs]
+    plain = client(real).responses.create(**kw | {"top_logprobs": None, "include": None})
+    assert all(not p.logprobs for o in plain.output if o.type == "message" for p in o.content)
+
+
+def test_truncation_auto_drops_the_oldest_turns_and_says_so(store):
+    """A conversation longer than the context: refused as it is, served with truncation "auto"
+    (the oldest turns dropped, the instructions and the last turn kept, the count in usage)."""
+    engine = ScriptedEngine(FINAL)
+    context = engine.model_config.max_position_embeddings
+    turns = []
+    for i in range(12):
+        turns += [{"role": "user", "content": f"turn {i} " + "word " * (context // 10)},
+                  {"role": "assistant", "content": f"answer {i}"}]
+    turns.append({"role": "user", "content": "the last question"})
+    body = {"model": MODEL, "input": turns, "instructions": "Be brief.", "max_output_tokens": 16}
+    with running_server(build_app(engine, ServerSettings(model_name=MODEL), store)) as url:
+        refused = httpx.post(f"{url}/v1/responses", json=body)
+        assert refused.status_code == 400, refused.text
+        r = client(url).responses.create(**body, truncation="auto")
+    prompt = engine.prompt_text()
+    assert "the last question" in prompt and "Be brief." in prompt and "turn 0 " not in prompt
+    assert r.truncation == "auto" and r.output_text
+    dropped = r.usage.input_tokens_details.model_extra["truncated_items"]
+    assert dropped % 2 == 0 and 0 < dropped < len(turns) - 1
+    assert f"turn {dropped // 2} " in prompt  # the first turn kept is the one after the cut
+    assert r.usage.input_tokens + 16 <= context

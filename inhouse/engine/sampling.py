@@ -112,5 +112,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return token, None
     logprobs = torch.log_softmax(raw, dim=-1)  # the model's distribution, before any processing
     top = torch.topk(logprobs, params.logprobs) if params.logprobs else None
-    pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+    # a token a grammar masked out has logprob -inf: not an alternative (nor valid JSON)
+    pairs = tuple((i, v) for i, v in zip(top.indices.tolist(), top.values.tolist())
+                  if v != float("-inf")) if top is not None else ()
     return token, TokenLogprob(token, float(logprobs[token]), pairs)

@@ -13,14 +13,14 @@ from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient, SamplingParams
 from inhouse.governance.tenancy import Caller
 from inhouse.harmony import (ContentDelta, ConversationError, ParseWarning,
-                             PromptOptions, ReasoningDelta, ToolCallDelta, ToolCallDone, decode)
+                             PromptOptions, ReasoningDelta, ToolCallDelta, ToolCallDone)
 from inhouse.harmony.constraints import AnswerFormat, ToolChoice, turn_constraint
 from inhouse.harmony.openai_shapes import function_tools, messages_from_chat
 from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
 from inhouse.server.errors import APIError
 from inhouse.server.protocol.chat import ChatCompletionRequest, NamedToolChoice
-from inhouse.server.serving.common import (EFFORT, StopMatcher, check_model, max_tokens_for,
-                                           merge, new_id, seed_for, usage)
+from inhouse.server.serving.common import (EFFORT, StopMatcher, check_model, logprob_entry,
+                                           max_tokens_for, merge, new_id, seed_for, usage)
 
 log = logging.getLogger("inhouse.server")
 
@@ -149,14 +149,7 @@ class ChatCompletions:
         if tok is None or tok.logprob is None:
             return
         c.pending_token = None
-        lp = tok.logprob
-
-        def entry(token_id: int, value: float) -> dict:
-            text = decode([token_id])
-            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
-
-        c.logprobs.append(entry(lp.token_id, lp.logprob) | {
-            "top_logprobs": [entry(t, v) for t, v in lp.top]})
+        c.logprobs.append(logprob_entry(tok.logprob))
 
     @staticmethod
     def _finish_reason(c: Choice) -> str:

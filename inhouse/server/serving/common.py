@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Coroutine
 from starlette.requests import Request
 
 from inhouse.config import ServerSettings
-from inhouse.engine import EngineClient
+from inhouse.engine import EngineClient, TokenLogprob
+from inhouse.harmony import decode
 from inhouse.server.errors import APIError
 
 EFFORT = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high",
@@ -43,6 +44,15 @@ def max_tokens_for(requested: int | None, client: EngineClient, settings: Server
         raise APIError(400, f"'{param}' is {requested}; the model's context window is {context} "
                             "tokens", param=param)
     return requested
+
+
+def logprob_entry(lp: TokenLogprob) -> dict:
+    """A token's logprob in OpenAI's shape (chat's and Responses' agree), with its alternatives."""
+    def entry(token_id: int, value: float) -> dict:
+        text = decode([token_id])
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
 
 
 def seed_for(seed: int | None, index: int) -> int | None:

@@ -13,133 +13,18 @@ from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient, SamplingParams
 from inhouse.governance.responses_store import ResponseStore
 from inhouse.governance.tenancy import Caller
-from inhouse.harmony import (ContentDelta, ConversationError, MessageDone,
-                             PromptOptions, ReasoningDelta, ToolCallDelta, ToolCallDone)
+from inhouse.harmony import ConversationError, PromptOptions
 from inhouse.harmony.constraints import AnswerFormat, ToolChoice, turn_constraint
 from inhouse.harmony.openai_shapes import function_tools, messages_from_items
-from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
+from inhouse.pipeline import Finished, GovernedTurns, TurnRequest
+from inhouse.pipeline.truncation import fit_to_context
 from inhouse.server.errors import APIError
 from inhouse.server.protocol.responses import NamedFunction, ResponsesRequest
 from inhouse.server.serving.common import EFFORT, check_model, max_tokens_for, new_id, seed_for
+from inhouse.server.serving.response_builder import ResponseBuilder
 
-
-class ResponseBuilder:
-    """Harmony events -> Responses stream events and output items."""
-
-    def __init__(self, skeleton: dict) -> None:
-        self.response = skeleton
-        self.output: list[dict] = self.response["output"]
-        self.seq = 0
-        self.item: dict | None = None  # the item being written
-
-    def event(self, type_: str, **fields) -> dict:
-        e = {"type": type_, "sequence_number": self.seq} | fields
-        self.seq += 1
-        return e
-
-    def start(self) -> list[dict]:
-        snapshot = json.loads(json.dumps(self.response))
-        return [self.event("response.created", response=snapshot),
-                self.event("response.in_progress", response=snapshot)]
-
-    def _open(self, item: dict, part: dict | None) -> list[dict]:
-        self.item = item
-        self.output.append(item)
-        idx = len(self.output) - 1
-        events = [self.event("response.output_item.added", output_index=idx,
-                             item=json.loads(json.dumps(item)))]
-        if part is not None:
-            item["content"].append(part)
-            events.append(self.event("response.content_part.added", item_id=item["id"],
-                                     output_index=idx, content_index=0, part=dict(part)))
-        return events
-
-    def close(self) -> list[dict]:
-        item, self.item = self.item, None
-        if item is None:
-            return []
-        idx = self.output.index(item)
-        item["status"] = "completed"
-        events = []
-        if item["type"] == "reasoning":
-            part = item["content"][0]
-            events += [self.event("response.reasoning_text.done", item_id=item["id"],
-                                  output_index=idx, content_index=0, text=part["text"]),
-                       self.event("response.content_part.done", item_id=item["id"],
-                                  output_index=idx, content_index=0, part=dict(part))]
-        elif item["type"] == "message":
-            part = item["content"][0]
-            events += [self.event("response.output_text.done", item_id=item["id"],
-                                  output_index=idx, content_index=0, text=part["text"],
-                                  logprobs=[]),
-                       self.event("response.content_part.done", item_id=item["id"],
-                                  output_index=idx, content_index=0, part=dict(part))]
-        else:
-            events.append(self.event("response.function_call_arguments.done", item_id=item["id"],
-                                     output_index=idx, arguments=item["arguments"]))
-        events.append(self.event("response.output_item.done", output_index=idx,
-                                 item=json.loads(json.dumps(item))))
-        return events
-
-    def on(self, ev) -> list[dict]:
-        events: list[dict] = []
-        if isinstance(ev, ReasoningDelta):
-            if self.item is None or self.item["type"] != "reasoning":
-                events += self.close()
-                events += self._open({"id": new_id("rs"), "type": "reasoning", "summary": [],
-                                      "content": [], "status": "in_progress"},
-                                     {"type": "reasoning_text", "text": ""})
-            self.item["content"][0]["text"] += ev.text
-            events.append(self.event("response.reasoning_text.delta", item_id=self.item["id"],
-                                     output_index=len(self.output) - 1, content_index=0,
-                                     delta=ev.text))
-        elif isinstance(ev, ContentDelta):
-            if self.item is None or self.item["type"] != "message":
-                events += self.close()
-                events += self._open({"id": new_id("msg"), "type": "message", "role": "assistant",
-                                      "status": "in_progress", "content": []},
-                                     {"type": "output_text", "text": "", "annotations": [],
-                                      "logprobs": []})
-            self.item["content"][0]["text"] += ev.text
-            events.append(self.event("response.output_text.delta", item_id=self.item["id"],
-                                     output_index=len(self.output) - 1, content_index=0,
-                                     delta=ev.text, logprobs=[]))
-        elif isinstance(ev, ToolCallDelta):
-            if ev.name is not None:
-                events += self.close()
-                events += self._open({"id": new_id("fc"), "type": "function_call",
-                                      "call_id": new_id("call"), "name": ev.name,
-                                      "arguments": "", "status": "in_progress"}, None)
-            if self.item is not None and self.item["type"] == "function_call":
-                self.item["arguments"] += ev.arguments
-                events.append(self.event("response.function_call_arguments.delta",
-                                         item_id=self.item["id"],
-                                         output_index=len(self.output) - 1, delta=ev.arguments))
-        elif isinstance(ev, ToolCallDone):
-            if self.item is not None and self.item["type"] == "function_call":
-                self.item["arguments"] = ev.arguments
-        elif isinstance(ev, MessageDone):
-            events += self.close()
-        return events
-
-    def finish(self, f: Finished) -> list[dict]:
-        events = self.close()
-        r = self.response
-        r["status"] = "incomplete" if f.finish_reason == "length" else "completed"
-        if f.finish_reason == "length":
-            r["incomplete_details"] = {"reason": "max_output_tokens"}
-        if f.finish_reason == "error":
-            r["status"] = "failed"
-            r["error"] = {"code": "server_error", "message": f"generation failed: {f.error}"}
-        r["completed_at"] = time.time()
-        r["usage"] = {"input_tokens": f.prompt_tokens,
-                      "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                      "output_tokens": f.completion_tokens,
-                      "output_tokens_details": {"reasoning_tokens": f.reasoning_tokens},
-                      "total_tokens": f.prompt_tokens + f.completion_tokens}
-        kind = {"completed": "response.completed", "incomplete": "response.incomplete",
-                "failed": "response.failed"}[r["status"]]
-        return events + [self.event(kind, response=json.loads(json.dumps(r)))]
+# what `include` can ask for that we serve: every other value is refused, never ignored
+INCLUDABLE = ("message.output_text.logprobs",)
 
 
 class Responses:
@@ -180,16 +65,11 @@ class Responses:
         adapter = check_model(req.model, self.settings)
         if req.background:
             raise APIError(400, "background responses are not supported", param="background")
-        # nothing a client sends is silently ignored: what is not served yet is refused
-        if req.include:
-            raise APIError(400, f"'include' value {req.include[0]!r} is not supported",
-                           param="include")
-        if req.truncation == "auto":
-            raise APIError(400, "truncation 'auto' is not supported yet; send a conversation "
-                                "that fits the context window", param="truncation")
-        if req.top_logprobs:
-            raise APIError(400, "'top_logprobs' is not supported on /v1/responses yet",
-                           param="top_logprobs")
+        # nothing a client sends is silently ignored: what is not served is refused
+        for value in req.include or ():
+            if value not in INCLUDABLE:
+                raise APIError(400, f"'include' value {value!r} is not supported; this server "
+                                    f"serves {', '.join(INCLUDABLE)}", param="include")
         items = await self._history(req, caller)
         tools = function_tools([t.model_dump() for t in (req.tools or [])])
         effort = EFFORT[(req.reasoning.effort if req.reasoning else None) or "medium"]
@@ -211,14 +91,26 @@ class Responses:
                                       "max_output_tokens"),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, seed=seed_for(req.seed, 0),
+            logprobs=(req.top_logprobs or 0) if self._with_logprobs(req) else None,
             adapter=adapter, grammar=constraint.grammar)
         try:
             options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
         except ConversationError as e:
             raise APIError(400, str(e), param="input") from None
+        dropped = 0
+        if req.truncation == "auto":
+            context = self.client.model_config.max_position_embeddings
+            room = params.max_tokens if params.max_tokens < context else 1
+            fitted = await fit_to_context(messages, options, self.governed.offload.render,
+                                          context - room)
+            messages, dropped = fitted.messages, fitted.num_dropped
         plan = TurnRequest("/v1/responses", caller, tuple(messages), options, (params,),
-                           (response_id,))
+                           (response_id,), {"truncated_items": dropped} if dropped else {})
         return plan, items
+
+    @staticmethod
+    def _with_logprobs(req: ResponsesRequest) -> bool:
+        return "message.output_text.logprobs" in (req.include or ()) or req.top_logprobs is not None
 
     def _skeleton(self, req: ResponsesRequest, response_id: str) -> dict:
         effort = (req.reasoning.effort if req.reasoning else None) or "medium"
@@ -232,7 +124,7 @@ class Responses:
             "output": [], "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": effort, "summary": None}, "store": req.store,
-            "temperature": req.temperature, "top_p": req.top_p,
+            "temperature": req.temperature, "top_p": req.top_p, "top_logprobs": req.top_logprobs,
             "text": {"format": req.text.format.model_dump(by_alias=True, exclude_none=True)
                      if req.text is not None and req.text.format is not None
                      else {"type": "text"}}, "tool_choice": tool_choice,
@@ -245,7 +137,9 @@ class Responses:
         response_id = new_id("resp")
         plan, items = await self._plan(req, response_id, caller)
         turn = await self.governed.start(plan)
-        return ResponseBuilder(self._skeleton(req, response_id)), turn, items
+        builder = ResponseBuilder(self._skeleton(req, response_id), self._with_logprobs(req),
+                                  plan.audit_extra.get("truncated_items", 0))
+        return builder, turn, items
 
     async def _finish(self, req, builder: ResponseBuilder, turn, items, f: Finished) -> list[dict]:
         events = builder.finish(f)
@@ -261,7 +155,7 @@ class Responses:
             async for ev in stream:
                 if isinstance(ev, Finished):
                     await self._finish(req, builder, turn, items, ev)
-                elif not isinstance(ev, TokenEvent):
+                else:
                     builder.on(ev)
         finally:
             await stream.aclose()
@@ -282,8 +176,6 @@ class Responses:
             async for ev in stream:
                 if isinstance(ev, Finished):
                     events = await self._finish(req, builder, turn, items, ev)
-                elif isinstance(ev, TokenEvent):
-                    continue
                 else:
                     events = builder.on(ev)
                 for e in events:

@@ -1,0 +1,148 @@
+"""Harmony events -> the Responses API's stream events and output items (the official event
+sequence), with each output token's logprobs when asked for."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from inhouse.harmony import ContentDelta, MessageDone, ReasoningDelta, ToolCallDelta, ToolCallDone
+from inhouse.pipeline import Finished, TokenEvent
+from inhouse.server.serving.common import logprob_entry, new_id
+
+
+class ResponseBuilder:
+    """Harmony events -> Responses stream events and output items."""
+
+    def __init__(self, skeleton: dict, with_logprobs: bool = False,
+                 num_dropped_items: int = 0) -> None:
+        self.response = skeleton
+        self.output: list[dict] = self.response["output"]
+        self.seq = 0
+        self.item: dict | None = None  # the item being written
+        self.with_logprobs = with_logprobs
+        self.pending: TokenEvent | None = None  # the token whose text comes next
+        self.num_dropped_items = num_dropped_items  # by truncation "auto"
+
+    def event(self, type_: str, **fields) -> dict:
+        e = {"type": type_, "sequence_number": self.seq} | fields
+        self.seq += 1
+        return e
+
+    def start(self) -> list[dict]:
+        snapshot = json.loads(json.dumps(self.response))
+        return [self.event("response.created", response=snapshot),
+                self.event("response.in_progress", response=snapshot)]
+
+    def _open(self, item: dict, part: dict | None) -> list[dict]:
+        self.item = item
+        self.output.append(item)
+        idx = len(self.output) - 1
+        events = [self.event("response.output_item.added", output_index=idx,
+                             item=json.loads(json.dumps(item)))]
+        if part is not None:
+            item["content"].append(part)
+            events.append(self.event("response.content_part.added", item_id=item["id"],
+                                     output_index=idx, content_index=0, part=dict(part)))
+        return events
+
+    def close(self) -> list[dict]:
+        item, self.item = self.item, None
+        if item is None:
+            return []
+        idx = self.output.index(item)
+        item["status"] = "completed"
+        events = []
+        if item["type"] == "reasoning":
+            part = item["content"][0]
+            events += [self.event("response.reasoning_text.done", item_id=item["id"],
+                                  output_index=idx, content_index=0, text=part["text"]),
+                       self.event("response.content_part.done", item_id=item["id"],
+                                  output_index=idx, content_index=0, part=dict(part))]
+        elif item["type"] == "message":
+            part = item["content"][0]
+            events += [self.event("response.output_text.done", item_id=item["id"],
+                                  output_index=idx, content_index=0, text=part["text"],
+                                  logprobs=list(part["logprobs"])),
+                       self.event("response.content_part.done", item_id=item["id"],
+                                  output_index=idx, content_index=0, part=dict(part))]
+        else:
+            events.append(self.event("response.function_call_arguments.done", item_id=item["id"],
+                                     output_index=idx, arguments=item["arguments"]))
+        events.append(self.event("response.output_item.done", output_index=idx,
+                                 item=json.loads(json.dumps(item))))
+        return events
+
+    def on(self, ev) -> list[dict]:
+        events: list[dict] = []
+        if isinstance(ev, TokenEvent):
+            self.pending = ev
+        elif isinstance(ev, ReasoningDelta):
+            if self.item is None or self.item["type"] != "reasoning":
+                events += self.close()
+                events += self._open({"id": new_id("rs"), "type": "reasoning", "summary": [],
+                                      "content": [], "status": "in_progress"},
+                                     {"type": "reasoning_text", "text": ""})
+            self.item["content"][0]["text"] += ev.text
+            events.append(self.event("response.reasoning_text.delta", item_id=self.item["id"],
+                                     output_index=len(self.output) - 1, content_index=0,
+                                     delta=ev.text))
+        elif isinstance(ev, ContentDelta):
+            if self.item is None or self.item["type"] != "message":
+                events += self.close()
+                events += self._open({"id": new_id("msg"), "type": "message", "role": "assistant",
+                                      "status": "in_progress", "content": []},
+                                     {"type": "output_text", "text": "", "annotations": [],
+                                      "logprobs": []})
+            part = self.item["content"][0]
+            part["text"] += ev.text
+            new = self._logprobs()
+            part["logprobs"] += new
+            events.append(self.event("response.output_text.delta", item_id=self.item["id"],
+                                     output_index=len(self.output) - 1, content_index=0,
+                                     delta=ev.text, logprobs=new))
+        elif isinstance(ev, ToolCallDelta):
+            if ev.name is not None:
+                events += self.close()
+                events += self._open({"id": new_id("fc"), "type": "function_call",
+                                      "call_id": new_id("call"), "name": ev.name,
+                                      "arguments": "", "status": "in_progress"}, None)
+            if self.item is not None and self.item["type"] == "function_call":
+                self.item["arguments"] += ev.arguments
+                events.append(self.event("response.function_call_arguments.delta",
+                                         item_id=self.item["id"],
+                                         output_index=len(self.output) - 1, delta=ev.arguments))
+        elif isinstance(ev, ToolCallDone):
+            if self.item is not None and self.item["type"] == "function_call":
+                self.item["arguments"] = ev.arguments
+        elif isinstance(ev, MessageDone):
+            events += self.close()
+        return events
+
+    def _logprobs(self) -> list[dict]:
+        """The pending token's entry (once: a token's text may come in more than one delta)."""
+        tok, self.pending = self.pending, None
+        if not self.with_logprobs or tok is None or tok.logprob is None:
+            return []
+        return [logprob_entry(tok.logprob)]
+
+    def finish(self, f: Finished) -> list[dict]:
+        events = self.close()
+        r = self.response
+        r["status"] = "incomplete" if f.finish_reason == "length" else "completed"
+        if f.finish_reason == "length":
+            r["incomplete_details"] = {"reason": "max_output_tokens"}
+        if f.finish_reason == "error":
+            r["status"] = "failed"
+            r["error"] = {"code": "server_error", "message": f"generation failed: {f.error}"}
+        r["completed_at"] = time.time()
+        r["usage"] = {"input_tokens": f.prompt_tokens,
+                      "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0,
+                                               # truncation "auto": conversation items dropped
+                                               "truncated_items": self.num_dropped_items},
+                      "output_tokens": f.completion_tokens,
+                      "output_tokens_details": {"reasoning_tokens": f.reasoning_tokens},
+                      "total_tokens": f.prompt_tokens + f.completion_tokens}
+        kind = {"completed": "response.completed", "incomplete": "response.incomplete",
+                "failed": "response.failed"}[r["status"]]
+        return events + [self.event(kind, response=json.loads(json.dumps(r)))]
