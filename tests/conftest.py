@@ -97,3 +97,20 @@ def random_moe_layer(dtype: torch.dtype, seed: int = 0, num_experts: int = 6,
     for p in mlp.parameters():
         p.data = torch.randn(p.shape).to(dtype)
     return mlp
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """An INHOUSE_CACHE holding the trained demo model, built once per session by the CLI
+    (`inhouse demo build`, about two minutes): test_demo.py and test_structured.py share it."""
+    from typer.testing import CliRunner
+
+    from inhouse.cli import app as cli
+
+    cache = tmp_path_factory.mktemp("democache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INHOUSE_CACHE", str(cache))
+        r = CliRunner().invoke(cli, ["demo", "build"])
+    assert r.exit_code == 0, r.output
+    return cache
+

@@ -24,12 +24,9 @@ WEATHER = {"type": "function", "function": {
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("democache")
+def demo(demo_cache):
     mp = pytest.MonkeyPatch()
-    mp.setenv("INHOUSE_CACHE", str(cache))
-    r = CliRunner().invoke(cli, ["demo", "build"])
-    assert r.exit_code == 0, r.output
+    mp.setenv("INHOUSE_CACHE", str(demo_cache))
     path, label = demo_model()  # serve and chat now pick the trained demo
     assert path == trained_demo_path() and label == TRAINED_LABEL
     again = CliRunner().invoke(cli, ["demo", "build"])

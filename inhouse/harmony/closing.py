@@ -10,9 +10,9 @@ otherwise, and reports the turn as cut ("length"), since the model did not finis
 The walk is greedy, not a search: every token the grammar allows leads to a state that can still
 be completed (llguidance only allows viable prefixes), so the walk never dead-ends; it only has
 to avoid going round in circles. It prefers the moves that close things (the stop tokens, `"`,
-`}`, `]`, `,`), then short values; once it has come back to the same allowed set a few times it
-takes there what it has not yet taken, so a regex like an e-mail address's local part is
-eventually left by its `@`. A forced stretch (a required key's name) is taken as llguidance
+`}`, `]`, `,`), then short values; once it has stayed at the same allowed set a few steps in a
+row it takes there what it has not yet taken, so a regex like an e-mail address's local part is
+eventually left by its `@` (a free string met again elsewhere is still closed at once). A forced stretch (a required key's name) is taken as llguidance
 spells it, since it allows no other spelling there. The path is not always the shortest, only a valid one whose length
 is known; it is deterministic, so replay forces the same bytes.
 """
@@ -29,10 +29,11 @@ from inhouse.harmony.vocab import VOCAB_FILE, ensure_vocab
 RETURN, CONSTRAIN, CHANNEL, START, END, MESSAGE, CALL = (200002, 200003, 200005, 200006, 200007,
                                                         200008, 200012)
 # closing moves first, then the shortest values, then what patterns and formats need
-_BYTE_ORDER = b'"}],1' + b"023456789" + b"@.-:/+_ TZe" + bytes(range(97, 123)) + \
+_BYTE_ORDER = b'"}],:1' + b"023456789" + b"@.-/+_ TZe" + bytes(range(97, 123)) + \
     bytes(range(65, 91)) + bytes(b for b in range(32, 127) if not chr(b).isalnum())
-# after this many visits to the same allowed set, the walk takes what it has not taken there
-_PATIENCE = 4
+# after this many steps in a row at the same allowed set (or this many visits in all, for a
+# longer loop), the walk takes there what it has not taken yet
+_PATIENCE, _LOOP = 4, 64
 _SPECIAL_ORDER = (RETURN, CALL, END, START, CHANNEL, MESSAGE, CONSTRAIN)
 
 
@@ -68,6 +69,7 @@ def closing_path(matcher, limit: int, bitmask, fill) -> list[int] | None:
     ids = candidates()
     taken: dict[bytes, set[int]] = {}  # allowed set -> candidate indices already taken there
     visits: dict[bytes, int] = {}
+    last, run = b"", 0  # the allowed set of the step before, and how many steps in a row
     path: list[int] = []
     # NOTE: a stop token ends the path unconsumed: llguidance cannot roll a stopped matcher back
     # more than one token, and the engine stops on it anyway
@@ -94,10 +96,12 @@ def closing_path(matcher, limit: int, bitmask, fill) -> list[int] | None:
                 path.append(int(allowed[0]))
                 continue
             key = np.packbits(ok).tobytes()
+            run = run + 1 if key == last else 1
+            last = key
             visits[key] = visits.get(key, 0) + 1
             used = taken.setdefault(key, set())
             fresh = [int(c) for c in choices if int(c) not in used]
-            if visits[key] <= _PATIENCE or not fresh:
+            if (run <= _PATIENCE and visits[key] <= _LOOP) or not fresh:
                 pick = int(choices[0])
             else:
                 pick = fresh[0]
