@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
 from inhouse.config import EngineConfig
+from inhouse.engine.constraint import GrammarCompiler
 from inhouse.engine.kv_manager import KVBlockManager, KVLayout
 from inhouse.engine.request import RequestOutput, Sequence, Status
 from inhouse.engine.runner import ModelRunner
@@ -29,26 +28,6 @@ class EngineStats:
     kv_blocks_used: int
     kv_blocks_total: int
     finished_per_s: float = 0.0  # requests finished per second lately (0: none measured)
-
-
-class GrammarMatcher(Protocol):
-    """One sequence's grammar state. `is_cut`: the matcher forced the output to an end because
-    the tokens left would not have fitted the rest (the turn finishes as "length")."""
-
-    is_cut: bool
-
-    def allowed(self, remaining: int):
-        """A boolean numpy array over the vocabulary: the tokens the grammar allows next, with
-        `remaining` tokens (this one included) left to the sequence."""
-
-    def consume(self, token: int) -> bool: ...
-
-
-class GrammarCompiler(Protocol):
-    """Compiles a request's grammar into a matcher (harmony.grammar.GrammarBackend); the engine
-    is given one at construction and never sees the vocabulary or harmony itself."""
-
-    def new_matcher(self, grammar: str) -> GrammarMatcher: ...
 
 
 class LLMEngine:

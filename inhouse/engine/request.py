@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inhouse.engine.constraint import GrammarMatcher
 from inhouse.engine.sampling import SamplingParams, TokenLogprob
 
 
@@ -33,7 +34,7 @@ class Sequence:
     finish_reason: str | None = None
     cache: object | None = None  # the model's KVCache, created when the sequence first runs
     generator: torch.Generator | None = None
-    matcher: object | None = None  # the grammar's state for this sequence (GrammarMatcher)
+    matcher: GrammarMatcher | None = None  # the grammar's state for this sequence
     arrived_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # when the scheduler first ran it
 
