@@ -85,3 +85,23 @@ def test_a_constrained_request_through_the_engine_follows_its_grammar(checkpoint
         LLMEngine(engine.model).add_request("d", prompt, SamplingParams(grammar=grammar))
     with pytest.raises(Exception, match="cannot be compiled"):
         engine.add_request("e", prompt, SamplingParams(grammar="start: %json {"))
+
+
+def test_the_engine_copies_a_checked_grammar_rather_than_compiling_it(monkeypatch):
+    """A large schema takes long to compile (half a second for 400 kB): the server compiles it
+    while checking the request, off the event loop; the engine's thread then only copies the
+    compiled matcher, so one request's schema never stalls everyone's generation."""
+    import llguidance
+
+    from inhouse.harmony import grammar as g
+
+    schema = {"type": "object", "required": ["k"], "properties": {"k": {"type": "integer"}}}
+    text = answer_grammar(schema)  # checks it: compiled and kept
+    monkeypatch.setattr(llguidance, "LLMatcher", None)  # any compilation now fails
+    m = GrammarBackend().new_matcher(text)
+    assert m.consume(ids("<|channel|>final<|message|>")[0])
+    monkeypatch.undo()
+    for i in range(g.COMPILED_KEPT + 1):  # the cache is bounded: the oldest goes first
+        answer_grammar({"type": "object", "properties": {f"k{i}": {"type": "integer"}}})
+    assert text not in g._compiled and len(g._compiled) == g.COMPILED_KEPT
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,14 +55,40 @@ def ll_tokenizer():
     return _tokenizer
 
 
-def check_grammar(grammar: str, param: str) -> None:
+_compiled: OrderedDict[str, Any] = OrderedDict()  # grammar text -> a fresh matcher, newest last
+COMPILED_KEPT = 64
+
+
+def _compile(grammar: str):
+    """A fresh llguidance matcher for `grammar`, compiled once and kept (a few of the latest):
+    compiling a large schema takes long (half a second for 400 kB), copying a fresh matcher a
+    tenth of a millisecond. Raises ValueError with llguidance's message."""
     import llguidance
 
-    g = llguidance.LLMatcher.grammar_from_lark(grammar)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(g, ll_tokenizer())
-    if is_error:
-        raise ConversationError("the schema cannot be compiled into a grammar: "
-                                + "; ".join(messages), param=param)
+    with _lock:
+        fresh = _compiled.get(grammar)
+        if fresh is not None:
+            _compiled.move_to_end(grammar)
+            return fresh.deep_copy()
+    m = llguidance.LLMatcher(ll_tokenizer(), llguidance.LLMatcher.grammar_from_lark(grammar))
+    if m.is_error():
+        raise ValueError(m.get_error())
+    with _lock:
+        _compiled[grammar] = m
+        while len(_compiled) > COMPILED_KEPT:
+            _compiled.popitem(last=False)
+    return m.deep_copy()
+
+
+def check_grammar(grammar: str, param: str) -> None:
+    """Compile `grammar` (a request's, before it reaches the engine: call it off the event loop)
+    or refuse it naming `param`. The engine's matchers are then copies, not compilations, so a
+    large schema never stalls the engine's thread."""
+    try:
+        _compile(grammar)
+    except ValueError as e:
+        raise ConversationError(f"the schema cannot be compiled into a grammar: {e}",
+                                param=param) from None
 
 
 # the budget closing watches (closing.py): it re-plans the way out every step once the tokens
@@ -126,9 +153,4 @@ class GrammarBackend:
     """What the engine is given to compile a request's grammar (one matcher per sequence)."""
 
     def new_matcher(self, grammar: str) -> GrammarMatcher:
-        import llguidance
-
-        m = llguidance.LLMatcher(ll_tokenizer(), llguidance.LLMatcher.grammar_from_lark(grammar))
-        if m.is_error():
-            raise ValueError(m.get_error())
-        return GrammarMatcher(m)
+        return GrammarMatcher(_compile(grammar))

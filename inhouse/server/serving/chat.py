@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -95,7 +96,8 @@ class ChatCompletions:
 
     async def _start(self, req: ChatCompletionRequest, request_id: str, caller: Caller):
         """(choices, their governed streams): refusals raise here, before any output."""
-        plan = self.plan(req, request_id, caller)
+        # off the event loop: compiling a large schema's grammar takes a while
+        plan = await asyncio.to_thread(self.plan, req, request_id, caller)
         turn = await self.governed.start(plan)
         choices = [Choice(i, StopMatcher(self._stops(req)), request_id=rid)
                    for i, rid in enumerate(plan.record_ids)]

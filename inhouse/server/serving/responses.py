@@ -81,9 +81,9 @@ class Responses:
         elif fmt is not None and fmt.type == "json_object":
             answer = AnswerFormat("json_object", None, "text.format")
         choice = req.tool_choice
-        constraint = turn_constraint(
-            answer, tools, ToolChoice(name=choice.name) if isinstance(choice, NamedFunction)
-            else ToolChoice(choice or "auto"))
+        constraint = await asyncio.to_thread(  # off the event loop: a large schema takes a while
+            turn_constraint, answer, tools, ToolChoice(name=choice.name)
+            if isinstance(choice, NamedFunction) else ToolChoice(choice or "auto"))
         if constraint.instructions is not None:
             messages.append(constraint.instructions)
         params = SamplingParams(
