@@ -3,7 +3,6 @@ JSON that matches the schema; what cannot be enforced is refused, naming the key
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
