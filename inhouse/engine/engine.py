@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
+
 import torch
 
 from inhouse.config import EngineConfig

@@ -12,9 +12,10 @@ be completed (llguidance only allows viable prefixes), so the walk never dead-en
 to avoid going round in circles. It prefers the moves that close things (the stop tokens, `"`,
 `}`, `]`, `,`), then short values; once it has stayed at the same allowed set a few steps in a
 row it takes there what it has not yet taken, so a regex like an e-mail address's local part is
-eventually left by its `@` (a free string met again elsewhere is still closed at once). A forced stretch (a required key's name) is taken as llguidance
-spells it, since it allows no other spelling there. The path is not always the shortest, only a valid one whose length
-is known; it is deterministic, so replay forces the same bytes.
+eventually left by its `@` (a free string met again elsewhere is still closed at once). A
+forced stretch (a required key's name) is taken as llguidance spells it, since it allows no
+other spelling there. The path is not always the shortest, only a valid one whose length is
+known; it is deterministic, so replay forces the same bytes.
 """
 
 from __future__ import annotations

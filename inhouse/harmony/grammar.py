@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from inhouse.harmony.closing import closing_path
+from inhouse.harmony.closing import RETURN, closing_path
 from inhouse.harmony.conversation import ConversationError
 from inhouse.harmony.vocab import VOCAB_FILE, ensure_vocab, load_encoding
 
@@ -30,7 +30,6 @@ O200K_PATTERN = "|".join([
     r"""\s+""",
 ])
 NUM_IDS = 201088  # the checkpoints' vocabulary: o200k's 199998 ranks and harmony's specials
-RETURN = 200002
 _lock = threading.Lock()
 _tokenizer = None
 
