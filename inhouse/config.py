@@ -390,6 +390,10 @@ class EngineConfig:
     seeded request gives bit-identical output ids alone or in any batch (the base of audit replay);
     "batched" runs all scheduled tokens in one pass (faster: each routed expert is decoded once per
     step for every sequence) but numerics then depend on the batch.
+
+    prefix_caching: in reproducible mode a prefix is reused only in whole `prefill_chunk`s of a
+    prompt, so that a hit computes the rest in the chunks a fresh request would (the same bits);
+    in batched mode in `block_size` blocks, outputs included.
     """
 
     max_num_seqs: int = 16  # sequences in the running batch
@@ -399,6 +403,8 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block (bookkeeping granularity)
     max_waiting: int = 256  # bounded queue: more is refused (HTTP 429 later)
     mode: str = "reproducible"
+    # reuse the keys and values of earlier requests' prompts (engine/prefix_cache.py)
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for f in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "kv_budget_bytes",

@@ -237,7 +237,7 @@ def test_a_failed_step_fails_its_requests_and_frees_memory(model, monkeypatch):
     outs = engine.step()
     assert [(o.request_id, o.finish_reason, o.finished) for o in outs] == [("a", "error", True)]
     assert "simulated kernel failure" in outs[0].error
-    assert engine.kv.num_used == 0 and not engine.has_unfinished()
+    assert engine.kv.num_held == 0 and not engine.has_unfinished()
 
 
 def test_a_full_budget_queues_new_requests_and_running_ones_finish(model):
@@ -301,7 +301,7 @@ def test_async_streams_concurrent_requests_and_cancels(model):
     try:
         a, b, got = asyncio.run(main())
         assert a == greedy(model, prompt(1, 9), 7) and b == greedy(model, prompt(2, 14), 5)
-        assert got == 3 and client.engine.kv.num_used == 0
+        assert got == 3 and client.engine.kv.num_held == 0
     finally:
         client.shutdown()
 
@@ -318,7 +318,7 @@ def test_async_engine_survives_a_failing_step(model, monkeypatch):
     try:
         outs = asyncio.run(one("a"))
         assert outs[-1].finished and outs[-1].finish_reason == "error"
-        assert "sampler broke" in outs[-1].error and engine.kv.num_used == 0
+        assert "sampler broke" in outs[-1].error and engine.kv.num_held == 0
         monkeypatch.setattr(engine, "step", real_step)  # the thread is still serving
         assert asyncio.run(one("b"))[-1].finish_reason == "length"
     finally:

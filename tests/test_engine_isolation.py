@@ -85,7 +85,7 @@ def test_non_finite_logits_fail_only_their_request(model, monkeypatch):
                 reasons[o.request_id] = (o.finish_reason, o.error)
     assert reasons["bad"][0] == "error" and "non-finite" in reasons["bad"][1]
     assert {k: v for k, v in outs.items() if k != "bad"} == _alone(model, innocents)
-    assert engine.kv.num_used == 0
+    assert engine.kv.num_held == 0
 
 
 @pytest.mark.parametrize("fail_at", [0, 3])  # in the prompt's step, or mid-decode
@@ -109,7 +109,7 @@ def test_a_kernel_error_on_one_sequence_fails_it_alone(model, monkeypatch, fail_
     outs = run_all(engine, arrivals)
     assert {k: v for k, v in outs.items() if k != "bad"} == _alone(model, innocents)
     assert len(outs["bad"]) <= fail_at
-    assert engine.kv.num_used == 0 and not engine.has_unfinished()
+    assert engine.kv.num_held == 0 and not engine.has_unfinished()
 
 
 # ---- issue 17, finding 7: adapters at bf16, batched with base-model requests -----------------------

@@ -104,10 +104,10 @@ def test_client_disconnect_cancels_generation(real):
         lines = r.iter_lines()
         next(lines)
     for _ in range(200):
-        if client.stats().num_running == 0 and client.engine.kv.num_used == 0:
+        if client.stats().num_running == 0 and client.engine.kv.num_held == 0:
             break
         asyncio.run(asyncio.sleep(0.02))
-    assert client.stats().num_running == 0 and client.engine.kv.num_used == 0
+    assert client.stats().num_running == 0 and client.engine.kv.num_held == 0
 
 
 # ---- exact harmony sequences through the real server ----------------------------------------

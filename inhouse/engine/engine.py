@@ -11,6 +11,7 @@ import torch
 from inhouse.config import EngineConfig
 from inhouse.engine.constraint import GrammarCompiler
 from inhouse.engine.kv_manager import KVBlockManager, KVLayout
+from inhouse.engine.prefix_cache import PrefixCache
 from inhouse.engine.request import RequestOutput, Sequence, Status
 from inhouse.engine.runner import ModelRunner
 from inhouse.engine.sampling import (InvalidRequest, SamplingParams, check_prompt_length,
@@ -29,6 +30,9 @@ class EngineStats:
     kv_blocks_used: int
     kv_blocks_total: int
     finished_per_s: float = 0.0  # requests finished per second lately (0: none measured)
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache, ever
+    prefix_hit_tokens: int = 0  # of which were reused
+    prefix_cache_bytes: int = 0  # the cached blocks' keys and values now
 
 
 class LLMEngine:
@@ -44,7 +48,9 @@ class LLMEngine:
         layout = KVLayout(mc.num_hidden_layers - sliding, sliding, mc.sliding_window,
                           config.block_size,
                           2 * mc.num_key_value_heads * mc.head_dim * model.dtype.itemsize)
-        self.kv = KVBlockManager(layout, config.kv_budget_bytes)
+        prefix = (PrefixCache(config.block_size, [mc.window(i) for i in range(mc.num_hidden_layers)])
+                  if config.prefix_caching else None)
+        self.kv = KVBlockManager(layout, config.kv_budget_bytes, prefix)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(model, config.mode)
         self._seqs: dict[str, Sequence] = {}
@@ -102,8 +108,12 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def stats(self) -> EngineStats:
+        p = self.kv.prefix
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
-                           self.kv.num_used, self.kv.num_blocks)
+                           self.kv.num_used, self.kv.num_blocks,
+                           prefix_queried_tokens=p.num_queried_tokens if p else 0,
+                           prefix_hit_tokens=p.num_hit_tokens if p else 0,
+                           prefix_cache_bytes=p.nbytes if p else 0)
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -122,6 +132,7 @@ class LLMEngine:
                 outputs.append(self._finish(seq, "error", (), error=_describe(row)))
                 continue
             seq.num_computed += chunk.num_tokens
+            self._capture(seq)
             if seq.num_pending:  # mid-prompt: nothing to sample yet
                 continue
             try:
@@ -174,7 +185,7 @@ class LLMEngine:
         gives the same bits; returns the logits after token upto - 1. `num_computed` is left as
         before the step, for step()'s update."""
         before = seq.num_computed
-        seq.cache, seq.num_computed = None, 0
+        seq.cache, seq.num_computed, seq.prefix = None, 0, None
         logits = None
         prompt = len(seq.prompt_ids)
         while seq.num_computed < upto:
@@ -186,6 +197,31 @@ class LLMEngine:
             seq.num_computed += n
         seq.num_computed = before
         return logits
+
+    def _capture(self, seq: Sequence) -> None:
+        """Offer the sequence's newly completed blocks to the prefix cache. Reproducible mode
+        offers only blocks of the prompt's whole fixed chunks: only their keys and values are
+        the bits a fresh request computes (decoded positions take another arithmetic)."""
+        prefix = self.kv.prefix
+        if prefix is None or seq.cache is None or not seq.is_capturing:
+            return
+        limit = seq.num_computed
+        if self.config.mode == "reproducible":
+            chunk = self.config.prefill_chunk
+            limit = min(limit, len(seq.prompt_ids) // chunk * chunk)
+        B = prefix.block_size
+        while seq.num_captured + B <= limit:
+            start, end = seq.num_captured, seq.num_captured + B
+            key = prefix.next_key(seq.chain_key, seq.token_ids[start:end])
+            if not prefix.is_complete(key):
+                layers = [layer.positions(start, end) for layer in seq.cache.layers]
+                nbytes = sum(t.numel() * t.element_size() for kv in layers if kv for t in kv)
+                if not self.kv.room_for_cache(nbytes, seq.cache_tick):
+                    return
+                if not prefix.insert(key, seq.chain_key if start else None, end, layers):
+                    seq.is_capturing = False
+                    return
+            seq.chain_key, seq.num_captured = key, end
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids:
@@ -210,7 +246,7 @@ class LLMEngine:
         return RequestOutput(seq.request_id, tuple(new_ids), tuple(new_lp),
                              seq.status == Status.FINISHED, seq.finish_reason,
                              len(seq.prompt_ids), len(seq.output_ids), seq.seed, error,
-                             seq.queue_wait_s)
+                             seq.queue_wait_s, seq.num_cached)
 
 
 def _describe(e: BaseException) -> str:

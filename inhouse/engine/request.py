@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inhouse.engine.constraint import GrammarMatcher
+from inhouse.engine.prefix_cache import PrefixHit
 from inhouse.engine.sampling import SamplingParams, TokenLogprob
 
 
@@ -35,6 +36,12 @@ class Sequence:
     cache: object | None = None  # the model's KVCache, created when the sequence first runs
     generator: torch.Generator | None = None
     matcher: GrammarMatcher | None = None  # the grammar's state for this sequence
+    prefix: PrefixHit | None = None  # cached keys and values to start from (until loaded)
+    num_cached: int = 0  # prompt tokens reused from the prefix cache
+    num_captured: int = 0  # tokens whose blocks were offered to the prefix cache
+    chain_key: bytes = b""  # the prefix cache key of the last block offered (or the root)
+    is_capturing: bool = True  # False once a block of its chain could not be kept
+    cache_tick: int = 0  # the prefix cache's clock at admission: it evicts only older blocks
     arrived_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # when the scheduler first ran it
 
@@ -49,6 +56,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def cache_namespace(self) -> str:
+        """What a prefix must share besides its tokens: the salt (tenant) and the adapter."""
+        return f"{self.params.cache_salt or ''}\x00{self.params.adapter or ''}"
 
     @property
     def num_pending(self) -> int:
@@ -78,3 +90,4 @@ class RequestOutput:
     seed: int
     error: str | None = None
     queue_wait_s: float = 0.0  # time between arrival and admission
+    num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache

@@ -23,6 +23,9 @@ class ModelRunner:
             seq = c.seq
             if seq.cache is None:  # never larger than what the KV budget reserved for it
                 seq.cache = self.model.new_cache(max_tokens=seq.reserve_tokens)
+                if seq.prefix is not None:  # keys and values an earlier request computed
+                    seq.cache.load_prefix(seq.prefix.layers, seq.prefix.num_tokens)
+                    seq.prefix = None
             ids = torch.tensor(seq.token_ids[seq.num_computed:seq.num_computed + c.num_tokens])
             feeds.append((ids, seq.cache))
         if len(feeds) == 1:

@@ -50,6 +50,9 @@ class SamplingParams:
     # generated token); compiled by the engine's GrammarCompiler. Logprobs are then those of the
     # distribution actually sampled: the model's, restricted to what the grammar allows.
     grammar: str | None = None
+    # prefix caching reuses keys and values only between requests of the same salt (the server
+    # gives the tenant: one tenant's prompts are never found, nor timed, by another)
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -8,8 +8,9 @@ batch at any step, and a long prompt never stalls running decodes for more than 
 
 from __future__ import annotations
 
-from collections import deque
+import math
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from inhouse.config import EngineConfig
@@ -47,6 +48,9 @@ class Scheduler:
         # NOTE: in reproducible mode a prompt chunk always has the same size, whatever else runs;
         # a chunk that does not fit this step's budget waits a step instead of shrinking.
         self._fixed_chunks = config.mode == "reproducible"
+        # where a reused prefix may end: there a hit computes the rest as a fresh request would
+        self.prefix_align = (math.lcm(config.block_size, config.prefill_chunk)
+                             if self._fixed_chunks else config.block_size)
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.config.max_waiting:
@@ -78,6 +82,7 @@ class Scheduler:
         while (self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0
                and self.kv.can_allocate(self.waiting[0].reserve_tokens)):
             seq = self.waiting.popleft()
+            self._match_prefix(seq)
             self.kv.allocate(seq.request_id, seq.reserve_tokens)
             seq.status = Status.RUNNING
             seq.admitted_at = time.monotonic()
@@ -87,10 +92,29 @@ class Scheduler:
                 chunks.append(ScheduledChunk(seq, n))
         return SchedulerOutput(tuple(chunks), len(self.waiting))
 
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Start the sequence after the longest prefix of its prompt the cache holds (at least
+        its last prompt token is computed: its logits give the first output token)."""
+        prefix = self.kv.prefix
+        if prefix is None:
+            return
+        seq.cache_tick = prefix.clock + 1  # the blocks it uses from here on are not evicted for it
+        hit = prefix.match(seq.prompt_ids, seq.cache_namespace, self.prefix_align,
+                           len(seq.prompt_ids) - 1)
+        seq.chain_key = prefix.root(seq.cache_namespace)
+        if hit is not None:
+            seq.prefix, seq.chain_key = hit, hit.key
+            seq.num_computed = seq.num_cached = seq.num_captured = hit.num_tokens
+
     def _chunk(self, seq: Sequence, budget: int) -> tuple[int, int]:
         n = min(seq.num_pending, self.config.prefill_chunk)
         if n > budget:
             if self._fixed_chunks:
                 return 0, budget
             n = budget
+            # a chunk ends on a block boundary where it can: there the sliding layers still
+            # hold the window a later hit needs
+            end = seq.num_computed + n
+            if self.kv.prefix is not None and end - end % self.prefix_align > seq.num_computed:
+                n = end - end % self.prefix_align - seq.num_computed
         return n, budget - n

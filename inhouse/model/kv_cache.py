@@ -107,6 +107,43 @@ class LayerKVCache:
         v[:, :self.length] = self.v[:, :self.length]
         self.k, self.v = k, v
 
+    def positions(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views of the keys and values (Hkv, end - start, D) of absolute positions [start, end),
+        or None where this layer no longer holds them all (a sliding layer keeps its window)."""
+        if start < self.start or end > self.end or start > end:
+            return None
+        a = self.offset + start - self.start
+        return self.k[:, a:a + end - start], self.v[:, a:a + end - start]
+
+    def load(self, parts: list[tuple[torch.Tensor, torch.Tensor]], end: int) -> None:
+        """Fill an empty cache with the keys and values of the positions just before `end`, given
+        in order as (Hkv, T_i, D) parts (a reused prefix: all `end` positions for a full layer,
+        at least the window for a sliding one, whose last `window` are kept). One copy."""
+        if self.length:
+            raise ValueError("a prefix is loaded into an empty cache only")
+        total = sum(k.shape[1] for k, _ in parts)
+        keep = total if self.window is None else min(total, self.window)
+        if self.window is None and total != end:
+            raise ValueError(f"a full layer needs all {end} positions, got {total}")
+        if self.window is not None and keep < min(end, self.window):
+            raise ValueError(f"a sliding layer needs the {min(end, self.window)} positions "
+                             f"before {end}, got {total}")
+        capacity = self._capacity() if self.window is not None else max(keep, 16)
+        if self.window is None and self.max_tokens is not None:
+            capacity = max(keep, min(2 * keep, self.max_tokens))
+        self.k = self.k.new_empty(self.k.shape[0], capacity, self.k.shape[2])
+        self.v = self.v.new_empty(self.k.shape)
+        skip, at = total - keep, 0  # leading positions a sliding layer does not keep
+        for k, v in parts:
+            n = k.shape[1]
+            if skip >= n:
+                skip -= n
+                continue
+            self.k[:, at:at + n - skip] = k[:, skip:]
+            self.v[:, at:at + n - skip] = v[:, skip:]
+            at, skip = at + n - skip, 0
+        self.offset, self.start, self.length = 0, end - keep, keep
+
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
@@ -126,6 +163,17 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def load_prefix(self, layers: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                    num_tokens: int) -> None:
+        """Start this (empty) cache from a reused prefix of `num_tokens` positions: per layer,
+        the parts `LayerKVCache.load` takes. The keys and values are copied in, so the prefix's
+        owner may keep or drop its own."""
+        if self.num_tokens:
+            raise ValueError("a prefix is loaded into an empty cache only")
+        for layer, parts in zip(self.layers, layers, strict=True):
+            layer.load(parts, num_tokens)
+        self.num_tokens = num_tokens
 
     def __repr__(self) -> str:
         return f"KVCache(num_tokens={self.num_tokens}, layers={len(self.layers)}, bytes={self.nbytes()})"

@@ -134,7 +134,7 @@ class Auditor:
             return
         record = {"finish_reason": f.finish_reason, "seed": f.seed,
                   "prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
-                  "reasoning_tokens": f.reasoning_tokens,
+                  "reasoning_tokens": f.reasoning_tokens, "cached_tokens": f.cached_tokens,
                   "prompt_ids_sha256": self._hash(f.prompt_ids),
                   "output_ids_sha256": self._hash(f.output_ids),
                   "time_to_first_token_s": round(f.time_to_first_token_s, 4),

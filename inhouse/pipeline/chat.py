@@ -48,6 +48,7 @@ class Finished:
     output_ids: tuple[int, ...]
     error: str | None = None
     queue_wait_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose keys and values the prefix cache gave
 
 
 def engine_params(turn: ChatTurn) -> SamplingParams:
@@ -90,7 +91,7 @@ async def stream_chat(client: EngineClient, turn: ChatTurn,
     yield Finished(reason or "error", len(prompt_ids), len(out_ids), parser.reasoning_tokens,
                    last.seed if last else 0, first or 0.0, time.perf_counter() - t0,
                    tuple(prompt_ids), tuple(out_ids), last.error if last else None,
-                   last.queue_wait_s if last else 0.0)
+                   last.queue_wait_s if last else 0.0, last.num_cached_tokens if last else 0)
 
 
 @dataclass

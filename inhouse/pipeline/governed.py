@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
@@ -77,7 +77,8 @@ class GovernedTurns:
         messages, masker, labels = await apply_pii_policy(self.settings, list(req.messages),
                                                           self.offload)
         shared = tuple(messages)
-        turns = [ChatTurn(shared, req.options, p, rid)
+        # the tenant salts the prefix cache: no tenant reuses, or can time, another's prompts
+        turns = [ChatTurn(shared, req.options, replace(p, cache_salt=req.caller.tenant), rid)
                  for p, rid in zip(req.params, req.record_ids)]
         await self.auditor.start(req.endpoint, req.caller, turns, labels, req.audit_extra)
         try:

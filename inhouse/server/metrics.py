@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from inhouse.engine import EngineClient
 
@@ -24,6 +24,17 @@ class _EngineCollector:
         used = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
         yield GaugeMetricFamily("inhouse_kv_usage_ratio", "fraction of the KV budget in use",
                                 value=used)
+        yield GaugeMetricFamily("inhouse_prefix_cache_bytes",
+                                "keys and values the prefix cache holds", value=s.prefix_cache_bytes)
+        for name, doc, value in [
+            ("inhouse_prefix_cache_queried_tokens", "prompt tokens looked up in the prefix cache",
+             s.prefix_queried_tokens),
+            ("inhouse_prefix_cache_hit_tokens", "prompt tokens the prefix cache gave",
+             s.prefix_hit_tokens)]:
+            yield CounterMetricFamily(name, doc, value=value)
+        rate = s.prefix_hit_tokens / s.prefix_queried_tokens if s.prefix_queried_tokens else 0.0
+        yield GaugeMetricFamily("inhouse_prefix_cache_hit_ratio",
+                                "prompt tokens reused over prompt tokens looked up", value=rate)
 
 
 class Metrics:

@@ -99,7 +99,7 @@ def usage(finished: list, include_details: bool = True) -> dict:
             "total_tokens": prompt + completion}
     if include_details:
         body["completion_tokens_details"] = {"reasoning_tokens": reasoning}
-        body["prompt_tokens_details"] = {"cached_tokens": 0}
+        body["prompt_tokens_details"] = {"cached_tokens": sum(f.cached_tokens for f in finished)}
     return body
 
 

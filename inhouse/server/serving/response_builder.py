@@ -137,7 +137,8 @@ class ResponseBuilder:
             r["error"] = {"code": "server_error", "message": f"generation failed: {f.error}"}
         r["completed_at"] = time.time()
         r["usage"] = {"input_tokens": f.prompt_tokens,
-                      "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0,
+                      "input_tokens_details": {"cached_tokens": f.cached_tokens,
+                                               "cache_write_tokens": 0,
                                                # truncation "auto": conversation items dropped
                                                "truncated_items": self.num_dropped_items},
                       "output_tokens": f.completion_tokens,
