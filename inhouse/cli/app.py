@@ -302,6 +302,10 @@ def serve(
         help="Send every signed checkpoint to this file (one JSON line each; WORM storage, "
              "another host) or http(s) URL (POSTed, retried): `audit verify --witness` then "
              "catches rollbacks, truncations and deleted checkpoints.")] = None,
+    prefix_cache: Annotated[bool, typer.Option(
+        help="Reuse the keys and values of earlier prompts of the same tenant (conversations, "
+             "shared system prompts and documents); in reproducible mode in whole prefill "
+             "chunks, bit-identical to recomputing.")] = True,
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
@@ -310,7 +314,8 @@ def serve(
                database_url or "", audit_content, retain_days, pii, pii_pattern or [],
                adapter or [], mmap=mmap, allow_unauthenticated=allow_unauthenticated,
                metrics_require_key=metrics_require_key,
-               audit_signing_key=str(audit_signing_key or ""), audit_witness=audit_witness or "")
+               audit_signing_key=str(audit_signing_key or ""), audit_witness=audit_witness or "",
+               prefix_cache=prefix_cache)
 
 
 @app.command()
