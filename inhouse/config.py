@@ -405,6 +405,9 @@ class EngineConfig:
     mode: str = "reproducible"
     # reuse the keys and values of earlier requests' prompts (engine/prefix_cache.py)
     prefix_caching: bool = True
+    # speculative decoding: up to this many draft tokens per step from the sequence's own text
+    # (engine/draft.py), kept only where they equal what is sampled; 0 turns it off
+    num_draft_tokens: int = 4
 
     def __post_init__(self) -> None:
         for f in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "kv_budget_bytes",
@@ -412,6 +415,9 @@ class EngineConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"engine setting '{f}' must be a positive integer, got {v!r}")
+        if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 0:
+            raise ConfigError("engine setting 'num_draft_tokens' must be an integer >= 0, got "
+                              f"{self.num_draft_tokens!r}")
         if self.mode not in ENGINE_MODES:
             raise ConfigError(f"engine setting 'mode' must be one of {ENGINE_MODES}, got {self.mode!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:

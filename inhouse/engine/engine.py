@@ -10,6 +10,7 @@ import torch
 
 from inhouse.config import EngineConfig
 from inhouse.engine.constraint import GrammarCompiler
+from inhouse.engine.draft import PromptLookup
 from inhouse.engine.kv_manager import KVBlockManager, KVLayout
 from inhouse.engine.prefix_cache import PrefixCache
 from inhouse.engine.request import RequestOutput, Sequence, Status
@@ -33,6 +34,8 @@ class EngineStats:
     prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache, ever
     prefix_hit_tokens: int = 0  # of which were reused
     prefix_cache_bytes: int = 0  # the cached blocks' keys and values now
+    draft_tokens: int = 0  # speculative draft tokens verified, ever
+    draft_tokens_kept: int = 0  # of which were what was sampled
 
 
 class LLMEngine:
@@ -54,6 +57,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(model, config.mode)
         self._seqs: dict[str, Sequence] = {}
+        self.num_draft_tokens = 0  # draft tokens verified, ever
+        self.num_draft_kept = 0  # of which were what was sampled
 
     # ---- requests --------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -88,6 +93,8 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_ids), params, seed, reserve)
         seq.matcher = matcher
         seq.generator = torch.Generator().manual_seed(seed)
+        if self.config.num_draft_tokens:
+            seq.drafter = PromptLookup()
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
         log.debug("request %s queued: %d prompt tokens, max %d", request_id, len(prompt_ids),
@@ -113,7 +120,9 @@ class LLMEngine:
                            self.kv.num_used, self.kv.num_blocks,
                            prefix_queried_tokens=p.num_queried_tokens if p else 0,
                            prefix_hit_tokens=p.num_hit_tokens if p else 0,
-                           prefix_cache_bytes=p.nbytes if p else 0)
+                           prefix_cache_bytes=p.nbytes if p else 0,
+                           draft_tokens=self.num_draft_tokens,
+                           draft_tokens_kept=self.num_draft_kept)
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -131,25 +140,68 @@ class LLMEngine:
             if isinstance(row, Exception):
                 outputs.append(self._finish(seq, "error", (), error=_describe(row)))
                 continue
+            if chunk.draft:
+                outputs.append(self._accept(chunk, row))
+                continue
             seq.num_computed += chunk.num_tokens
             self._capture(seq)
             if seq.num_pending:  # mid-prompt: nothing to sample yet
                 continue
+            outputs.append(self._decode(seq, row[-1]))
+        return outputs
+
+    def _decode(self, seq: Sequence, row: torch.Tensor) -> RequestOutput:
+        """Sample the sequence's next token from its logits; finish it where that ends it."""
+        try:
+            token, lp = self._sample(seq, row)
+        except Exception as e:  # noqa: BLE001 - this request's numbers; the others go on
+            log.warning("request %s failed at sampling: %s", seq.request_id, _describe(e))
+            return self._finish(seq, "error", (), error=_describe(e))
+        seq.output_ids.append(token)
+        new_lp = (lp,) if lp is not None else ()
+        seq.logprobs.extend(new_lp)
+        reason = self._finish_reason(seq, token)
+        if reason:
+            return self._finish(seq, reason, (token,), new_lp)
+        return self._output(seq, (token,), new_lp)
+
+    def _accept(self, chunk: ScheduledChunk, rows: torch.Tensor) -> RequestOutput:
+        """A verified draft: sample from the row after the pending token, then from the row
+        after each draft token for as long as the draft guessed what was sampled. The sampler
+        and the grammar see exactly the tokens and logits of decoding without the draft (each
+        row is the bits of that token alone), so the output is the same; the positions of the
+        tokens not kept are taken back from the cache. `rows` may have fewer rows than the
+        chunk (the step failed and the sequence was recomputed alone, without its draft)."""
+        seq = chunk.seq
+        base = seq.num_computed  # the pending token's position
+        new_ids: list[int] = []
+        new_lp: list = []
+        for j in range(rows.shape[0]):
             try:
-                token, lp = self._sample(seq, row)
+                token, lp = self._sample(seq, rows[j])
             except Exception as e:  # noqa: BLE001 - this request's numbers; the others go on
                 log.warning("request %s failed at sampling: %s", seq.request_id, _describe(e))
-                outputs.append(self._finish(seq, "error", (), error=_describe(e)))
-                continue
+                return self._finish(seq, "error", tuple(new_ids), tuple(new_lp), _describe(e))
             seq.output_ids.append(token)
-            new_lp = (lp,) if lp is not None else ()
-            seq.logprobs.extend(new_lp)
+            new_ids.append(token)
+            if lp is not None:
+                new_lp.append(lp)
+                seq.logprobs.append(lp)
             reason = self._finish_reason(seq, token)
             if reason:
-                outputs.append(self._finish(seq, reason, (token,), new_lp))
-            else:
-                outputs.append(self._output(seq, (token,), new_lp))
-        return outputs
+                return self._finish(seq, reason, tuple(new_ids), tuple(new_lp))
+            if j >= len(chunk.draft) or token != chunk.draft[j]:
+                break
+        kept = len(new_ids) - 1  # draft tokens kept
+        self.num_draft_tokens += len(chunk.draft)
+        self.num_draft_kept += kept
+        seq.draft_misses = 0 if kept else seq.draft_misses + 1
+        seq.draft_wait = min(2 ** seq.draft_misses, 64) if seq.draft_misses else 0
+        seq.num_computed = base + len(new_ids)
+        if seq.cache.num_tokens > seq.num_computed:
+            seq.cache.truncate(seq.num_computed)
+        self._capture(seq)
+        return self._output(seq, tuple(new_ids), tuple(new_lp))
 
     def _sample(self, seq: Sequence, row: torch.Tensor) -> tuple[int, object]:
         if bool(torch.isnan(row).any()) or bool(torch.isposinf(row).any()):
@@ -172,8 +224,9 @@ class LLMEngine:
         fails alone fails. Logits (V,) per chunk, or the exception it raised."""
         rows: list = []
         for c in chunks:
-            try:
-                rows.append(self._recompute(c.seq, c.seq.num_computed + c.num_tokens))
+            try:  # a draft is dropped: only the pending token is decoded
+                upto = c.seq.num_computed + c.num_tokens - len(c.draft)
+                rows.append(self._recompute(c.seq, upto))
             except Exception as e:  # noqa: BLE001 - reported on this sequence alone
                 log.exception("request %s fails alone", c.seq.request_id)
                 rows.append(e)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inhouse.engine.constraint import GrammarMatcher
+from inhouse.engine.draft import Drafter
 from inhouse.engine.prefix_cache import PrefixHit
 from inhouse.engine.sampling import SamplingParams, TokenLogprob
 
@@ -42,6 +43,9 @@ class Sequence:
     chain_key: bytes = b""  # the prefix cache key of the last block offered (or the root)
     is_capturing: bool = True  # False once a block of its chain could not be kept
     cache_tick: int = 0  # the prefix cache's clock at admission: it evicts only older blocks
+    drafter: Drafter | None = None  # speculative decoding's guesser (None: no drafts)
+    draft_misses: int = 0  # drafts in a row of which no token was kept
+    draft_wait: int = 0  # steps to decode without a draft (backing off after misses)
     arrived_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # when the scheduler first ran it
 

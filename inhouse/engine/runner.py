@@ -15,10 +15,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: tuple[ScheduledChunk, ...]) -> list[torch.Tensor]:
-        """Feed each chunk to its sequence's cache; return the logits (V,) after each chunk's
-        last token (used only where the chunk completes the sequence's pending tokens).
-        Logits come back as fp32 on the CPU, where seeded sampling runs on any device."""
-        feeds = []
+        """Feed each chunk to its sequence's cache; return per chunk the logits (R, V) after its
+        last token (R = 1; used only where the chunk completes the sequence's pending tokens),
+        or, for a chunk with a draft, after the pending token and after each draft token
+        (R = 1 + len(draft): each draft token is a row of its own, so each row's logits are the
+        bits that token decoded alone would give). Logits come back as fp32 on the CPU, where
+        seeded sampling runs on any device."""
+        feeds, adapters, rows = [], [], []
         for c in chunks:
             seq = c.seq
             if seq.cache is None:  # never larger than what the KV budget reserved for it
@@ -26,13 +29,17 @@ class ModelRunner:
                 if seq.prefix is not None:  # keys and values an earlier request computed
                     seq.cache.load_prefix(seq.prefix.layers, seq.prefix.num_tokens)
                     seq.prefix = None
-            ids = torch.tensor(seq.token_ids[seq.num_computed:seq.num_computed + c.num_tokens])
-            feeds.append((ids, seq.cache))
+            fed = c.num_tokens - len(c.draft)
+            ids = seq.token_ids[seq.num_computed:seq.num_computed + fed]
+            pieces = [ids] if not c.draft else [[t] for t in ids + list(c.draft)]
+            feeds += [(torch.tensor(p), seq.cache) for p in pieces]
+            adapters += [seq.params.adapter] * len(pieces)
+            rows.append(len(pieces))
         if len(feeds) == 1:
             ids, cache = feeds[0]
             return [self.model(ids, cache=cache, last_only=True,
-                               adapter=chunks[0].seq.params.adapter)[0].float().cpu()]
+                               adapter=adapters[0]).float().cpu()]
         # reproducible: row-wise ops per sequence, so numerics never depend on the batch
         logits = self.model.forward_batch(feeds, independent=self.mode == "reproducible",
-                                          adapters=[c.seq.params.adapter for c in chunks])
-        return list(logits.float().cpu())
+                                          adapters=adapters).float().cpu()
+        return list(torch.split(logits, rows))

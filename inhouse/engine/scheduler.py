@@ -23,10 +23,16 @@ class QueueFull(InhouseError):
     """The bounded waiting queue is full: try again later (HTTP 429)."""
 
 
+# Draft tokens are given only while a step's decode rows stay within this many: the native
+# decode step takes up to 16 rows in one call, and more rows read more distinct experts.
+MAX_DECODE_ROWS = 16
+
+
 @dataclass(frozen=True)
 class ScheduledChunk:
     seq: Sequence
-    num_tokens: int  # feed token_ids[num_computed : num_computed + num_tokens]
+    num_tokens: int  # feed token_ids[num_computed : num_computed + num_tokens], then the draft
+    draft: tuple[int, ...] = ()  # guessed tokens after the pending one, verified a row each
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,13 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
-        for seq in self.running:  # decodes first: one token each
-            if not seq.is_prefilling:
-                chunks.append(ScheduledChunk(seq, 1))
-                budget -= 1
+        decoding = [seq for seq in self.running if not seq.is_prefilling]
+        spare = MAX_DECODE_ROWS - len(decoding)  # rows left for drafts
+        for seq in decoding:  # decodes first: one token each, and a draft where it may pay
+            draft = self._draft(seq, min(spare, budget - len(decoding)))
+            chunks.append(ScheduledChunk(seq, 1 + len(draft), draft))
+            budget -= 1 + len(draft)
+            spare -= len(draft)
         for seq in self.running:  # then prompts under way
             if seq.is_prefilling:
                 n, budget = self._chunk(seq, budget)
@@ -91,6 +100,19 @@ class Scheduler:
             if n:
                 chunks.append(ScheduledChunk(seq, n))
         return SchedulerOutput(tuple(chunks), len(self.waiting))
+
+    def _draft(self, seq: Sequence, room: int) -> tuple[int, ...]:
+        """Up to `num_draft_tokens` guessed tokens (never past max_tokens or the context, so the
+        KV reservation holds them), after a back-off when recent drafts all missed."""
+        if seq.drafter is None or room <= 0:
+            return ()
+        if seq.draft_wait:
+            seq.draft_wait -= 1
+            return ()
+        k = min(self.config.num_draft_tokens, room,
+                seq.params.max_tokens - len(seq.output_ids) - 1,
+                seq.reserve_tokens - seq.num_tokens - 1)
+        return tuple(seq.drafter.propose(seq.token_ids, k)) if k > 0 else ()
 
     def _match_prefix(self, seq: Sequence) -> None:
         """Start the sequence after the longest prefix of its prompt the cache holds (at least

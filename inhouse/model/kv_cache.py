@@ -144,6 +144,38 @@ class LayerKVCache:
             at, skip = at + n - skip, 0
         self.offset, self.start, self.length = 0, end - keep, keep
 
+    def make_room(self, T: int) -> None:
+        """Make sure the next T positions, reserved one at a time, move nothing: the buffers
+        keep their addresses (decode_step took them) and a sliding layer keeps, in place, the
+        positions it drops, so that `truncate` can take back any of the T."""
+        if self.window is None:
+            if self.length + T > self.k.shape[1]:
+                capacity = max(self.length + T, 2 * self.k.shape[1], 16)
+                if self.max_tokens is not None:
+                    capacity = max(self.length + T, min(capacity, self.max_tokens))
+                self._grow(capacity)
+        elif self.offset + self.length + T > self.k.shape[1]:
+            capacity = max(self._capacity(), self.length + T)
+            self.k = self._roomy(self._held(self.k), capacity)
+            self.v = self._roomy(self._held(self.v), capacity)
+            self.offset = 0
+
+    def truncate(self, end: int) -> None:
+        """Forget the positions from `end` on (rejected draft tokens). A sliding layer takes back
+        the window before `end`, which must still be in its buffer (`make_room` before the
+        positions were reserved). Buffer index i holds position start - offset + i: positions
+        are appended in place, and a move copies the held ones to the front."""
+        if self.window is None:
+            if not 0 <= end <= self.end:
+                raise ValueError(f"cannot truncate {self.end} positions to {end}")
+            self.length = end
+            return
+        base = self.start - self.offset  # the position at buffer index 0
+        start = max(0, end - self.window)
+        if start < base or end > self.end:
+            raise ValueError(f"positions {start}..{end} are no longer in the buffer")
+        self.offset, self.start, self.length = start - base, start, end - start
+
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
@@ -163,6 +195,17 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def make_room(self, T: int) -> None:
+        for layer in self.layers:
+            layer.make_room(T)
+
+    def truncate(self, num_tokens: int) -> None:
+        """Back to the first `num_tokens` positions (at most the positions made room for and
+        reserved since `make_room`)."""
+        for layer in self.layers:
+            layer.truncate(num_tokens)
+        self.num_tokens = num_tokens
 
     def load_prefix(self, layers: list[list[tuple[torch.Tensor, torch.Tensor]]],
                     num_tokens: int) -> None:

@@ -206,12 +206,23 @@ class Transformer(nn.Module):
         depend on the batch). independent=True: they run sequence by sequence, so each result is
         bit-identical to that sequence run alone, while routed experts are still decoded once for
         the whole batch (on CPU, most of a step's cost).
+
+        A cache may come in several entries, which continue it in order: draft tokens verified
+        one row each (every row computed as that token decoded alone would be). Its positions
+        are then made room for first (`KVCache.make_room`), so that `truncate` can take back
+        the rejected ones.
         """
         segments, row = [], 0
         adapters = adapters or [None] * len(batch)
+        fed: dict[int, int] = {}  # id(cache) -> positions given to it earlier in this batch
         for (ids, cache), adapter in zip(batch, adapters, strict=True):
-            segments.append(Segment(row, ids.shape[0], cache.num_tokens, cache, adapter))
+            start = cache.num_tokens + fed.get(id(cache), 0)
+            fed[id(cache)] = fed.get(id(cache), 0) + ids.shape[0]
+            segments.append(Segment(row, ids.shape[0], start, cache, adapter))
             row += ids.shape[0]
+        if len(fed) < len(batch):
+            for ids, cache in batch:
+                cache.make_room(fed[id(cache)])
         groups = [slice(s.row0, s.row0 + s.num_tokens) for s in segments] if independent else None
         x = self._hidden(torch.cat([ids for ids, _ in batch]), segments, groups)
         last = [s.row0 + s.num_tokens - 1 for s in segments]
