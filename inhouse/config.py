@@ -406,7 +406,9 @@ class EngineConfig:
     # reuse the keys and values of earlier requests' prompts (engine/prefix_cache.py)
     prefix_caching: bool = True
     # speculative decoding: up to this many draft tokens per step from the sequence's own text
-    # (engine/draft.py), kept only where they equal what is sampled; 0 turns it off
+    # (engine/draft.py), kept only where they equal what is sampled; 0 turns it off. Used only
+    # where the model's decode step verifies several rows in one read of the weights (bf16 on
+    # the native CPU kernels): elsewhere a draft costs more than it saves.
     num_draft_tokens: int = 4
 
     def __post_init__(self) -> None:

@@ -306,6 +306,10 @@ def serve(
         help="Reuse the keys and values of earlier prompts of the same tenant (conversations, "
              "shared system prompts and documents); in reproducible mode in whole prefill "
              "chunks, bit-identical to recomputing.")] = True,
+    draft_tokens: Annotated[int, typer.Option(
+        min=0, max=15, help="Speculative decoding: tokens guessed from the text so far and "
+                            "checked in one step (kept only where they are what would be "
+                            "sampled: the output is the same); 0 turns it off.")] = 4,
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
@@ -315,7 +319,7 @@ def serve(
                adapter or [], mmap=mmap, allow_unauthenticated=allow_unauthenticated,
                metrics_require_key=metrics_require_key,
                audit_signing_key=str(audit_signing_key or ""), audit_witness=audit_witness or "",
-               prefix_cache=prefix_cache)
+               prefix_cache=prefix_cache, draft_tokens=draft_tokens)
 
 
 @app.command()

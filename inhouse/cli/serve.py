@@ -79,7 +79,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
           pii_patterns: list[str] | None = None, adapters: list[str] | None = None,
           mmap: bool = False, allow_unauthenticated: bool = False,
           metrics_require_key: bool = False, audit_signing_key: str = "",
-          audit_witness: str = "", prefix_cache: bool = True) -> None:
+          audit_witness: str = "", prefix_cache: bool = True, draft_tokens: int = 4) -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -115,7 +115,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
         dtype = DType.float32
     engine_cfg = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(512, max_batch),
                               kv_budget_bytes=int(kv_budget_gib * 2**30), mode=mode,
-                              prefix_caching=prefix_cache)
+                              prefix_caching=prefix_cache, num_draft_tokens=draft_tokens)
     err.print("[dim]computing the model digest (cached after the first time) ...[/dim]")
     settings = ServerSettings(model_name=name, model_label=demo_label or str(path),
                               is_demo=demo, api_keys=tuple(api_keys), log_bodies=log_bodies,

@@ -18,7 +18,7 @@ from inhouse.engine.runner import ModelRunner
 from inhouse.engine.sampling import (InvalidRequest, SamplingParams, check_prompt_length,
                                      sample)
 from inhouse.engine.scheduler import ScheduledChunk, Scheduler
-from inhouse.model import Transformer
+from inhouse.model import Transformer, decode_step
 from inhouse.model.lora import adapter_names
 
 log = logging.getLogger("inhouse.engine")
@@ -57,6 +57,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(model, config.mode)
         self._seqs: dict[str, Sequence] = {}
+        # drafts only where verifying them shares the weights' reads (else they cost a step each)
+        self.drafting = config.num_draft_tokens > 0 and decode_step.verifies_rows_together(model)
         self.num_draft_tokens = 0  # draft tokens verified, ever
         self.num_draft_kept = 0  # of which were what was sampled
 
@@ -93,7 +95,7 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_ids), params, seed, reserve)
         seq.matcher = matcher
         seq.generator = torch.Generator().manual_seed(seed)
-        if self.config.num_draft_tokens:
+        if self.drafting:
             seq.drafter = PromptLookup()
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
@@ -195,6 +197,11 @@ class LLMEngine:
         kept = len(new_ids) - 1  # draft tokens kept
         self.num_draft_tokens += len(chunk.draft)
         self.num_draft_kept += kept
+        # NOTE: on an MoE every draft row reads experts of its own, so a long draft pays only
+        # when nearly all of it is kept: drafts start at one token and grow by one while whole
+        # drafts are kept; a miss goes back to what was kept, and misses in a row back off.
+        whole = kept == len(chunk.draft)
+        seq.draft_size = (min(kept + 1, self.config.num_draft_tokens) if whole else max(1, kept))
         seq.draft_misses = 0 if kept else seq.draft_misses + 1
         seq.draft_wait = min(2 ** seq.draft_misses, 64) if seq.draft_misses else 0
         seq.num_computed = base + len(new_ids)

@@ -44,6 +44,7 @@ class Sequence:
     is_capturing: bool = True  # False once a block of its chain could not be kept
     cache_tick: int = 0  # the prefix cache's clock at admission: it evicts only older blocks
     drafter: Drafter | None = None  # speculative decoding's guesser (None: no drafts)
+    draft_size: int = 1  # tokens to draft next: grows while whole drafts are kept
     draft_misses: int = 0  # drafts in a row of which no token was kept
     draft_wait: int = 0  # steps to decode without a draft (backing off after misses)
     arrived_at: float = field(default_factory=time.monotonic)

@@ -102,14 +102,14 @@ class Scheduler:
         return SchedulerOutput(tuple(chunks), len(self.waiting))
 
     def _draft(self, seq: Sequence, room: int) -> tuple[int, ...]:
-        """Up to `num_draft_tokens` guessed tokens (never past max_tokens or the context, so the
+        """Up to `seq.draft_size` guessed tokens (never past max_tokens or the context, so the
         KV reservation holds them), after a back-off when recent drafts all missed."""
         if seq.drafter is None or room <= 0:
             return ()
         if seq.draft_wait:
             seq.draft_wait -= 1
             return ()
-        k = min(self.config.num_draft_tokens, room,
+        k = min(seq.draft_size, room,
                 seq.params.max_tokens - len(seq.output_ids) - 1,
                 seq.reserve_tokens - seq.num_tokens - 1)
         return tuple(seq.drafter.propose(seq.token_ids, k)) if k > 0 else ()

@@ -159,6 +159,14 @@ def _build(model: torch.nn.Module) -> Plan:
     return out
 
 
+def verifies_rows_together(model: torch.nn.Module) -> bool:
+    """Does this kernel take the model's decode steps, so that several rows of one sequence
+    (draft tokens) read the dense weights once? Elsewhere (fp32, adapters, no kernels) each
+    row costs about a decode step of its own, and speculative drafts do not pay."""
+    return (available() and model.dtype == torch.bfloat16 and model.device.type == "cpu"
+            and model.lora_routing is None and plan(model).table is not None)
+
+
 def run(model: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         segments: list) -> torch.Tensor | None:
     """x (M, H) bf16: segment m's embedded new token in row m; cos/sin (M, D/2) fp32 at their
