@@ -3,9 +3,10 @@ JSON that matches the schema; what cannot be enforced is refused, naming the key
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from inhouse.harmony import ConversationError, load_encoding
 from inhouse.harmony.constraints import answer_grammar
@@ -104,3 +105,24 @@ def test_the_engine_copies_a_checked_grammar_rather_than_compiling_it(monkeypatc
         answer_grammar({"type": "object", "properties": {f"k{i}": {"type": "integer"}}})
     assert text not in g._compiled and len(g._compiled) == g.COMPILED_KEPT
 
+
+
+# ---- date and time formats: what the grammar allows, every validator accepts -------------------
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_narrowed_date_and_time_formats_pass_the_strict_validators(data):
+    """llguidance's RFC 3339 allows `t`, `:60` and 29 February of any year, which Python's
+    jsonschema (rfc3339-validator, date.fromisoformat) refuses; the narrowed patterns do not."""
+    import jsonschema
+
+    from inhouse.harmony.formats import PATTERNS, narrow_formats
+
+    fmt = data.draw(st.sampled_from(sorted(PATTERNS)))
+    value = data.draw(st.from_regex(PATTERNS[fmt], fullmatch=True))
+    jsonschema.Draft202012Validator(
+        {"type": "string", "format": fmt},
+        format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER).validate(value)
+    nested = narrow_formats({"type": "array", "items": {"type": "string", "format": fmt},
+                             "enum": [[{"format": fmt}]]})
+    assert nested["items"] == {"type": "string", "pattern": PATTERNS[fmt]}
+    assert nested["enum"] == [[{"format": fmt}]]  # values are data, not schemas

@@ -29,8 +29,9 @@ from inhouse.harmony.vocab import VOCAB_FILE, ensure_vocab
 
 RETURN, CONSTRAIN, CHANNEL, START, END, MESSAGE, CALL = (200002, 200003, 200005, 200006, 200007,
                                                         200008, 200012)
-# closing moves first, then the shortest values, then what patterns and formats need
-_BYTE_ORDER = b'"}],:1' + b"023456789" + b"@.-/+_ TZe" + bytes(range(97, 123)) + \
+# closing moves first (a time's `Z` among them), then the shortest values, then what patterns
+# and formats need
+_BYTE_ORDER = b'"}],:Z1' + b"023456789" + b"@.-/+_ Te" + bytes(range(97, 123)) + \
     bytes(range(65, 91)) + bytes(b for b in range(32, 127) if not chr(b).isalnum())
 # after this many steps in a row at the same allowed set (or this many visits in all, for a
 # longer loop), the walk takes there what it has not taken yet

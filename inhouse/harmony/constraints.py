@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inhouse.harmony.conversation import ChatMessage, ConversationError, FunctionTool
+from inhouse.harmony.formats import narrow_formats
 from inhouse.harmony.grammar import check_grammar
 
 # JSON Schema keywords whose meaning the grammar cannot enforce: refused, never loosened
@@ -79,6 +80,7 @@ def _json(schema: dict | None, param: str) -> str:
     if bad:
         raise ConversationError(f"the JSON Schema keyword at {bad} cannot be enforced by the "
                                 "grammar; remove it", param=param)
+    schema = narrow_formats(schema)  # the date and time formats every validator accepts
     return f"%json {json.dumps(schema | {'x-guidance': {'whitespace_flexible': False}})}"
 
 

@@ -3,7 +3,7 @@ vocabulary) trained from seeded random weights on synthetic harmony conversation
 `make run` serves something that answers in valid harmony with no download.
 
 What it learns (and all it knows): an analysis message then a final message for a handful of
-facts, greetings and a fallback that says what it is; a function call with valid JSON arguments
+facts, greetings, a sentence quoted back word for word, and a fallback that says what it is; a function call with valid JSON arguments
 when a weather or time tool is offered and asked for; a short final answer after the tool result.
 System prompts vary (date, reasoning effort, developer instructions) as the server renders them.
 It is a demo of the pipeline, labelled as such everywhere it is served.
@@ -48,13 +48,21 @@ TIME = FunctionTool("get_time", "Get the current local time in a city.",
                     {"type": "object", "properties": {"city": {"type": "string"}},
                      "required": ["city"]})
 INSTRUCTIONS = ["", "", "Be concise.", "Answer in one sentence.", "You are a helpful assistant."]
+# what it quotes back (speculative decoding's prompt lookup drafts such answers from the prompt)
+QUOTES = ["The meeting in {city} starts at {n} o'clock.", "Please send the report on {country} "
+          "by Friday.", "Our office in {city} is closed on {day}.", "Invoice {n} was paid in "
+          "{city}.", "Room {n} is booked for the team from {country}.",
+          "The tenant shall keep the premises in {city} in good repair.",
+          "Flight {n} to {city} leaves from gate {n2}."]
+ASK_QUOTE = ["Repeat after me: {}", "Quote this exactly: {}", "Say this back to me: {}"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 IDENTITY = ("I am the inhouse demo model, a tiny model trained only to show the pipeline. "
             "Ask me for the capital of a country, or for the weather with a tool.")
 
 
 def _conversation(rng: random.Random) -> tuple[list[ChatMessage], PromptOptions]:
     kind = rng.choice(["fact", "fact", "greet", "unknown", "weather", "weather", "time",
-                       "weather_done"])
+                       "weather_done", "quote"])
     tools: tuple[FunctionTool, ...] = ()
     msgs = []
     instructions = rng.choice(INSTRUCTIONS)
@@ -74,6 +82,13 @@ def _conversation(rng: random.Random) -> tuple[list[ChatMessage], PromptOptions]
         msgs += [ChatMessage("user", rng.choice(["Hello", "Hi!", "Hey there", "Good morning"])),
                  ChatMessage("assistant", "Hello! How can I help you today?",
                              reasoning="The user greets me. I greet back.")]
+    elif kind == "quote":
+        text = rng.choice(QUOTES).format(city=rng.choice(CITIES), country=rng.choice(list(FACTS)),
+                                         day=rng.choice(DAYS), n=rng.randint(2, 99),
+                                         n2=rng.randint(1, 40))
+        msgs += [ChatMessage("user", rng.choice(ASK_QUOTE).format(text)),
+                 ChatMessage("assistant", text,
+                             reasoning="The user wants the text repeated word for word.")]
     elif kind == "unknown":
         q = rng.choice(["Who are you?", "What can you do?", "Write a poem.", "Explain quantum physics.",
                         "What is 17 times 23?", "Summarise this text for me."])
