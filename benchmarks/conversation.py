@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import cache_dir, ensure_random_checkpoint, machine, report  # noqa: E402
-from benchmarks.cpu_vs_llamacpp import read_files  # noqa: E402
+from benchmarks.cpu_vs_llamacpp import llama_last_token, read_files  # noqa: E402
 
 PRESET = "gpt-oss-20b"
 VOCAB = 199_998
@@ -208,23 +208,14 @@ def drafts_20b(model, args) -> dict:
 
 # ---- llama.cpp ----------------------------------------------------------------------------------
 def llamacpp_child(path: Path, threads: int, args) -> dict:
-    import ctypes
-
     import llama_cpp
-    import numpy as np
 
     prompts = conversation(args.turns, args.first, args.new)
     llm = llama_cpp.Llama(str(path), n_ctx=len(prompts[-1]) + args.decode + 8, n_batch=512,
                           n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                           verbose=False)
     memory = llama_cpp.llama_get_memory(llm.ctx)
-    n_vocab = llm.n_vocab()
-
-    def last_token() -> int:
-        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
-                                       shape=(n_vocab,))
-        return int(logits.argmax())
+    last_token = lambda: llama_last_token(llm)  # noqa: E731
 
     llm.eval(prompts[0][:8])  # warm-up, then a fresh context
     llm.reset()

@@ -92,24 +92,27 @@ def macs_per_token() -> int:
 
 # ---- children: one engine each ----------------------------------------------------------------
 
-def run_llamacpp(path: Path, threads: int, prompt: list[int], decode: int) -> dict:
+def llama_last_token(llm) -> int:
+    """The greedy next token from llama.cpp's logits at the last position it evaluated."""
     import ctypes
 
     import llama_cpp
     import numpy as np
 
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                   shape=(llm.n_vocab(),))
+    return int(logits.argmax())
+
+
+def run_llamacpp(path: Path, threads: int, prompt: list[int], decode: int) -> dict:
+    import llama_cpp
+
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + decode + 8, n_batch=512, n_ubatch=512,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t0
-    n_vocab = llm.n_vocab()
-
-    def last_token() -> int:
-        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
-                                       shape=(n_vocab,))
-        return int(logits.argmax())
-
+    last_token = lambda: llama_last_token(llm)  # noqa: E731
     llm.eval(prompt[:8])  # warm-up (graph allocation), then a fresh context
     llm.reset()
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
