@@ -29,8 +29,9 @@ def model(request, checkpoints):
 
 
 def engine(model, mode: str = "reproducible", caching: bool = True, **kw) -> LLMEngine:
-    config = EngineConfig(block_size=BLOCK, prefill_chunk=CHUNK, max_num_batched_tokens=64,
-                          mode=mode, prefix_caching=caching, **kw)
+    config = EngineConfig(**{"block_size": BLOCK, "prefill_chunk": CHUNK,
+                             "max_num_batched_tokens": 64, "mode": mode,
+                             "prefix_caching": caching, **kw})
     return LLMEngine(model, config)
 
 
@@ -124,6 +125,16 @@ def test_tenants_and_adapters_never_share(model):
 
 
 # ---- batched mode: blocks, outputs included ---------------------------------------------------
+def test_batched_mode_reuses_the_last_prompt_up_to_its_last_block(model):
+    # chunks of 32 over a window of 16: a chunk ending at 61 would leave the sliding layers
+    # without the window before 60; the chunk is split at 60 instead
+    eng = engine(model, mode="batched", prefill_chunk=32)
+    prompt = ids(13, 61)
+    run(eng, [("a", prompt, params(1, n=2))])
+    got = run(eng, [("b", prompt + ids(14, 9), params(2))])["b"]
+    assert got[2] == 60
+
+
 def test_batched_mode_reuses_blocks_and_the_answer(model):
     eng = engine(model, mode="batched")
     prompt = ids(11, 30)

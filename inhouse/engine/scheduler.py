@@ -134,9 +134,11 @@ class Scheduler:
             if self._fixed_chunks:
                 return 0, budget
             n = budget
-            # a chunk ends on a block boundary where it can: there the sliding layers still
-            # hold the window a later hit needs
+        if self.kv.prefix is not None and not self._fixed_chunks:
+            # batched mode: a chunk ends on a block boundary where it can (the prompt's last
+            # few tokens then go in a chunk of their own), since only there do the sliding
+            # layers still hold the window that a later hit at that boundary needs
             end = seq.num_computed + n
-            if self.kv.prefix is not None and end - end % self.prefix_align > seq.num_computed:
+            if end - end % self.prefix_align > seq.num_computed:
                 n = end - end % self.prefix_align - seq.num_computed
         return n, budget - n
