@@ -12,7 +12,7 @@ from inhouse.convert.random_init import write_random_checkpoint
 DEMO_VERSION = 2  # bump when the demo's data or recipe changes: a new cache entry is built
 DEMO_LABEL = "demo (tiny random weights: output is meaningless)"
 TRAINED_LABEL = ("demo (a tiny model trained on synthetic conversations: it knows a few "
-                 "capitals and two tools, nothing else)")
+                 "capitals and two tools, and repeats a sentence back; nothing else)")
 
 
 def demo_checkpoint() -> Path:
