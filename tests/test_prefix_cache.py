@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from inhouse.config import EngineConfig
 from inhouse.engine import LLMEngine, SamplingParams
 from inhouse.engine.prefix_cache import PrefixCache
+from inhouse.engine.request import Sequence
 from inhouse.model import load_model
 
 BLOCK, CHUNK = 4, 8
@@ -120,8 +121,10 @@ def test_tenants_and_adapters_never_share(model):
     assert run(eng, [("n", shared + [2], params(0))])["n"][2] == 0
     assert run(eng, [("a2", shared + [3], params(0, salt="tenant-a"))])["a2"][2] == 40
     # the salt and the adapter name cannot be shifted into each other
-    cache = PrefixCache(BLOCK, [None])
-    assert cache.root("a\x00") != cache.root("\x00a")
+    def namespace(**kw) -> str:
+        return Sequence("x", [1], SamplingParams(**kw), 0, 2).cache_namespace
+
+    assert namespace(cache_salt="a") != namespace(adapter="a")
 
 
 # ---- batched mode: blocks, outputs included ---------------------------------------------------
@@ -172,8 +175,8 @@ def test_lru_evicts_leaves_before_their_root():
     keys = cache.block_keys([1, 2, 3, 4, 5, 6], "", 3)
     other = cache.block_keys([9, 9], "", 1)[0]
     for i, key in enumerate(keys):
-        cache.insert(key, keys[i - 1] if i else None, 2 * (i + 1), [kv])
-    cache.insert(other, None, 2, [kv])
+        cache.insert(key, keys[i - 1] if i else None, [kv])
+    cache.insert(other, None, [kv])
     assert cache.match([1, 2, 3, 4, 5, 6, 7], "", 2, 6).num_tokens == 6  # other: least recent
     cache.evict_one()
     assert cache.match([9, 9, 1], "", 2, 2) is None
@@ -188,8 +191,7 @@ def test_a_sliding_layer_without_its_window_blocks_the_hit():
     kv = (torch.zeros(1, 2, 1), torch.zeros(1, 2, 1))
     keys = cache.block_keys(list(range(8)), "", 4)
     for i, key in enumerate(keys):  # block 2 lost its sliding layer (captured too late)
-        cache.insert(key, keys[i - 1] if i else None, 2 * (i + 1),
-                     [kv, None if i == 2 else kv])
+        cache.insert(key, keys[i - 1] if i else None, [kv, None if i == 2 else kv])
     hit = cache.match(list(range(9)), "", 2, 8)
     assert hit.num_tokens == 4  # 8 and 6 need block 2's window
     assert [len(p) for p in hit.layers] == [2, 2]

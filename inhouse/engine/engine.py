@@ -12,7 +12,7 @@ from inhouse.config import EngineConfig
 from inhouse.engine.constraint import GrammarCompiler
 from inhouse.engine.draft import PromptLookup
 from inhouse.engine.kv_manager import KVBlockManager, KVLayout
-from inhouse.engine.prefix_cache import PrefixCache
+from inhouse.engine.prefix_cache import PrefixCache, kv_nbytes
 from inhouse.engine.request import RequestOutput, Sequence, Status
 from inhouse.engine.runner import ModelRunner
 from inhouse.engine.sampling import (InvalidRequest, SamplingParams, check_prompt_length,
@@ -34,8 +34,6 @@ class EngineStats:
     prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache, ever
     prefix_hit_tokens: int = 0  # of which were reused
     prefix_cache_bytes: int = 0  # the cached blocks' keys and values now
-    draft_tokens: int = 0  # speculative draft tokens verified, ever
-    draft_tokens_kept: int = 0  # of which were what was sampled
 
 
 class LLMEngine:
@@ -122,9 +120,7 @@ class LLMEngine:
                            self.kv.num_used, self.kv.num_blocks,
                            prefix_queried_tokens=p.num_queried_tokens if p else 0,
                            prefix_hit_tokens=p.num_hit_tokens if p else 0,
-                           prefix_cache_bytes=p.nbytes if p else 0,
-                           draft_tokens=self.num_draft_tokens,
-                           draft_tokens_kept=self.num_draft_kept)
+                           prefix_cache_bytes=p.nbytes if p else 0)
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -154,18 +150,28 @@ class LLMEngine:
 
     def _decode(self, seq: Sequence, row: torch.Tensor) -> RequestOutput:
         """Sample the sequence's next token from its logits; finish it where that ends it."""
+        new_ids: list[int] = []
+        new_lp: list = []
+        done = self._take(seq, row, new_ids, new_lp)
+        return done or self._output(seq, tuple(new_ids), tuple(new_lp))
+
+    def _take(self, seq: Sequence, row: torch.Tensor, new_ids: list[int],
+              new_lp: list) -> RequestOutput | None:
+        """Sample one token from `row` and add it (and its logprob) to the sequence and to
+        new_ids/new_lp; the finishing output where that ends the sequence (its sampling failed,
+        a stop token, max_tokens, the context), else None."""
         try:
             token, lp = self._sample(seq, row)
         except Exception as e:  # noqa: BLE001 - this request's numbers; the others go on
             log.warning("request %s failed at sampling: %s", seq.request_id, _describe(e))
-            return self._finish(seq, "error", (), error=_describe(e))
+            return self._finish(seq, "error", tuple(new_ids), tuple(new_lp), _describe(e))
         seq.output_ids.append(token)
-        new_lp = (lp,) if lp is not None else ()
-        seq.logprobs.extend(new_lp)
+        new_ids.append(token)
+        if lp is not None:
+            new_lp.append(lp)
+            seq.logprobs.append(lp)
         reason = self._finish_reason(seq, token)
-        if reason:
-            return self._finish(seq, reason, (token,), new_lp)
-        return self._output(seq, (token,), new_lp)
+        return self._finish(seq, reason, tuple(new_ids), tuple(new_lp)) if reason else None
 
     def _accept(self, chunk: ScheduledChunk, rows: torch.Tensor) -> RequestOutput:
         """A verified draft: sample from the row after the pending token, then from the row
@@ -179,20 +185,10 @@ class LLMEngine:
         new_ids: list[int] = []
         new_lp: list = []
         for j in range(rows.shape[0]):
-            try:
-                token, lp = self._sample(seq, rows[j])
-            except Exception as e:  # noqa: BLE001 - this request's numbers; the others go on
-                log.warning("request %s failed at sampling: %s", seq.request_id, _describe(e))
-                return self._finish(seq, "error", tuple(new_ids), tuple(new_lp), _describe(e))
-            seq.output_ids.append(token)
-            new_ids.append(token)
-            if lp is not None:
-                new_lp.append(lp)
-                seq.logprobs.append(lp)
-            reason = self._finish_reason(seq, token)
-            if reason:
-                return self._finish(seq, reason, tuple(new_ids), tuple(new_lp))
-            if j >= len(chunk.draft) or token != chunk.draft[j]:
+            done = self._take(seq, rows[j], new_ids, new_lp)
+            if done:
+                return done
+            if j >= len(chunk.draft) or new_ids[-1] != chunk.draft[j]:
                 break
         kept = len(new_ids) - 1  # draft tokens kept
         self.num_draft_tokens += len(chunk.draft)
@@ -275,10 +271,9 @@ class LLMEngine:
             key = prefix.next_key(seq.chain_key, seq.token_ids[start:end])
             if not prefix.is_complete(key):
                 layers = [layer.positions(start, end) for layer in seq.cache.layers]
-                nbytes = sum(t.numel() * t.element_size() for kv in layers if kv for t in kv)
-                if not self.kv.room_for_cache(nbytes, seq.cache_tick):
+                if not self.kv.room_for_cache(kv_nbytes(layers), seq.cache_tick):
                     return
-                if not prefix.insert(key, seq.chain_key if start else None, end, layers):
+                if not prefix.insert(key, seq.chain_key if start else None, layers):
                     seq.is_capturing = False
                     return
             seq.chain_key, seq.num_captured = key, end

@@ -31,7 +31,6 @@ KV = tuple[torch.Tensor, torch.Tensor]  # keys, values (Hkv, T, D) of one layer
 class CachedBlock:
     key: bytes
     parent: bytes | None  # the key of the block before (None: the first block)
-    end: int  # absolute position after the block's last token
     layers: list[KV | None]  # None: a sliding layer that no longer held these positions
     nbytes: int
     last_used: int = 0
@@ -52,7 +51,8 @@ class PrefixHit:
     layers: list[list[KV]] = field(repr=False)
 
 
-def _nbytes(layers: list[KV | None]) -> int:
+def kv_nbytes(layers: list[KV | None]) -> int:
+    """Bytes of the keys and values given (None: a layer without them)."""
     return sum(t.numel() * t.element_size() for kv in layers if kv is not None for t in kv)
 
 
@@ -131,7 +131,7 @@ class PrefixCache:
             out.append([b.layers[i] for b in blocks[first:]])
         return out
 
-    def insert(self, key: bytes, parent: bytes | None, end: int, layers: list[KV | None]) -> bool:
+    def insert(self, key: bytes, parent: bytes | None, layers: list[KV | None]) -> bool:
         """Keep a block (its tensors copied, so the sequence's cache stays its own); where the
         key is cached already, fill in sliding layers it lacked. False, and nothing kept, where
         the parent block is no longer cached (the block could never be reached)."""
@@ -143,13 +143,13 @@ class PrefixCache:
             for i, kv in enumerate(layers):
                 if block.layers[i] is None and kv is not None:
                     block.layers[i] = (kv[0].clone(), kv[1].clone())
-                    added += _nbytes([kv])
+                    added += kv_nbytes([kv])
             block.nbytes += added
             self.nbytes += added
             self._touch(block)
             return True
         copied = [None if kv is None else (kv[0].clone(), kv[1].clone()) for kv in layers]
-        block = CachedBlock(key, parent, end, copied, _nbytes(copied))
+        block = CachedBlock(key, parent, copied, kv_nbytes(copied))
         self._blocks[key] = block
         self.nbytes += block.nbytes
         if parent is not None:
@@ -194,11 +194,3 @@ class PrefixCache:
                             if not b.num_children]
             heapq.heapify(self._leaves)
 
-    def clear(self) -> None:
-        self._blocks.clear()
-        self._leaves.clear()
-        self.nbytes = 0
-
-    @property
-    def hit_rate(self) -> float:
-        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0

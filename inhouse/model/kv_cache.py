@@ -50,21 +50,12 @@ class LayerKVCache:
         layer takes at most the room of its buffer (`_fits`); longer chunks go through extend."""
         held, first = self.length, self.start
         need = held + T
+        if self.window is not None and not self._fits(T):
+            raise ValueError(f"{T} new positions do not fit a window of {self.window}")
+        self.make_room(T)
         if self.window is None:
-            if need > self.k.shape[1]:
-                capacity = max(need, 2 * self.k.shape[1], 16)
-                if self.max_tokens is not None:
-                    capacity = max(need, min(capacity, self.max_tokens))
-                self._grow(capacity)
             self.length = need
             return held, 0, first
-        if not self._fits(T):
-            raise ValueError(f"{T} new positions do not fit a window of {self.window}")
-        if self.offset + need > self.k.shape[1]:  # no room after the held keys: move them back
-            capacity = self._capacity()
-            self.k = self._roomy(self._held(self.k), capacity)
-            self.v = self._roomy(self._held(self.v), capacity)
-            self.offset = 0
         a = self.offset
         keep = min(need, self.window)  # the next query needs fewer than `window` back
         self.offset, self.start, self.length = a + need - keep, first + need - keep, keep
@@ -145,17 +136,21 @@ class LayerKVCache:
         self.offset, self.start, self.length = 0, end - keep, keep
 
     def make_room(self, T: int) -> None:
-        """Make sure the next T positions, reserved one at a time, move nothing: the buffers
-        keep their addresses (decode_step took them) and a sliding layer keeps, in place, the
-        positions it drops, so that `truncate` can take back any of the T."""
+        """Room in the buffers for T more positions after the held ones: a full layer grows (by
+        doubling, never past max_tokens), a sliding layer moves its held keys to the front
+        when there is no room after them. Called first, it makes sure the next T positions,
+        reserved one at a time, move nothing: the buffers keep their addresses (decode_step
+        took them) and a sliding layer keeps, in place, the positions it drops, so that
+        `truncate` can take back any of the T."""
+        need = self.length + T
         if self.window is None:
-            if self.length + T > self.k.shape[1]:
-                capacity = max(self.length + T, 2 * self.k.shape[1], 16)
+            if need > self.k.shape[1]:
+                capacity = max(need, 2 * self.k.shape[1], 16)
                 if self.max_tokens is not None:
-                    capacity = max(self.length + T, min(capacity, self.max_tokens))
+                    capacity = max(need, min(capacity, self.max_tokens))
                 self._grow(capacity)
-        elif self.offset + self.length + T > self.k.shape[1]:
-            capacity = max(self._capacity(), self.length + T)
+        elif self.offset + need > self.k.shape[1]:  # no room after the held keys: move them back
+            capacity = max(self._capacity(), need)
             self.k = self._roomy(self._held(self.k), capacity)
             self.v = self._roomy(self._held(self.v), capacity)
             self.offset = 0
