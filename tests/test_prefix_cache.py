@@ -125,6 +125,8 @@ def test_tenants_and_adapters_never_share(model):
         return Sequence("x", [1], SamplingParams(**kw), 0, 2).cache_namespace
 
     assert namespace(cache_salt="a") != namespace(adapter="a")
+    assert namespace(cache_salt="a", adapter="b\x00") != namespace(cache_salt="a\x00b")
+    assert namespace(cache_salt="a\x00b") != namespace(cache_salt="a", adapter="b")
 
 
 # ---- batched mode: blocks, outputs included ---------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -64,8 +65,9 @@ class Sequence:
 
     @property
     def cache_namespace(self) -> str:
-        """What a prefix must share besides its tokens: the salt (tenant) and the adapter."""
-        return f"{self.params.cache_salt or ''}\x00{self.params.adapter or ''}"
+        """What a prefix must share besides its tokens: the salt (tenant) and the adapter, in an
+        encoding where no salt and adapter can pass for another pair."""
+        return json.dumps([self.params.cache_salt, self.params.adapter])
 
     @property
     def num_pending(self) -> int:
