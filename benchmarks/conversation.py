@@ -3,7 +3,9 @@ caching, side by side with llama.cpp keeping its cache between turns, and decode
 speculative drafts as a function of their acceptance rate.
 
     python benchmarks/conversation.py [--turns 6] [--first 512] [--new 200] [--decode 8]
-                                      [--engines llama.cpp,inhouse] [--skip-drafts] [--skip-demo]
+                                      [--prefill-chunk 256] [--engines llama.cpp,inhouse]
+                                      [--k 4] [--rounds 3] [--skip-conversation]
+                                      [--skip-drafts] [--skip-demo]
 
 The gpt-oss-20b shape with random weights (built once, cached; the GGUF export of the same
 weights for llama.cpp too, as benchmarks/cpu_vs_llamacpp.py does). The conversation is token ids:
@@ -38,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import cache_dir, ensure_random_checkpoint, machine, report  # noqa: E402
-from benchmarks.cpu_vs_llamacpp import llama_last_token, read_files  # noqa: E402
+from benchmarks.cpu_vs_llamacpp import ensure_gguf, llama_last_token, read_files  # noqa: E402
 
 PRESET = "gpt-oss-20b"
 VOCAB = 199_998
@@ -335,7 +337,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
-    argv = [a for a in sys.argv[1:]]
+    argv = sys.argv[1:]
     engines = args.engines.split(",")
     hf = cache_dir() / f"{PRESET}-random-hf-sharded"
     ensure_random_checkpoint(hf, PRESET, "hf-sharded")
@@ -345,11 +347,7 @@ def main() -> None:
         print("inhouse (reproducible mode), uncached and cached turn by turn:", flush=True)
         results["inhouse"] = run_child("inhouse", hf, argv)
     if "llama.cpp" in engines:
-        gguf = cache_dir() / f"{PRESET}-random.gguf"
-        if not gguf.is_file():
-            from inhouse.convert.gguf import export_gguf
-            print(f"exporting the same weights to {gguf} (once) ...", flush=True)
-            export_gguf(hf, gguf)
+        gguf = ensure_gguf(hf)
         print("llama.cpp, keeping its cache between turns:", flush=True)
         results["llama.cpp"] = run_child("llama.cpp", gguf, argv)
     if not args.skip_demo:

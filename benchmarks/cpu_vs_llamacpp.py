@@ -211,6 +211,17 @@ def child(args) -> None:
 
 # ---- parent -----------------------------------------------------------------------------------
 
+def ensure_gguf(hf: Path) -> Path:
+    """The GGUF export of the random checkpoint `hf` (llama.cpp's copy of the same weights),
+    written once and cached."""
+    gguf = cache_dir() / f"{PRESET}-random.gguf"
+    if not gguf.is_file():
+        from inhouse.convert.gguf import export_gguf
+        print(f"exporting the same weights to {gguf} (once) ...", flush=True)
+        export_gguf(hf, gguf)
+    return gguf
+
+
 def prepare(args) -> dict[str, Path]:
     hf = cache_dir() / f"{PRESET}-random-hf-sharded"
     ensure_random_checkpoint(hf, PRESET, "hf-sharded")
@@ -222,12 +233,7 @@ def prepare(args) -> dict[str, Path]:
             print(f"converting to int8 attention/unembedding in {int8} (once) ...", flush=True)
             convert(hf, int8, "hf-sharded", quantize="int8")
         paths["inhouse-int8"] = int8
-    gguf = cache_dir() / f"{PRESET}-random.gguf"
-    if not gguf.is_file():
-        from inhouse.convert.gguf import export_gguf
-        print(f"exporting the same weights to {gguf} (once) ...", flush=True)
-        export_gguf(hf, gguf)
-    paths["llama.cpp"] = gguf
+    paths["llama.cpp"] = ensure_gguf(hf)
     return {e: paths[e] for e in args.engines.split(",") + (["inhouse-int8"] if args.int8 else [])}
 
 

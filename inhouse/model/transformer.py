@@ -220,8 +220,8 @@ class Transformer(nn.Module):
             fed[id(cache)] = fed.get(id(cache), 0) + ids.shape[0]
             segments.append(Segment(row, ids.shape[0], start, cache, adapter))
             row += ids.shape[0]
-        if len(fed) < len(batch):
-            for ids, cache in batch:
+        if len(fed) < len(batch):  # some cache comes more than once: room for all its rows
+            for cache in {id(c): c for _, c in batch}.values():
                 cache.make_room(fed[id(cache)])
         groups = [slice(s.row0, s.row0 + s.num_tokens) for s in segments] if independent else None
         x = self._hidden(torch.cat([ids for ids, _ in batch]), segments, groups)
