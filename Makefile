@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test system-test-deps clean
+.PHONY: run test setup setup-test system-deps system-test-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,16 +28,24 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install --no-deps --ignore-requires-python "$(GPT_OSS_SPEC)"
 	@touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed system-deps
 setup-test: $(VENV)/.installed-test system-test-deps
 
 # System packages the tests need: PostgreSQL's server binaries (the PostgreSQL tests start their
-# own throwaway server). Installed with apt-get where it is missing and we may (root, Debian).
-system-test-deps:
+# own throwaway server) and bubblewrap (the python tool's sandbox). Installed with apt-get where
+# missing and we may (root, Debian).
+system-test-deps: system-deps
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
 	  else echo "PostgreSQL server binaries are missing: apt-get install postgresql"; fi; }
+
+# What the server itself uses: bubblewrap for the python tool (without it the tool is refused).
+system-deps:
+	@command -v bwrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap; \
+	  else echo "bubblewrap is missing (the python tool will be refused): apt-get install bubblewrap"; fi; }
 
 # The main job: the OpenAI-compatible server on the embedded demo model (no download needed; the
 # first run trains it, a few minutes, then it is cached).

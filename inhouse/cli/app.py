@@ -16,6 +16,7 @@ from inhouse import __version__
 from inhouse.cli.audit import audit_app
 from inhouse.cli.finetune import finetune
 from inhouse.cli.keys import keys_app
+from inhouse.cli.tools import tools_app
 from inhouse.cli.common import DType, Effort, cli_errors, err, open_engine, out
 from inhouse.errors import InhouseError
 
@@ -25,6 +26,7 @@ demo_app = typer.Typer(help="Demo checkpoints that need no download.", no_args_i
 app.add_typer(demo_app, name="demo")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
+app.add_typer(tools_app, name="tools")
 app.command()(finetune)
 
 # --mmap of the commands that load a model (serve, generate, chat)
