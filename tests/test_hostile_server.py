@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import stat
 import threading
 import time
@@ -435,3 +436,20 @@ def test_responses_echo_the_text_format(world):
     with running_server(_app(ScriptedEngine(FINAL), world)) as u:
         r = oai(u).responses.create(model=MODEL, input="hi", text={"format": fmt})
     assert r.text.format.type == "json_schema" and r.text.format.name == "x"
+
+
+def test_a_database_in_a_shared_folder_leaves_the_folder_alone(tmp_path):
+    """sqlite:////tmp/x.db once made /tmp 0700 for everyone (PostgreSQL's tests then failed):
+    a sticky, shared folder is never tightened; a folder of our own still is."""
+    from inhouse.governance.database import open_database
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    open_database(f"sqlite:///{shared / 'x.db'}")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((shared / "x.db").stat().st_mode) == 0o600
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    open_database(f"sqlite:///{own / 'x.db'}")
+    assert stat.S_IMODE(own.stat().st_mode) == 0o700

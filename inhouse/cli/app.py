@@ -15,6 +15,7 @@ from rich.table import Table
 from inhouse import __version__
 from inhouse.cli.audit import audit_app
 from inhouse.cli.finetune import finetune
+from inhouse.cli.docs import docs_app
 from inhouse.cli.keys import keys_app
 from inhouse.cli.tools import tools_app
 from inhouse.cli.common import DType, Effort, cli_errors, err, open_engine, out
@@ -27,6 +28,7 @@ app.add_typer(demo_app, name="demo")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
 app.add_typer(tools_app, name="tools")
+app.add_typer(docs_app, name="docs")
 app.command()(finetune)
 
 # --mmap of the commands that load a model (serve, generate, chat)

@@ -18,9 +18,13 @@ from sqlalchemy.engine import make_url
 
 
 def private_dir(path: Path) -> Path:
-    """Create a folder (and its missing parents) readable by the owner alone."""
+    """Create a folder (and its missing parents) readable by the owner alone. An existing folder
+    is tightened only where it is ours and not shared: a database file named in /tmp must not
+    take /tmp (sticky, everyone's) away from everyone else."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    st = os.stat(path)
+    if st.st_uid == os.geteuid() and not st.st_mode & 0o1000:
+        os.chmod(path, 0o700)
     return path
 
 
