@@ -459,6 +459,11 @@ class ServerSettings:
     audit_signing_key: str = ""  # the checkpoint key file ("" -> audit-signing.key in the cache)
     audit_witness: str = ""  # a file (JSON lines) or http(s) URL each signed checkpoint goes to
     audit_seal_seconds: float = 60.0  # a checkpoint at least this often while records wait
+    # built-in tools: on for every Chat Completions request (Responses asks per request)
+    builtin_tools: tuple[str, ...] = ()  # of "browser", "python"
+    python_timeout_s: float = 120.0  # one python execution
+    python_memory_mib: int = 1024  # the sandbox's address space
+    max_tool_calls: int = 8  # built-in calls the server runs in one turn
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -470,6 +475,13 @@ class ServerSettings:
             raise ConfigError("server setting 'audit_content' must be 'none', 'redacted' or 'full'")
         if self.pii_mode not in ("off", "mask", "block"):
             raise ConfigError("server setting 'pii_mode' must be 'off', 'mask' or 'block'")
+        unknown = set(self.builtin_tools) - {"browser", "python"}
+        if unknown:
+            raise ConfigError(f"unknown built-in tool(s) {sorted(unknown)}: there are browser "
+                              "and python")
+        for f in ("python_timeout_s", "python_memory_mib", "max_tool_calls"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"server setting '{f}' must be positive")
 
 
 def cache_root() -> Path:

@@ -126,3 +126,26 @@ def test_narrowed_date_and_time_formats_pass_the_strict_validators(data):
                              "enum": [[{"format": fmt}]]})
     assert nested["items"] == {"type": "string", "pattern": PATTERNS[fmt]}
     assert nested["enum"] == [[{"format": fmt}]]  # values are data, not schemas
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>analysis to=python code'
+     '<|message|>print(1)\nprint(2)<|call|>', True),
+    (' to=python<|channel|>analysis code<|message|>1+1<|call|>', True),  # recipient first
+    ('<|channel|>analysis to=browser.search code<|message|>{"query":"leave"}<|call|>', True),
+    (' to=browser.open<|channel|>analysis<|message|>{"id":0}<|call|>', True),
+    ('<|channel|>analysis to=browser.search<|message|>not json<|call|>', False),
+    ('<|channel|>analysis to=browser.delete<|message|>{}<|call|>', False),  # no such function
+    ('<|channel|>analysis to=container.exec<|message|>{}<|call|>', False),  # not declared
+    ('<|channel|>final<|message|>{"city":"Paris","size":"big"}<|return|>', True),
+])
+def test_a_constrained_turn_may_still_call_its_builtin_tools(text, ok):
+    from inhouse.harmony.constraints import AnswerFormat, ToolChoice, turn_constraint
+
+    c = turn_constraint(AnswerFormat("a", SCHEMA, "text.format"), (), ToolChoice(), "tools",
+                        ("browser", "python"))
+    assert consumes(c.grammar, text) is ok
+    # tool_choice "none" forbids every call, built-in ones too
+    none = turn_constraint(AnswerFormat("a", SCHEMA, "text.format"), (), ToolChoice("none"),
+                           "tools", ("browser", "python"))
+    assert not consumes(none.grammar, '<|channel|>analysis to=python<|message|>1<|call|>')

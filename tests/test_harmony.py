@@ -198,3 +198,22 @@ def test_parser_never_raises_on_random_tokens(tokens):
 def test_text_encoding_keeps_special_look_alikes_as_text():
     ids = encode_text("<|end|> is text here")
     assert 200007 not in ids and decode(ids) == "<|end|> is text here"
+
+
+def test_builtin_calls_are_events_only_when_declared():
+    from inhouse.harmony import BuiltinCallDelta, BuiltinCallDone, OutputParser, ParseWarning
+
+    text = ("<|channel|>analysis to=python code<|message|>print(1)<|call|>")
+    ids = load_encoding().encode(text, allowed_special="all")
+    declared = OutputParser(("python",))
+    events = [e for t in ids for e in declared.feed(t)] + declared.finish()
+    assert [e for e in events if isinstance(e, BuiltinCallDone)] == [
+        BuiltinCallDone(0, "python", "print(1)")]
+    assert "".join(e.text for e in events if isinstance(e, BuiltinCallDelta)) == "print(1)"
+    # not declared (or a look-alike recipient): shown as text, with a warning
+    for parser, source in ((OutputParser(), text),
+                           (OutputParser(("python",)), text.replace("to=python", "to=python.run"))):
+        ids = load_encoding().encode(source, allowed_special="all")
+        events = [e for t in ids for e in parser.feed(t)] + parser.finish()
+        assert not any(isinstance(e, (BuiltinCallDelta, BuiltinCallDone)) for e in events)
+        assert any(isinstance(e, ParseWarning) for e in events)

@@ -314,6 +314,15 @@ def serve(
         min=0, max=15, help="Speculative decoding: tokens guessed from the text so far and "
                             "checked in one step (kept only where they are what would be "
                             "sampled: the output is the same); 0 turns it off.")] = 4,
+    builtin_tools: Annotated[str, typer.Option(
+        help="Built-in tools for every Chat Completions request, comma-separated: browser (the "
+             "documents of `inhouse docs add`, never the web), python (a bubblewrap sandbox: no "
+             "network, no host files). Responses turns them on per request (web_search, "
+             "code_interpreter).")] = "",
+    python_timeout: Annotated[float, typer.Option(
+        min=1, help="Seconds one python execution may run.")] = 120.0,
+    python_memory_mib: Annotated[int, typer.Option(
+        min=64, help="The python sandbox's memory (address space), MiB.")] = 1024,
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
@@ -323,7 +332,9 @@ def serve(
                adapter or [], mmap=mmap, allow_unauthenticated=allow_unauthenticated,
                metrics_require_key=metrics_require_key,
                audit_signing_key=str(audit_signing_key or ""), audit_witness=audit_witness or "",
-               prefix_cache=prefix_cache, draft_tokens=draft_tokens)
+               prefix_cache=prefix_cache, draft_tokens=draft_tokens,
+               builtin_tools=builtin_tools, python_timeout=python_timeout,
+               python_memory_mib=python_memory_mib)
 
 
 @app.command()

@@ -79,7 +79,9 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
           pii_patterns: list[str] | None = None, adapters: list[str] | None = None,
           mmap: bool = False, allow_unauthenticated: bool = False,
           metrics_require_key: bool = False, audit_signing_key: str = "",
-          audit_witness: str = "", prefix_cache: bool = True, draft_tokens: int = 4) -> None:
+          audit_witness: str = "", prefix_cache: bool = True, draft_tokens: int = 4,
+          builtin_tools: str = "", python_timeout: float = 120.0,
+          python_memory_mib: int = 1024) -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -103,6 +105,11 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     from inhouse.model.peft_format import attach_adapter, load_adapter, parse_adapter_option
 
     check_exposure(host, api_keys, database_url, allow_unauthenticated)
+    tools = tuple(t.strip() for t in builtin_tools.split(",") if t.strip())
+    if "python" in tools:  # no sandbox, no python tool: said now, not at the first request
+        from inhouse.tools.sandbox import probe
+
+        probe()
     wanted = [parse_adapter_option(a) for a in adapters or []]
     if len({n for n, _ in wanted}) != len(wanted):
         raise InhouseError("--adapter: two adapters have the same name")
@@ -125,7 +132,9 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               retain_days=retain_days, pii_mode=pii_mode,
                               pii_patterns=tuple(patterns),
                               metrics_require_key=metrics_require_key,
-                              audit_signing_key=audit_signing_key, audit_witness=audit_witness)
+                              audit_signing_key=audit_signing_key, audit_witness=audit_witness,
+                              builtin_tools=tools, python_timeout_s=python_timeout,
+                              python_memory_mib=python_memory_mib)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     err.print(f"[dim]loading {path} ...[/dim]")
     loaded = load_model(path, dtype=dtype.torch, mmap=mmap)

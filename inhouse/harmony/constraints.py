@@ -97,8 +97,22 @@ def _call_rules(tools: tuple[FunctionTool, ...], param: str) -> list[str]:
     return rules
 
 
+def _builtin_rules(builtin: tuple[str, ...]) -> list[str]:
+    """Calls to the built-in tools, recipient after the channel or before it: python's code is
+    free text, the browser's arguments any JSON object (the tool reads and checks them)."""
+    alts = []
+    for name, body in (("python", "CODE"), ("browser", "args_browser")):
+        if name not in builtin:
+            continue
+        target = '"python"' if name == "python" else '"browser." FN'
+        alts += [f'<|channel|> "analysis to=" {target} " code"? <|message|> {body} <|call|>',
+                 f'" to=" {target} <|channel|> "analysis" " code"? <|message|> {body} <|call|>']
+    return ["builtin: " + " | ".join(alts), r"CODE: /(.|\n)*/", 'FN: "search" | "open" | "find"',
+            f"args_browser: {_json(None, 'tools')}"]
+
+
 def build_grammar(answer: AnswerFormat | None, calls: tuple[FunctionTool, ...],
-                  must_call: bool, param: str = "tools") -> str:
+                  must_call: bool, param: str = "tools", builtin: tuple[str, ...] = ()) -> str:
     """The lark grammar (llguidance's dialect) of a turn: free analysis, then a final answer (JSON
     if `answer`, else free text) or, if `calls`, a call to one of them (and only a call if
     `must_call`). Refuses what it cannot enforce, naming the keyword and the parameter."""
@@ -107,6 +121,9 @@ def build_grammar(answer: AnswerFormat | None, calls: tuple[FunctionTool, ...],
     if calls:
         ends.append("call")
         rules += _call_rules(calls, param)
+    if builtin and not must_call:
+        ends.append("builtin")
+        rules += _builtin_rules(builtin)
     if not must_call:
         body = _json(answer.schema, answer.param) if answer is not None else "TEXT"
         rules += ['final: <|channel|> "final" <|message|> answer <|return|>', f"answer: {body}",
@@ -134,9 +151,12 @@ def _instructions(answer: AnswerFormat) -> ChatMessage:
 
 
 def turn_constraint(answer: AnswerFormat | None, tools: tuple[FunctionTool, ...],
-                    choice: ToolChoice, param: str = "tools") -> TurnConstraint:
+                    choice: ToolChoice, param: str = "tools",
+                    builtin: tuple[str, ...] = ()) -> TurnConstraint:
     """What the request's answer format, tools and tool_choice ask of the turn. No grammar when
-    nothing is asked that the model could get wrong (no format, no strict function, "auto")."""
+    nothing is asked that the model could get wrong (no format, no strict function, "auto").
+    `builtin`: the built-in tools the turn declares; where a grammar is on, their calls stay
+    allowed (unless tool_choice forces or forbids calls)."""
     if choice.mode == "required" and not tools:
         raise ConversationError("tool_choice is 'required' but no tools were given",
                                 param="tool_choice")
@@ -149,5 +169,6 @@ def turn_constraint(answer: AnswerFormat | None, tools: tuple[FunctionTool, ...]
     must_call = choice.mode == "required" or choice.name is not None
     free = (answer is None and choice.mode == "auto" and choice.name is None
             and not any(t.strict for t in tools))
-    grammar = None if free else build_grammar(answer, calls, must_call, param)
+    grammar = None if free else build_grammar(answer, calls, must_call, param,
+                                              () if choice.mode == "none" else builtin)
     return TurnConstraint(grammar, _instructions(answer) if answer is not None else None)

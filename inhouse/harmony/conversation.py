@@ -21,6 +21,8 @@ from inhouse.errors import InhouseError
 from inhouse.harmony.vocab import load_encoding
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+# gpt-oss's own tools, declared in the system message (harmony's namespaces); run by the server
+BUILTIN_TOOLS = ("browser", "python")
 Effort = Literal["low", "medium", "high"]
 EFFORTS = ("low", "medium", "high")
 MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
@@ -68,8 +70,14 @@ class PromptOptions:
     knowledge_cutoff: str = KNOWLEDGE_CUTOFF
     model_identity: str = MODEL_IDENTITY
     tools: tuple[FunctionTool, ...] = field(default_factory=tuple)
+    builtin_tools: tuple[str, ...] = ()  # of BUILTIN_TOOLS, in the system message
+    python_timeout_s: float = 120.0  # what the python tool's description promises
 
     def __post_init__(self) -> None:
+        unknown = set(self.builtin_tools) - set(BUILTIN_TOOLS)
+        if unknown:
+            raise ConversationError(f"unknown built-in tool(s) {sorted(unknown)}; there are "
+                                    f"{', '.join(BUILTIN_TOOLS)}")
         if self.reasoning_effort not in EFFORTS:
             raise ConversationError(f"reasoning effort must be one of {', '.join(EFFORTS)}, "
                                     f"not {self.reasoning_effort!r}")
@@ -102,6 +110,9 @@ def to_harmony_messages(messages: list[ChatMessage], options: PromptOptions) -> 
               .with_reasoning_effort(effort).with_knowledge_cutoff(options.knowledge_cutoff))
     if options.current_date:
         system = system.with_conversation_start_date(options.current_date)
+    for name in BUILTIN_TOOLS:
+        if name in options.builtin_tools:
+            system = system.with_tools(builtin_namespace(name, options.python_timeout_s))
     out = [Message.from_role_and_content(HRole.SYSTEM, system)]
 
     instructions = [m.content for m in messages if m.role in ("system", "developer") and m.content]
@@ -153,6 +164,36 @@ def to_harmony_messages(messages: list[ChatMessage], options: PromptOptions) -> 
         else:
             raise ConversationError(f"message {i}: unknown role {m.role!r}")
     return out
+
+
+def builtin_namespace(name: str, python_timeout_s: float = 120.0):
+    """Harmony's own declaration of a built-in tool (the text gpt-oss was trained on), told the
+    truth about this server: python has no internet and its timeout; the browser's source is
+    the organisation's documents, not the web."""
+    from openai_harmony import ToolNamespaceConfig
+
+    if name == "python":
+        cfg = ToolNamespaceConfig.python()
+        text = (cfg.description or "").replace("120.0 seconds", f"{python_timeout_s:.1f} seconds")
+        text = text.replace("Internet access for this session is UNKNOWN. Depends on the cluster.",
+                            "Internet access for this session is disabled.")
+        return ToolNamespaceConfig(name=cfg.name, description=text, tools=cfg.tools)
+    cfg = ToolNamespaceConfig.browser()
+    text = (cfg.description or "").replace("sources=web (default: web)",
+                                           "sources=documents (default: documents)")
+    return ToolNamespaceConfig(name=cfg.name, description=text, tools=cfg.tools)
+
+
+def tool_result_ids(recipient: str, text: str) -> list[int]:
+    """A built-in tool's answer as the model reads it, then `<|start|>assistant` for the model to
+    continue: `<|start|>{recipient} to=assistant<|channel|>analysis<|message|>{text}<|end|>`."""
+    from openai_harmony import Author, Message, Role as HRole
+
+    enc = load_encoding()
+    message = (Message.from_author_and_content(Author.new(HRole.TOOL, recipient), text)
+               .with_channel("analysis").with_recipient("assistant"))
+    return list(enc.render(message)) + list(enc.encode("<|start|>assistant",
+                                                       allowed_special="all"))
 
 
 def stop_token_ids() -> list[int]:

@@ -96,6 +96,9 @@ def _chat_call(c: Any, where: str) -> ToolCall:
                     str(c.get("id") or ""))
 
 
+BUILTIN_CALL_ITEMS = ("web_search_call", "code_interpreter_call")
+
+
 def messages_from_items(raw: Any, instructions: str | None = None,
                         param: str = "input") -> list[ChatMessage]:
     """Responses `input` (a string or items) and `instructions` -> ChatMessages. A reasoning item
@@ -159,6 +162,10 @@ def messages_from_items(raw: Any, instructions: str | None = None,
             out.append(ChatMessage("tool", output if isinstance(output, str)
                                    else json.dumps(output, ensure_ascii=False),
                                    tool_call_id=call_id))
+        elif kind in BUILTIN_CALL_ITEMS:
+            # an earlier turn's built-in calls ran in its analysis, which harmony drops once that
+            # turn has answered: they are history the model does not read again
+            continue
         else:
             raise _fail(f"unknown item type {kind!r}", f"{where}.type")
     if reasoning is not None:  # a turn cut off after its reasoning (max_output_tokens)

@@ -57,6 +57,21 @@ class ToolCallDone:
 
 
 @dataclass(frozen=True)
+class BuiltinCallDelta:
+    """Part of a call to a built-in tool (`python`'s code, `browser.*`'s JSON arguments)."""
+    index: int
+    recipient: str  # "python", "browser.search", "browser.open", "browser.find"
+    text: str
+
+
+@dataclass(frozen=True)
+class BuiltinCallDone:
+    index: int
+    recipient: str
+    text: str
+
+
+@dataclass(frozen=True)
 class MessageDone:
     channel: str | None
     recipient: str | None
@@ -67,7 +82,8 @@ class ParseWarning:
     message: str
 
 
-Event = ReasoningDelta | ContentDelta | ToolCallDelta | ToolCallDone | MessageDone | ParseWarning
+Event = (ReasoningDelta | ContentDelta | ToolCallDelta | ToolCallDone | BuiltinCallDelta
+         | BuiltinCallDone | MessageDone | ParseWarning)
 
 
 @dataclass
@@ -92,11 +108,15 @@ class ParsedOutput:
 
 
 class OutputParser:
-    """Feed it the completion's tokens (the prompt ended with `<|start|>assistant`)."""
+    """Feed it the completion's tokens (the prompt ended with `<|start|>assistant`).
+    `builtin`: the built-in tools the turn declared (their calls become `BuiltinCall*` events;
+    a call to an undeclared one is shown as text, with a warning)."""
 
-    def __init__(self) -> None:
+    def __init__(self, builtin: tuple[str, ...] = ()) -> None:
         self._enc = load_encoding()
+        self._builtin = builtin
         self._num_calls = 0
+        self._num_builtin = 0
         self.reasoning_tokens = 0  # tokens of analysis messages (headers and ends included)
         self._new_parser(expect_role=True)
 
@@ -110,6 +130,7 @@ class OutputParser:
         self._text_shown = 0  # characters of the text-mode decode already emitted
         self._emitted = ""  # the text this message has emitted so far
         self._call_index: int | None = None
+        self._builtin_index: int | None = None
         self._channel_checked = False
 
     def feed(self, token: int) -> list[Event]:
@@ -212,7 +233,8 @@ class OutputParser:
             self._channel_checked = True
             if channel not in CHANNELS:
                 events.append(ParseWarning(f"unknown channel {channel!r}; shown as text"))
-            if recipient and not recipient.startswith("functions."):
+            if recipient and not recipient.startswith("functions.") \
+                    and not self._is_builtin(recipient):
                 events.append(ParseWarning(f"message to unsupported recipient {recipient!r}; "
                                            "shown as text"))
         self._emitted += delta
@@ -223,6 +245,11 @@ class OutputParser:
                 self._call_index = self._num_calls
                 self._num_calls += 1
             events.append(ToolCallDelta(self._call_index, name if first else None, delta))
+        elif recipient and self._is_builtin(recipient):
+            if self._builtin_index is None:
+                self._builtin_index = self._num_builtin
+                self._num_builtin += 1
+            events.append(BuiltinCallDelta(self._builtin_index, recipient, delta))
         elif channel == "analysis" and not recipient:
             events.append(ReasoningDelta(delta))
         else:  # final, a preamble on commentary, an unknown channel or recipient
@@ -245,11 +272,20 @@ class OutputParser:
                 self._call_index = self._num_calls
                 self._num_calls += 1
             events.append(ToolCallDone(self._call_index, name, args, _is_json(args)))
+        elif recipient and self._is_builtin(recipient):
+            if self._builtin_index is None:  # a call with nothing after its header
+                self._builtin_index = self._num_builtin
+                self._num_builtin += 1
+            events.append(BuiltinCallDone(self._builtin_index, recipient, full))
         events.append(MessageDone(channel, recipient))
         if channel == "analysis" and not recipient:
             self.reasoning_tokens += len(self._pending)
         self._new_parser(expect_role=False)
         return events
+
+    def _is_builtin(self, recipient: str) -> bool:
+        namespace = recipient.split(".", 1)[0]
+        return namespace in self._builtin and (namespace != "python" or recipient == "python")
 
     def _last_header(self) -> tuple[str | None, str | None]:
         msgs = self._parser.messages

@@ -128,6 +128,31 @@ class Auditor:
                                                       if v is not None},
                                     None, record_id, "completion", caller.subject)
 
+    async def tool(self, record_id: str, caller: Caller, call) -> None:
+        """A `tool` leaf: a built-in tool call the server ran for the step `record_id` (a
+        `ToolCallFinished`), with digests of what the model sent and what it read back; the
+        texts themselves go to the erasable content (redacted, or in full, as the deployment
+        keeps content)."""
+        if self.log is None:
+            return
+        record = {"call_id": call.call_id, "recipient": call.recipient,
+                  "status": call.status, "container_id": call.container_id,
+                  "arguments_sha256": self._hash_text(call.arguments),
+                  "output_sha256": self._hash_text(call.output),
+                  "output_chars": len(call.output), "duration_s": round(call.duration_s, 4)}
+        content = None
+        if self.settings.audit_content == "full":
+            content = {"tool_arguments": call.arguments, "tool_output": call.output}
+        elif self.settings.audit_content == "redacted":
+            texts = (call.arguments, call.output)
+            red = await self.offload.run(sum(map(len, texts)), redact_texts, texts)
+            content = {"tool_arguments": red[0], "tool_output": red[1]}
+        await asyncio.to_thread(self.log.append, record, content, record_id, "tool",
+                                caller.subject)
+
+    def _hash_text(self, text: str) -> str:
+        return hashlib.sha256(self._salt + text.encode("utf-8", "surrogatepass")).hexdigest()
+
     async def complete(self, record_id: str, caller: Caller, f: Finished,
                        answer: str | None = None) -> None:
         if self.log is None:

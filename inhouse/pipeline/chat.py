@@ -23,6 +23,9 @@ class ChatTurn:
     options: PromptOptions = PromptOptions()
     params: SamplingParams = SamplingParams()
     request_id: str = field(default_factory=lambda: f"req_{uuid.uuid4().hex[:16]}")
+    # ids after the rendered conversation: a built-in tool loop's earlier steps (the model's own
+    # tokens, then each tool's answer), so a continuation reads exactly what was written
+    extra_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,10 @@ async def stream_chat(client: EngineClient, turn: ChatTurn,
                       ) -> AsyncIterator[Event | TokenEvent | Finished]:
     """Harmony events as the model produces them, then one `Finished`. Rendering runs off the
     event loop (`render`: a thread by default; the server's `RenderOffload` for large prompts)."""
-    prompt_ids = list(await render(list(turn.messages), turn.options))
+    prompt_ids = list(await render(list(turn.messages), turn.options)) + list(turn.extra_ids)
     check_prompt_length(len(prompt_ids), client.model_config.max_position_embeddings)
     params = engine_params(turn)
-    parser = OutputParser()
+    parser = OutputParser(turn.options.builtin_tools)
     t0 = time.perf_counter()
     first: float | None = None
     out_ids: list[int] = []

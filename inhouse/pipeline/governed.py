@@ -1,11 +1,18 @@
 """One governed turn: the path every entry point takes (Chat Completions and Responses now; the
-built-in tools and the web UI later), so that none of them can skip a step.
+web UI later), so that none of them can skip a step.
 
     caller (key -> tenant, subject) -> PII policy -> audit `request` leaf -> the turn (harmony
     render -> engine -> parser) -> PII restore -> audit `completion` leaf -> metrics -> storage
 
 Every `request` leaf gets its `completion` leaf: a `Finished` turn, or "refused" (a refusal
 after the request leaf), "disconnect" (the consumer went away) or "error".
+
+Built-in tools (browser, python) run inside the turn: when a step ends in a call to one, the
+step's record is completed, the call runs (a `tool` leaf: the call, digests of its arguments
+and result), and the next step is a record of its own (`continues`, `step`) whose prompt is the
+last one plus the model's tokens and the tool's answer. Each step replays on its own, from the
+recorded tool results. The client sees one turn: the calls as events, one `Finished` with the
+usage of every step.
 """
 
 from __future__ import annotations
@@ -24,10 +31,13 @@ from inhouse.errors import InhouseError, RequestError
 from inhouse.governance.pii import Masker
 from inhouse.governance.responses_store import ResponseStore
 from inhouse.governance.tenancy import Caller
-from inhouse.harmony import ChatMessage, ContentDelta, ConversationError, PromptOptions
+from inhouse.harmony import (BuiltinCallDone, ChatMessage, ContentDelta, ConversationError,
+                             PromptOptions, tool_result_ids)
 from inhouse.pipeline.audit import Auditor
 from inhouse.pipeline.chat import ChatTurn, Finished, stream_chat
 from inhouse.pipeline.pii import EventRestorer, apply_pii_policy
+from inhouse.pipeline.tools import (AnswerCitations, BuiltinRequest, BuiltinTools,
+                                    ToolCallFinished, TurnTools)
 
 
 class TurnObserver(Protocol):
@@ -45,6 +55,7 @@ class TurnRequest:
     params: tuple[SamplingParams, ...]
     record_ids: tuple[str, ...]  # one per choice: the audit record and engine request ids
     audit_extra: dict[str, Any] = field(default_factory=dict)  # stop strings, ...
+    builtin: BuiltinRequest | None = None  # the built-in tools the server runs in this turn
 
     def __post_init__(self) -> None:
         if len(self.params) != len(self.record_ids) or not self.params:
@@ -59,21 +70,35 @@ class GovernedTurn:
     streams: list[AsyncIterator]
     masker: Masker | None
     caller: Caller
+    tools: list[TurnTools | None] = field(default_factory=list)  # per choice
 
 
 class GovernedTurns:
     def __init__(self, client: EngineClient, settings: ServerSettings, auditor: Auditor,
-                 observer: TurnObserver, store: ResponseStore | None = None) -> None:
+                 observer: TurnObserver, store: ResponseStore | None = None,
+                 tools: BuiltinTools | None = None) -> None:
         self.client, self.settings, self.auditor = client, settings, auditor
-        self.observer, self.store = observer, store
+        self.observer, self.store, self.tools = observer, store, tools
         self.offload = auditor.offload
 
     def shutdown(self) -> None:
         self.offload.shutdown()
+        if self.tools is not None:
+            self.tools.close()
+
+    def _turn_tools(self, req: TurnRequest) -> list[TurnTools | None]:
+        if req.builtin is None or not req.builtin.names:
+            return [None] * len(req.params)
+        if self.tools is None:
+            raise RequestError("this server runs no built-in tools", param="tools")
+        self.tools.check(req.builtin, req.caller.tenant)
+        return [self.tools.for_turn(req.builtin, req.caller.tenant, i == 0)
+                for i in range(len(req.params))]
 
     async def start(self, req: TurnRequest) -> GovernedTurn:
         """Refusals (PII block, bad input, a full queue) raise `RequestError` here, before any
         output; a refusal after the request leaves is recorded in their completion leaves."""
+        tools = await asyncio.to_thread(self._turn_tools, req)  # may probe the sandbox
         messages, masker, labels = await apply_pii_policy(self.settings, list(req.messages),
                                                           self.offload)
         shared = tuple(messages)
@@ -93,8 +118,10 @@ class GovernedTurns:
             if refusal is None:
                 raise
             raise refusal from None
-        return GovernedTurn([self._governed(t, s, masker, req.caller)
-                             for t, s in zip(turns, streams)], masker, req.caller)
+        steps = [_Steps(req, labels, render, tt) for tt in tools]
+        return GovernedTurn([self._governed(t, s, masker, req.caller, st)
+                             for t, s, st in zip(turns, streams, steps)], masker, req.caller,
+                            tools)
 
     def refusal(self, e: BaseException) -> RequestError | None:
         """The engine's and harmony's refusals as a `RequestError`; None for anything else."""
@@ -108,24 +135,48 @@ class GovernedTurns:
         return max(1, min(3600, math.ceil((s.num_waiting + 1) / s.finished_per_s)))
 
     async def _governed(self, turn: ChatTurn, stream: AsyncIterator, masker: Masker | None,
-                        caller: Caller) -> AsyncIterator:
+                        caller: Caller, steps: _Steps) -> AsyncIterator:
         restore = EventRestorer(masker)
         answer: list[str] = []
-        finished = False
+        finished = False  # has the current step's record its completion leaf?
         outcome, error = "disconnect", None
         try:
-            async for raw in stream:
-                if isinstance(raw, Finished):  # the parser's last MessageDone flushed restore
-                    await self.auditor.complete(turn.request_id, caller, raw, "".join(answer))
-                    finished = True
-                    self.observer.observe_turn(raw)
-                    yield raw
+            while stream is not None:
+                call, done = None, None
+                async for raw in stream:
+                    if isinstance(raw, Finished):
+                        done = raw
+                        break
+                    if isinstance(raw, BuiltinCallDone):
+                        call = raw
+                    for ev in restore(raw):
+                        if isinstance(ev, ContentDelta):
+                            answer.append(ev.text)
+                        yield ev
+                if done is None:
+                    break
+                await stream.aclose()
+                stream = None
+                await self.auditor.complete(turn.request_id, caller, done, "".join(answer))
+                finished = True
+                if steps.should_run(call, done):  # the server runs the call and goes on
+                    result = await steps.run(call, done, self.auditor, caller, turn.request_id)
+                    yield result.started
+                    yield result.finished
+                    turn = steps.next_turn(turn, done, result.finished, masker)
+                    await self.auditor.start(steps.req.endpoint, caller, [turn], steps.labels,
+                                             steps.req.audit_extra | steps.link(turn))
+                    finished = False
+                    stream = (await start_streams([stream_chat(self.client, turn,
+                                                               steps.render)]))[0]
                     continue
-                for ev in restore(raw):
-                    if isinstance(ev, ContentDelta):
-                        answer.append(ev.text)
-                    yield ev
-            outcome, error = "error", "the turn ended without finishing"
+                total = steps.total(done, call is not None)
+                self.observer.observe_turn(total)
+                if steps.tools is not None:
+                    yield AnswerCitations(steps.tools.citations("".join(answer)))
+                yield total
+            if not finished:
+                outcome, error = "error", "the turn ended without finishing"
         except (GeneratorExit, asyncio.CancelledError):
             raise
         except BaseException as e:
@@ -133,7 +184,8 @@ class GovernedTurns:
             raise
         finally:
             with anyio.CancelScope(shield=True):
-                await stream.aclose()
+                if stream is not None:
+                    await stream.aclose()
                 if not finished:
                     await self.auditor.ended(turn.request_id, caller, outcome, error=error)
 
@@ -172,6 +224,69 @@ def as_request_error(e: BaseException, retry_after=lambda: 1) -> RequestError | 
     if isinstance(e, InhouseError):
         return RequestError(str(e))
     return None
+
+
+@dataclass
+class _ToolRun:
+    started: Any
+    finished: ToolCallFinished
+
+
+class _Steps:
+    """One choice's built-in tool loop: whether a step's end is a call the server runs, running
+    it (audited), the next step's turn, and the usage of all steps together."""
+
+    def __init__(self, req: TurnRequest, labels, render, tools: TurnTools | None) -> None:
+        self.req, self.labels, self.render, self.tools = req, labels, render, tools
+        self.done: list[Finished] = []
+
+    def should_run(self, call: BuiltinCallDone | None, done: Finished) -> bool:
+        return (self.tools is not None and call is not None and done.finish_reason == "tool_calls"
+                and self.tools.can_call()
+                and done.completion_tokens < self._budget())
+
+    def _budget(self) -> int:
+        return self.req.params[0].max_tokens - sum(f.completion_tokens for f in self.done)
+
+    async def run(self, call: BuiltinCallDone, done: Finished, auditor: Auditor, caller: Caller,
+                  record_id: str) -> _ToolRun:
+        """Run the call the step `record_id` ended with; its `tool` leaf joins that record."""
+        self.done.append(done)
+        started = self.tools.started(call.recipient, call.text)
+        finished = await self.tools.run(started)
+        await auditor.tool(record_id, caller, finished)
+        return _ToolRun(started, finished)
+
+    def next_turn(self, turn: ChatTurn, done: Finished, result: ToolCallFinished,
+                  masker: Masker | None) -> ChatTurn:
+        output = masker.mask(result.output) if masker is not None else result.output
+        extra = turn.extra_ids + done.output_ids + tuple(tool_result_ids(result.recipient, output))
+        params = replace(turn.params, max_tokens=max(1, self._budget()))
+        root = self.root_id(turn)
+        return ChatTurn(turn.messages, turn.options, params, f"{root}-step{len(self.done)}", extra)
+
+    @staticmethod
+    def root_id(turn: ChatTurn) -> str:
+        return turn.request_id.split("-step", 1)[0]
+
+    def link(self, turn: ChatTurn) -> dict:
+        return {"continues": self.root_id(turn), "step": len(self.done)}
+
+    def total(self, last: Finished, called: bool) -> Finished:
+        """The turn's `Finished` as the client sees it: the last step's, with every step's
+        tokens counted (each step read its whole prompt). A turn that stopped on a built-in call
+        the server did not run (its call or token limit) ends as "length": it was cut."""
+        if called and self.tools is not None and last.finish_reason == "tool_calls":
+            last = replace(last, finish_reason="length")
+        steps = self.done + [last]
+        if len(steps) == 1:
+            return last
+        return replace(last, prompt_tokens=sum(f.prompt_tokens for f in steps),
+                       completion_tokens=sum(f.completion_tokens for f in steps),
+                       reasoning_tokens=sum(f.reasoning_tokens for f in steps),
+                       cached_tokens=sum(f.cached_tokens for f in steps),
+                       total_s=sum(f.total_s for f in steps),
+                       time_to_first_token_s=steps[0].time_to_first_token_s)
 
 
 class _Once:

@@ -17,6 +17,9 @@ from inhouse.governance.keys import KeyStore
 from inhouse.governance.privacy import PersonalData
 from inhouse.governance.responses_store import ResponseStore, default_url
 from inhouse.pipeline import GovernedTurns
+from inhouse.pipeline.tools import BuiltinTools
+from inhouse.tools.documents import DocumentStore
+from inhouse.tools.sandbox import SandboxLimits
 from inhouse.pipeline.audit import Auditor, open_audit_log
 from inhouse.server.deps import RateLimiter, key_digest
 from inhouse.server.errors import install_handlers
@@ -31,7 +34,7 @@ log = logging.getLogger("inhouse.server")
 
 def build_app(client: EngineClient, settings: ServerSettings,
               store: ResponseStore | None = None, audit_log: AuditLog | None = None,
-              key_store: KeyStore | None = None) -> FastAPI:
+              key_store: KeyStore | None = None, tools: BuiltinTools | None = None) -> FastAPI:
     """The app around an engine client. `store` keeps stored Responses (default: opens
     `settings.database_url`, a SQLite file in the cache when empty); `audit_log` receives one
     record per request when `settings.audit` (default: opens `settings.audit_database_url`).
@@ -67,7 +70,13 @@ def build_app(client: EngineClient, settings: ServerSettings,
         store = ResponseStore(settings.database_url or default_url(cache_root()))
     data = PersonalData(app.state.audit_log, store) if app.state.audit_log is not None else None
     auditor = Auditor(app.state.audit_log, settings, data)
-    app.state.governed = GovernedTurns(client, settings, auditor, app.state.metrics, store)
+    if tools is None:  # the browser over the server database's documents; python when asked
+        tools = BuiltinTools(DocumentStore(settings.database_url or default_url(cache_root())),
+                             SandboxLimits(wall_seconds=settings.python_timeout_s,
+                                           memory_bytes=settings.python_memory_mib << 20),
+                             max_calls=settings.max_tool_calls)
+    app.state.governed = GovernedTurns(client, settings, auditor, app.state.metrics, store,
+                                       tools)
     app.state.chat = ChatCompletions(client, settings, app.state.governed)
     app.state.responses = Responses(client, settings, app.state.governed)
     install_handlers(app)

@@ -36,7 +36,17 @@ def from_engine_error(e: Exception) -> APIError:
     return APIError(r.status, str(r), r.kind, param=r.param, code=r.code, headers=headers)
 
 
-def _loc_param(loc: tuple) -> str | None:
+# Responses' tools are a union tagged by "type"; pydantic puts the tag in an error's location
+# ("tools.0.function.parameters"), where OpenAI names the field ("tools[0].parameters"). Chat's
+# tools have a real field "function", so the tag is dropped on the Responses path alone.
+_RESPONSES_TOOL_TAGS = ("function", "code_interpreter", "web_search", "web_search_2025_08_26",
+                        "web_search_preview", "web_search_preview_2025_03_11")
+
+
+def _loc_param(loc: tuple, path: str = "") -> str | None:
+    if (path == "/v1/responses" and len(loc) > 3 and loc[:2] == ("body", "tools")
+            and loc[3] in _RESPONSES_TOOL_TAGS):
+        loc = loc[:3] + loc[4:]
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     if not parts:
         return None
@@ -59,7 +69,7 @@ def install_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, e: RequestValidationError):
         errs = e.errors()
         first = errs[0] if errs else {}
-        param = _loc_param(tuple(first.get("loc", ())))
+        param = _loc_param(tuple(first.get("loc", ())), request.url.path)
         if first.get("type") == "json_invalid":
             return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
         msg = first.get("msg", "invalid request")

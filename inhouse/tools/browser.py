@@ -39,6 +39,7 @@ class Citation:
     end: int
     url: str  # the document, with its lines: inhouse://documents/doc_...#L3-L7
     title: str
+    mark: str  # the mark itself, as written in the answer
 
 
 class Browser:
@@ -167,7 +168,8 @@ class Browser:
                 continue
             a = int(m.group("a"))
             b = int(m.group("b") or a)
-            out.append(Citation(m.start(), m.end(), f"{page.url}#L{a}-L{b}", page.title))
+            out.append(Citation(m.start(), m.end(), f"{page.url}#L{a}-L{b}", page.title,
+                                m.group(0)))
         return out
 
 

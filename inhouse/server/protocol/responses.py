@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from inhouse.server.protocol.common import FUNCTION_NAME, Strict, check_parameters_schema
 
@@ -17,6 +17,40 @@ class FunctionTool(Strict):
     strict: bool | None = None
 
     _check = field_validator("parameters")(classmethod(lambda cls, v: check_parameters_schema(v)))
+
+
+class UserLocation(Strict):
+    type: Literal["approximate"] = "approximate"
+    city: str | None = None
+    country: str | None = None
+    region: str | None = None
+    timezone: str | None = None
+
+
+class WebSearchTool(Strict):
+    """The browser over the organisation's documents (there is no web here)."""
+    type: Literal["web_search", "web_search_2025_08_26", "web_search_preview",
+                  "web_search_preview_2025_03_11"]
+    search_context_size: Literal["low", "medium", "high"] | None = None
+    user_location: UserLocation | None = None
+    external_web_access: bool | None = None
+    filters: dict[str, Any] | None = None
+    search_content_types: list[Literal["text", "image"]] | None = None
+
+
+class ContainerAuto(Strict):
+    type: Literal["auto"]
+    file_ids: list[str] | None = None
+    memory_limit: Literal["1g", "4g", "16g", "64g"] | None = None
+
+
+class CodeInterpreterTool(Strict):
+    """python in the sandbox; `container`: a container id to keep using, or "auto"."""
+    type: Literal["code_interpreter"]
+    container: str | ContainerAuto
+
+
+Tool = Annotated[FunctionTool | WebSearchTool | CodeInterpreterTool, Field(discriminator="type")]
 
 
 class TextPart(Strict):
@@ -74,7 +108,16 @@ class FunctionCallOutputItem(Strict):
     status: str | None = None
 
 
-InputItem = MessageItem | ReasoningItem | FunctionCallItem | FunctionCallOutputItem
+class BuiltinCallItem(BaseModel):
+    """An earlier turn's web_search_call or code_interpreter_call, sent back as history (read
+    and dropped: see openai_shapes.messages_from_items)."""
+    model_config = ConfigDict(extra="allow")
+    type: Literal["web_search_call", "code_interpreter_call"]
+    id: str | None = None
+
+
+InputItem = (MessageItem | ReasoningItem | FunctionCallItem | FunctionCallOutputItem
+             | BuiltinCallItem)
 
 
 class Reasoning(Strict):
@@ -117,7 +160,7 @@ class ResponsesRequest(Strict):
     model: str
     input: str | list[InputItem] = Field(min_length=1)
     instructions: str | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
     reasoning: Reasoning | None = None

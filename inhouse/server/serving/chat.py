@@ -20,6 +20,8 @@ from inhouse.harmony.openai_shapes import function_tools, messages_from_chat
 from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
 from inhouse.server.errors import APIError
 from inhouse.server.protocol.chat import ChatCompletionRequest, NamedToolChoice
+from inhouse.pipeline.tools import AnswerCitations
+from inhouse.server.serving.builtin import builtin_for_chat
 from inhouse.server.serving.common import (EFFORT, StopMatcher, check_model, logprob_entry,
                                            max_tokens_for, merge, new_id, seed_for, usage)
 
@@ -42,6 +44,7 @@ class Choice:
     stopped_by_string: bool = False
     request_id: str = ""
     abort_sent: bool = False
+    annotations: list[dict] = field(default_factory=list)  # url_citation, from the browser
 
 
 class ChatCompletions:
@@ -65,10 +68,12 @@ class ChatCompletions:
         elif fmt is not None and fmt.type == "json_object":
             answer = AnswerFormat("json_object", None, "response_format")
         tools = function_tools([t.model_dump() for t in (req.tools or [])])
+        builtin = builtin_for_chat(self.settings)  # chat has no built-in tool types: the server's
+        names = builtin.names if builtin is not None else ()
         choice = req.tool_choice
         constraint = turn_constraint(
             answer, tools, ToolChoice(name=choice.function.name) if isinstance(
-                choice, NamedToolChoice) else ToolChoice(choice or "auto"))
+                choice, NamedToolChoice) else ToolChoice(choice or "auto"), "tools", names)
         if constraint.instructions is not None:
             messages.append(constraint.instructions)
         effort = EFFORT[req.reasoning_effort or "medium"]
@@ -78,7 +83,9 @@ class ChatCompletions:
         if len(self._stops(req)) > 4:
             raise APIError(400, "'stop' takes at most 4 sequences", param="stop")
         try:
-            options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
+            options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools,
+                                    builtin_tools=names,
+                                    python_timeout_s=self.settings.python_timeout_s)
         except ConversationError as e:
             raise APIError(400, str(e)) from None
         params = tuple(SamplingParams(
@@ -92,7 +99,7 @@ class ChatCompletions:
             for i in range(req.n))
         return TurnRequest("/v1/chat/completions", caller, tuple(messages), options, params,
                            tuple(f"{request_id}-{i}" for i in range(req.n)),
-                           {"stop": self._stops(req), "n": req.n})
+                           {"stop": self._stops(req), "n": req.n}, builtin)
 
     async def _start(self, req: ChatCompletionRequest, request_id: str, caller: Caller):
         """(choices, their governed streams): refusals raise here, before any output."""
@@ -142,9 +149,24 @@ class ChatCompletions:
                                     "function": {"arguments": event.arguments}}]}
         if isinstance(event, ToolCallDone) and tool_choice != "none" and c.tool_calls:
             c.tool_calls[-1]["function"]["arguments"] = event.arguments
+        if isinstance(event, AnswerCitations):
+            return self._annotate(c, event)
         if isinstance(event, ParseWarning):
             c.warnings.append(event.message)
         return None
+
+    @staticmethod
+    def _annotate(c: Choice, event: AnswerCitations) -> dict | None:
+        """The answer's citation marks as chat's url_citation annotations."""
+        start = 0
+        for cite in event.citations:
+            at = c.content.find(cite.mark, start)
+            if at < 0:  # cut by a stop string
+                continue
+            start = at + len(cite.mark)
+            c.annotations.append({"type": "url_citation", "url_citation": {
+                "start_index": at, "end_index": start, "title": cite.title, "url": cite.url}})
+        return {"annotations": list(c.annotations)} if c.annotations else None
 
     def _logprob(self, c: Choice) -> None:
         tok = c.pending_token
@@ -193,6 +215,8 @@ class ChatCompletions:
                    "reasoning": c.reasoning or None, "reasoning_content": c.reasoning or None}
         if c.tool_calls:
             message["tool_calls"] = c.tool_calls
+        if c.annotations:
+            message["annotations"] = c.annotations
         return {"index": c.index, "message": message, "finish_reason": self._finish_reason(c),
                 "logprobs": {"content": c.logprobs} if req.logprobs else None}
 

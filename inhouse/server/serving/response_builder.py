@@ -6,9 +6,28 @@ from __future__ import annotations
 import json
 import time
 
-from inhouse.harmony import ContentDelta, MessageDone, ReasoningDelta, ToolCallDelta, ToolCallDone
+from inhouse.harmony import (BuiltinCallDelta, BuiltinCallDone, ContentDelta, MessageDone,
+                             ReasoningDelta, ToolCallDelta, ToolCallDone)
 from inhouse.pipeline import Finished, TokenEvent
+from inhouse.pipeline.tools import AnswerCitations, ToolCallFinished, ToolCallStarted
 from inhouse.server.serving.common import logprob_entry, new_id
+
+
+def _action(recipient: str, arguments: str) -> dict:
+    """A browser call as web_search_call's action (search, open_page, find_in_page)."""
+    try:
+        args = json.loads(arguments)
+    except ValueError:
+        args = {}
+    args = args if isinstance(args, dict) else {}
+    function = recipient.partition(".")[2]
+    if function == "search":
+        return {"type": "search", "query": str(args.get("query", ""))}
+    target = args.get("id")
+    url = target if isinstance(target, str) else None
+    if function == "find":
+        return {"type": "find_in_page", "pattern": str(args.get("pattern", "")), "url": url or ""}
+    return {"type": "open_page", "url": url}
 
 
 class ResponseBuilder:
@@ -23,6 +42,8 @@ class ResponseBuilder:
         self.with_logprobs = with_logprobs
         self.pending: TokenEvent | None = None  # the token whose text comes next
         self.num_dropped_items = num_dropped_items  # by truncation "auto"
+        self.container_id: str | None = None  # python's, when the turn has it
+        self.tool_item: dict | None = None  # a built-in call: written, then run, then done
 
     def event(self, type_: str, **fields) -> dict:
         e = {"type": type_, "sequence_number": self.seq} | fields
@@ -50,6 +71,8 @@ class ResponseBuilder:
         item, self.item = self.item, None
         if item is None:
             return []
+        if item["type"] in ("code_interpreter_call", "web_search_call"):
+            return []  # done when the server has run it (`ToolCallFinished`)
         idx = self.output.index(item)
         item["status"] = "completed"
         events = []
@@ -115,8 +138,102 @@ class ResponseBuilder:
         elif isinstance(ev, ToolCallDone):
             if self.item is not None and self.item["type"] == "function_call":
                 self.item["arguments"] = ev.arguments
+        elif isinstance(ev, (BuiltinCallDelta, BuiltinCallDone, ToolCallStarted,
+                             ToolCallFinished)):
+            events += self._builtin(ev)
+        elif isinstance(ev, AnswerCitations):
+            events += self._annotate(ev)
         elif isinstance(ev, MessageDone):
             events += self.close()
+        return events
+
+    # ---- built-in tools: code_interpreter_call and web_search_call items ----------------------
+    def _builtin(self, ev) -> list[dict]:
+        events: list[dict] = []
+        python = ev.recipient == "python"
+        if isinstance(ev, BuiltinCallDelta) or (isinstance(ev, BuiltinCallDone)
+                                                 and self.tool_item is None):
+            if self.tool_item is None:
+                events += self.close()
+                if python:
+                    item = {"id": new_id("ci"), "type": "code_interpreter_call",
+                            "status": "in_progress", "code": "",
+                            "container_id": self.container_id or "", "outputs": None}
+                else:
+                    item = {"id": new_id("ws"), "type": "web_search_call",
+                            "status": "in_progress", "action": {"type": "search", "query": ""}}
+                events += self._open(item, None)
+                self.tool_item = item
+                kind = "code_interpreter_call" if python else "web_search_call"
+                events.append(self._tool_event(f"response.{kind}.in_progress"))
+            if python and isinstance(ev, BuiltinCallDelta):
+                self.tool_item["code"] += ev.text
+                events.append(self._tool_event("response.code_interpreter_call_code.delta",
+                                               delta=ev.text))
+        if self.tool_item is None:
+            return events
+        item = self.tool_item
+        if isinstance(ev, BuiltinCallDone) and python:
+            item["code"] = ev.text
+            events.append(self._tool_event("response.code_interpreter_call_code.done",
+                                           code=ev.text))
+        elif isinstance(ev, ToolCallStarted):
+            if python:
+                item["status"] = "interpreting"
+                events.append(self._tool_event("response.code_interpreter_call.interpreting"))
+            else:
+                item["action"] = _action(ev.recipient, ev.arguments)
+                item["status"] = "searching"
+                events.append(self._tool_event("response.web_search_call.searching"))
+        elif isinstance(ev, ToolCallFinished):
+            events += self._tool_done(ev.status,
+                                      [{"type": "logs", "logs": ev.output}] if python else None)
+        return events
+
+    def _tool_event(self, type_: str, **fields) -> dict:
+        return self.event(type_, item_id=self.tool_item["id"],
+                          output_index=self.output.index(self.tool_item), **fields)
+
+    def _tool_done(self, status: str, outputs: list | None) -> list[dict]:
+        item = self.tool_item
+        item["status"] = status  # completed, failed or incomplete: valid for both item types
+        if item["type"] == "code_interpreter_call":
+            item["outputs"] = outputs
+            kind = "code_interpreter_call"
+        else:
+            kind = "web_search_call"
+        events = []
+        if status == "completed":
+            events.append(self._tool_event(f"response.{kind}.completed"))
+        events.append(self.event("response.output_item.done",
+                                 output_index=self.output.index(item),
+                                 item=json.loads(json.dumps(item))))
+        self.tool_item = None
+        if self.item is item:
+            self.item = None
+        return events
+
+    def _annotate(self, ev: AnswerCitations) -> list[dict]:
+        """url_citation annotations on the answer's citation marks (on the last message)."""
+        events: list[dict] = []
+        message = next((o for o in reversed(self.output) if o["type"] == "message"), None)
+        if message is None or not message["content"]:
+            return events
+        part = message["content"][0]
+        start = 0
+        for c in ev.citations:
+            at = part["text"].find(c.mark, start)
+            if at < 0:
+                continue
+            start = at + len(c.mark)
+            note = {"type": "url_citation", "start_index": at, "end_index": start,
+                    "url": c.url, "title": c.title}
+            part["annotations"].append(note)
+            events.append(self.event("response.output_text.annotation.added",
+                                     item_id=message["id"],
+                                     output_index=self.output.index(message), content_index=0,
+                                     annotation_index=len(part["annotations"]) - 1,
+                                     annotation=dict(note)))
         return events
 
     def _logprobs(self) -> list[dict]:
@@ -128,6 +245,8 @@ class ResponseBuilder:
 
     def finish(self, f: Finished) -> list[dict]:
         events = self.close()
+        if self.tool_item is not None:  # written but never run (the turn's limits)
+            events += self._tool_done("incomplete", None)
         r = self.response
         r["status"] = "incomplete" if f.finish_reason == "length" else "completed"
         if f.finish_reason == "length":

@@ -21,6 +21,7 @@ from inhouse.pipeline.truncation import fit_to_context
 from inhouse.server.errors import APIError
 from inhouse.server.protocol.responses import NamedFunction, ResponsesRequest
 from inhouse.server.serving.common import EFFORT, check_model, max_tokens_for, new_id, seed_for
+from inhouse.server.serving.builtin import builtin_from_responses
 from inhouse.server.serving.response_builder import ResponseBuilder
 
 # what `include` can ask for that we serve: every other value is refused, never ignored
@@ -71,7 +72,9 @@ class Responses:
                 raise APIError(400, f"'include' value {value!r} is not supported; this server "
                                     f"serves {', '.join(INCLUDABLE)}", param="include")
         items = await self._history(req, caller)
-        tools = function_tools([t.model_dump() for t in (req.tools or [])])
+        tools = function_tools([t.model_dump() for t in (req.tools or []) if t.type == "function"])
+        builtin = builtin_from_responses(req.tools, self.settings)
+        builtin_names = builtin.names if builtin is not None else ()
         effort = EFFORT[(req.reasoning.effort if req.reasoning else None) or "medium"]
         messages = messages_from_items(items, req.instructions)
         answer = None
@@ -83,7 +86,8 @@ class Responses:
         choice = req.tool_choice
         constraint = await asyncio.to_thread(  # off the event loop: a large schema takes a while
             turn_constraint, answer, tools, ToolChoice(name=choice.name)
-            if isinstance(choice, NamedFunction) else ToolChoice(choice or "auto"))
+            if isinstance(choice, NamedFunction) else ToolChoice(choice or "auto"), "tools",
+            builtin_names)
         if constraint.instructions is not None:
             messages.append(constraint.instructions)
         params = SamplingParams(
@@ -94,7 +98,9 @@ class Responses:
             logprobs=(req.top_logprobs or 0) if self._with_logprobs(req) else None,
             adapter=adapter, grammar=constraint.grammar)
         try:
-            options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools)
+            options = PromptOptions(effort, time.strftime("%Y-%m-%d"), tools=tools,
+                                    builtin_tools=builtin_names,
+                                    python_timeout_s=self.settings.python_timeout_s)
         except ConversationError as e:
             raise APIError(400, str(e), param="input") from None
         dropped = 0
@@ -105,7 +111,8 @@ class Responses:
                                           context - room)
             messages, dropped = fitted.messages, fitted.num_dropped
         plan = TurnRequest("/v1/responses", caller, tuple(messages), options, (params,),
-                           (response_id,), {"truncated_items": dropped} if dropped else {})
+                           (response_id,), {"truncated_items": dropped} if dropped else {},
+                           builtin)
         return plan, items
 
     @staticmethod
@@ -139,6 +146,8 @@ class Responses:
         turn = await self.governed.start(plan)
         builder = ResponseBuilder(self._skeleton(req, response_id), self._with_logprobs(req),
                                   plan.audit_extra.get("truncated_items", 0))
+        if turn.tools and turn.tools[0] is not None:
+            builder.container_id = turn.tools[0].container_id
         return builder, turn, items
 
     async def _finish(self, req, builder: ResponseBuilder, turn, items, f: Finished) -> list[dict]:
