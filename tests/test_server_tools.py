@@ -195,3 +195,17 @@ def test_previous_turns_with_builtin_calls_continue(world):
             "model": MODEL, "input": [{"role": "user", "content": "6*7?"}] + items
             + [{"role": "user", "content": "thanks"}]})
         assert third.status_code == 200, third.text
+
+
+def test_under_pii_masking_the_tool_reads_placeholders_and_the_client_sees_values(world):
+    """The model (and so the sandbox) sees placeholders; what comes back to the client has the
+    values restored; the tool's output is masked again before the model reads it."""
+    code = "<|channel|>analysis to=python code<|message|>print('<SIN_1>')<|call|>"
+    engine = ScriptedEngine(code, ANSWER_42)
+    with serve(engine, world, pii_mode="mask") as u:
+        r = oai(u).responses.create(model=MODEL, input="My SIN is 046 454 286; echo it",
+                                    tools=[PYTHON_TOOL])
+    call = r.output[0]
+    assert call.code == "print('046 454 286')" and call.outputs[0].logs == "046 454 286\n"
+    assert "046 454 286" not in engine.prompt_text(1)  # the model read the placeholder back
+    assert "<SIN_1>" in engine.prompt_text(1)

@@ -161,8 +161,8 @@ class GovernedTurns:
                 finished = True
                 if steps.should_run(call, done):  # the server runs the call and goes on
                     result = await steps.run(call, done, self.auditor, caller, turn.request_id)
-                    yield result.started
-                    yield result.finished
+                    for ev in (*restore(result.started), *restore(result.finished)):
+                        yield ev
                     turn = steps.next_turn(turn, done, result.finished, masker)
                     await self.auditor.start(steps.req.endpoint, caller, [turn], steps.labels,
                                              steps.req.audit_extra | steps.link(turn))

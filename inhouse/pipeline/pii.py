@@ -6,10 +6,11 @@ import dataclasses
 
 from inhouse.config import ServerSettings
 from inhouse.governance.pii import Masker, PiiConfig, Restorer, scan_texts
-from inhouse.harmony import (ChatMessage, ContentDelta, MessageDone, ReasoningDelta, ToolCall,
-                             ToolCallDelta, ToolCallDone)
+from inhouse.harmony import (BuiltinCallDelta, BuiltinCallDone, ChatMessage, ContentDelta,
+                             MessageDone, ReasoningDelta, ToolCall, ToolCallDelta, ToolCallDone)
 from inhouse.errors import RequestError
 from inhouse.pipeline.offload import Offload
+from inhouse.pipeline.tools import ToolCallFinished, ToolCallStarted
 
 
 async def apply_pii_policy(settings: ServerSettings, messages: list[ChatMessage],
@@ -55,6 +56,7 @@ class EventRestorer:
         self.masker = masker
         self.text = {ContentDelta: Restorer(masker), ReasoningDelta: Restorer(masker)} if masker else {}
         self.args = Restorer(masker) if masker else None
+        self.code = Restorer(masker) if masker else None  # a built-in call's code or arguments
         self.call: ToolCallDelta | None = None
 
     def __call__(self, ev) -> list:
@@ -71,6 +73,18 @@ class EventRestorer:
             tail = self.args.flush()
             out = [ToolCallDelta(ev.index, None, tail)] if tail else []
             return out + [dataclasses.replace(ev, arguments=self.masker.restore(ev.arguments))]
+        if isinstance(ev, BuiltinCallDelta):
+            text = self.code.feed(ev.text)
+            return [dataclasses.replace(ev, text=text)] if text else []
+        if isinstance(ev, BuiltinCallDone):
+            tail = self.code.flush()
+            out = [BuiltinCallDelta(ev.index, ev.recipient, tail)] if tail else []
+            return out + [dataclasses.replace(ev, text=self.masker.restore(ev.text))]
+        if isinstance(ev, (ToolCallStarted, ToolCallFinished)):
+            fields = {"arguments": self.masker.restore(ev.arguments)}
+            if isinstance(ev, ToolCallFinished):
+                fields["output"] = self.masker.restore(ev.output)
+            return [dataclasses.replace(ev, **fields)]
         if isinstance(ev, MessageDone):
             out = [kind(tail) for kind, r in self.text.items() if (tail := r.flush())]
             return out + [ev]
