@@ -323,6 +323,19 @@ def serve(
         min=1, help="Seconds one python execution may run.")] = 120.0,
     python_memory_mib: Annotated[int, typer.Option(
         min=64, help="The python sandbox's memory (address space), MiB.")] = 1024,
+    policy: Annotated[Path | None, typer.Option(
+        help="A policy the organisation wrote (safeguard style: instructions, definitions, "
+             "criteria, examples; optionally a line 'Categories: a, b'), checked by the guard "
+             "on every turn; also answers POST /v1/moderations.")] = None,
+    policy_on: Annotated[str, typer.Option(
+        help="What the guard checks: input (before generation), output (the answer is held "
+             "back until checked, streamed ones too) or both.")] = "input",
+    policy_action: Annotated[str, typer.Option(
+        help="flag (record the verdict, answer anyway) or block (refuse with a 400 naming the "
+             "category).")] = "flag",
+    guard_model: Annotated[Path | None, typer.Option(
+        help="A separate guard model (e.g. gpt-oss-safeguard-20b) to evaluate the policy; "
+             "default: the served model.")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
@@ -334,7 +347,8 @@ def serve(
                audit_signing_key=str(audit_signing_key or ""), audit_witness=audit_witness or "",
                prefix_cache=prefix_cache, draft_tokens=draft_tokens,
                builtin_tools=builtin_tools, python_timeout=python_timeout,
-               python_memory_mib=python_memory_mib)
+               python_memory_mib=python_memory_mib, policy=policy, policy_on=policy_on,
+               policy_action=policy_action, guard_model=guard_model)
 
 
 @app.command()

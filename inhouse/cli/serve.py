@@ -81,7 +81,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
           metrics_require_key: bool = False, audit_signing_key: str = "",
           audit_witness: str = "", prefix_cache: bool = True, draft_tokens: int = 4,
           builtin_tools: str = "", python_timeout: float = 120.0,
-          python_memory_mib: int = 1024) -> None:
+          python_memory_mib: int = 1024, policy: Path | None = None, policy_on: str = "input",
+          policy_action: str = "flag", guard_model: Path | None = None) -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -105,6 +106,13 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     from inhouse.model.peft_format import attach_adapter, load_adapter, parse_adapter_option
 
     check_exposure(host, api_keys, database_url, allow_unauthenticated)
+    from inhouse.governance.policy import Policy
+    from inhouse.pipeline.guard import GuardSettings
+
+    the_policy = Policy.load(policy) if policy is not None else None  # checked before loading
+    guard_settings = GuardSettings(policy_on, policy_action)
+    if guard_model is not None and the_policy is None:
+        raise InhouseError("--guard-model needs --policy FILE")
     tools = tuple(t.strip() for t in builtin_tools.split(",") if t.strip())
     if "python" in tools:  # no sandbox, no python tool: said now, not at the first request
         from inhouse.tools.sandbox import probe
@@ -143,7 +151,23 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     from inhouse.harmony.grammar import GrammarBackend
 
     client = AsyncEngine(LLMEngine(loaded, engine_cfg, grammars=GrammarBackend()))
-    app = build_app(client, settings)
+    guard = None
+    if the_policy is not None:
+        from inhouse.pipeline.guard import PolicyGuard
+
+        guard_client, guard_name = client, "served-model"
+        if guard_model is not None:
+            err.print(f"[dim]loading the guard model {guard_model} ...[/dim]")
+            guard_info = find_checkpoint(guard_model)
+            guard_client = AsyncEngine(LLMEngine(
+                load_model(guard_info.root, dtype=dtype.torch, mmap=mmap),
+                EngineConfig(max_num_seqs=4, kv_budget_bytes=int(kv_budget_gib * 2**30) // 4,
+                             mode=mode), grammars=GrammarBackend()))
+            guard_name = f"guard:{guard_model.name}@{checkpoint_digest(guard_info)[:19]}"
+        guard = PolicyGuard(the_policy, guard_client, guard_settings, guard_name)
+        out.print(f"[dim]policy '{the_policy.name}' ({the_policy.sha256[:12]}) on "
+                  f"{policy_on}, {policy_action}; guard: {guard_name}[/dim]")
+    app = build_app(client, settings, guard=guard)
     banner = f"inhouse serving '{name}' on http://{host}:{port}/v1"
     if demo:
         banner += f"  [yellow]DEMO MODEL: {demo_label}[/yellow]"
@@ -156,3 +180,5 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:  # the app's lifespan sealed the audit log and stopped the workers
         client.shutdown()
+        if guard is not None and guard.client is not client:
+            guard.client.shutdown()

@@ -150,6 +150,26 @@ class Auditor:
         await asyncio.to_thread(self.log.append, record, content, record_id, "tool",
                                 caller.subject)
 
+    async def policy(self, record_id: str, caller: Caller, stage: str, verdict, action: str,
+                     policy_sha256: str, guard: str) -> None:
+        """A `policy` leaf: the guard's verdict on a record's input or answer (`Verdict`), what
+        was done (flag, block, or pass), and a digest of the rationale (the rationale itself in
+        the content, as the deployment keeps content)."""
+        if self.log is None:
+            return
+        record = {"stage": stage, "violation": verdict.violation, "category": verdict.category,
+                  "complete": verdict.complete, "action": action, "policy_sha256": policy_sha256,
+                  "guard": guard, "rationale_sha256": verdict.rationale_sha256}
+        content = None
+        if self.settings.audit_content == "full":
+            content = {f"policy_{stage}_rationale": verdict.rationale}
+        elif self.settings.audit_content == "redacted":
+            red = await self.offload.run(len(verdict.rationale), redact_texts,
+                                         (verdict.rationale,))
+            content = {f"policy_{stage}_rationale": red[0]}
+        await asyncio.to_thread(self.log.append, record, content, record_id, "policy",
+                                caller.subject)
+
     def _hash_text(self, text: str) -> str:
         return hashlib.sha256(self._salt + text.encode("utf-8", "surrogatepass")).hexdigest()
 

@@ -35,6 +35,7 @@ from inhouse.harmony import (BuiltinCallDone, ChatMessage, ContentDelta, Convers
                              PromptOptions, tool_result_ids)
 from inhouse.pipeline.audit import Auditor
 from inhouse.pipeline.chat import ChatTurn, Finished, stream_chat
+from inhouse.pipeline.guard import PolicyGuard, user_text
 from inhouse.pipeline.pii import EventRestorer, apply_pii_policy
 from inhouse.pipeline.tools import (AnswerCitations, BuiltinRequest, BuiltinTools,
                                     ToolCallFinished, TurnTools)
@@ -76,9 +77,9 @@ class GovernedTurn:
 class GovernedTurns:
     def __init__(self, client: EngineClient, settings: ServerSettings, auditor: Auditor,
                  observer: TurnObserver, store: ResponseStore | None = None,
-                 tools: BuiltinTools | None = None) -> None:
+                 tools: BuiltinTools | None = None, guard: PolicyGuard | None = None) -> None:
         self.client, self.settings, self.auditor = client, settings, auditor
-        self.observer, self.store, self.tools = observer, store, tools
+        self.observer, self.store, self.tools, self.guard = observer, store, tools, guard
         self.offload = auditor.offload
 
     def shutdown(self) -> None:
@@ -107,6 +108,7 @@ class GovernedTurns:
                  for p, rid in zip(req.params, req.record_ids)]
         await self.auditor.start(req.endpoint, req.caller, turns, labels, req.audit_extra)
         try:
+            await self._check_input(turns, req.caller)
             render = _Once(self.offload.render)  # n choices, one conversation: rendered once
             streams = await start_streams([stream_chat(self.client, t, render) for t in turns])
         except BaseException as e:
@@ -119,9 +121,47 @@ class GovernedTurns:
                 raise
             raise refusal from None
         steps = [_Steps(req, labels, render, tt) for tt in tools]
-        return GovernedTurn([self._governed(t, s, masker, req.caller, st)
-                             for t, s, st in zip(turns, streams, steps)], masker, req.caller,
-                            tools)
+        governed = [self._governed(t, s, masker, req.caller, st)
+                    for t, s, st in zip(turns, streams, steps)]
+        if self.guard is not None and self.guard.settings.checks("output"):
+            governed = [self._held(g, t.request_id, req.caller) for g, t in zip(governed, turns)]
+        return GovernedTurn(governed, masker, req.caller, tools)
+
+    # ---- the policy guard ---------------------------------------------------------------------
+    async def _check_input(self, turns: list[ChatTurn], caller: Caller) -> None:
+        """Classify the turn's user messages; a blocked input raises (recorded as refused)."""
+        guard = self.guard
+        if guard is None or not guard.settings.checks("input"):
+            return
+        verdict = await guard.classify(user_text(turns[0].messages), caller.tenant)
+        action = guard.settings.action if verdict.violation else "pass"
+        for t in turns:
+            await self.auditor.policy(t.request_id, caller, "input", verdict, action,
+                                      guard.policy.sha256, guard.guard_name)
+        if verdict.violation and guard.settings.action == "block":
+            raise guard.refusal(verdict, "input")
+
+    async def _held(self, stream: AsyncIterator, record_id: str,
+                    caller: Caller) -> AsyncIterator:
+        """The whole turn held back until the guard has classified its answer."""
+        guard, held = self.guard, []
+        try:
+            async for ev in stream:
+                if not isinstance(ev, Finished):
+                    held.append(ev)
+                    continue
+                answer = "".join(e.text for e in held if isinstance(e, ContentDelta))
+                verdict = await guard.classify(answer, caller.tenant)
+                action = guard.settings.action if verdict.violation else "pass"
+                await self.auditor.policy(record_id, caller, "output", verdict, action,
+                                          guard.policy.sha256, guard.guard_name)
+                if verdict.violation and guard.settings.action == "block":
+                    raise guard.refusal(verdict, "output")
+                for h in held:
+                    yield h
+                yield ev
+        finally:
+            await stream.aclose()
 
     def refusal(self, e: BaseException) -> RequestError | None:
         """The engine's and harmony's refusals as a `RequestError`; None for anything else."""

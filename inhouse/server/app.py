@@ -17,6 +17,7 @@ from inhouse.governance.keys import KeyStore
 from inhouse.governance.privacy import PersonalData
 from inhouse.governance.responses_store import ResponseStore, default_url
 from inhouse.pipeline import GovernedTurns
+from inhouse.pipeline.guard import PolicyGuard
 from inhouse.pipeline.tools import BuiltinTools
 from inhouse.tools.documents import DocumentStore
 from inhouse.tools.sandbox import SandboxLimits
@@ -25,8 +26,9 @@ from inhouse.server.deps import RateLimiter, key_digest
 from inhouse.server.errors import install_handlers
 from inhouse.server.metrics import Metrics
 from inhouse.server.middleware import BodyGuard, Observe
-from inhouse.server.routes import audit, chat, responses, system
+from inhouse.server.routes import audit, chat, moderations, responses, system
 from inhouse.server.serving.chat import ChatCompletions
+from inhouse.server.serving.moderations import Moderations
 from inhouse.server.serving.responses import Responses
 
 log = logging.getLogger("inhouse.server")
@@ -34,7 +36,8 @@ log = logging.getLogger("inhouse.server")
 
 def build_app(client: EngineClient, settings: ServerSettings,
               store: ResponseStore | None = None, audit_log: AuditLog | None = None,
-              key_store: KeyStore | None = None, tools: BuiltinTools | None = None) -> FastAPI:
+              key_store: KeyStore | None = None, tools: BuiltinTools | None = None,
+              guard: PolicyGuard | None = None) -> FastAPI:
     """The app around an engine client. `store` keeps stored Responses (default: opens
     `settings.database_url`, a SQLite file in the cache when empty); `audit_log` receives one
     record per request when `settings.audit` (default: opens `settings.audit_database_url`).
@@ -76,7 +79,8 @@ def build_app(client: EngineClient, settings: ServerSettings,
                                            memory_bytes=settings.python_memory_mib << 20),
                              max_calls=settings.max_tool_calls)
     app.state.governed = GovernedTurns(client, settings, auditor, app.state.metrics, store,
-                                       tools)
+                                       tools, guard)
+    app.state.moderations = Moderations(guard, auditor)
     app.state.chat = ChatCompletions(client, settings, app.state.governed)
     app.state.responses = Responses(client, settings, app.state.governed)
     install_handlers(app)
@@ -90,4 +94,5 @@ def build_app(client: EngineClient, settings: ServerSettings,
     app.include_router(chat.router)
     app.include_router(responses.router)
     app.include_router(audit.router)
+    app.include_router(moderations.router)
     return app

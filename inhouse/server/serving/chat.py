@@ -18,7 +18,8 @@ from inhouse.harmony import (ContentDelta, ConversationError, ParseWarning,
 from inhouse.harmony.constraints import AnswerFormat, ToolChoice, turn_constraint
 from inhouse.harmony.openai_shapes import function_tools, messages_from_chat
 from inhouse.pipeline import Finished, GovernedTurns, TokenEvent, TurnRequest
-from inhouse.server.errors import APIError
+from inhouse.errors import RequestError
+from inhouse.server.errors import APIError, from_engine_error
 from inhouse.server.protocol.chat import ChatCompletionRequest, NamedToolChoice
 from inhouse.pipeline.tools import AnswerCitations
 from inhouse.server.serving.builtin import builtin_for_chat
@@ -274,8 +275,11 @@ class ChatCompletions:
                 async for line in self._sse_event(choices[i], event, req, chunk):
                     yield line
         except Exception as e:  # noqa: BLE001 - never a cut stream: an error event, then [DONE]
-            log.exception("%s: stream failed", request_id)
-            error = APIError(500, f"generation failed ({type(e).__name__})", "server_error")
+            if isinstance(e, RequestError):  # refused mid-turn (the policy guard on the answer)
+                error = from_engine_error(e)
+            else:
+                log.exception("%s: stream failed", request_id)
+                error = APIError(500, f"generation failed ({type(e).__name__})", "server_error")
             yield f"data: {json.dumps(error.body())}\n\n"
             yield "data: [DONE]\n\n"
             return

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from inhouse.config import ServerSettings
 from inhouse.engine import EngineClient, SamplingParams
+from inhouse.errors import RequestError
 from inhouse.governance.responses_store import ResponseStore
 from inhouse.governance.tenancy import Caller
 from inhouse.harmony import ConversationError, PromptOptions
@@ -189,6 +190,9 @@ class Responses:
                     events = builder.on(ev)
                 for e in events:
                     yield sse(e)
+        except RequestError as e:  # refused mid-turn (the policy guard on the answer)
+            yield sse(builder.event("error", code=e.code or "invalid_request_error",
+                                    param=e.param, message=str(e)))
         except Exception as e:  # noqa: BLE001 - never a cut stream: the official error event
             logging.getLogger("inhouse.server").exception("%s: stream failed",
                                                           builder.response["id"])
