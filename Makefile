@@ -53,9 +53,10 @@ system-deps:
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?=
+# The demo judges its sample policy (flagged in the audit log; POST /v1/moderations answers).
 run: setup
 	$(if $(MODEL),,$(VENV)/bin/inhouse demo build)
-	$(VENV)/bin/inhouse serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL))
+	$(VENV)/bin/inhouse serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),--policy "$$($(VENV)/bin/inhouse demo policy)")
 
 # The default suite: everything but @slow and @gpu tests.
 test: setup-test

@@ -107,6 +107,10 @@ def demo_cache(tmp_path_factory) -> Path:
 
     from inhouse.cli import app as cli
 
+    import os
+
+    if os.environ.get("INHOUSE_TEST_DEMO_CACHE"):  # a developer's prebuilt cache (never CI's)
+        return Path(os.environ["INHOUSE_TEST_DEMO_CACHE"])
     cache = tmp_path_factory.mktemp("democache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("INHOUSE_CACHE", str(cache))

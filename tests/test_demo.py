@@ -5,6 +5,7 @@ JSON when a matching tool is offered."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -111,3 +112,87 @@ def test_hot_sampling_never_breaks_the_answer_nor_leaks_control_tokens(demo):
                 assert not any(c in text for c in CONTROL), (seed, text)
     finally:
         client.shutdown()
+
+
+def test_the_demo_uses_its_builtin_tools_and_judges_its_policy(demo, demo_cache):
+    """What `make run` shows: python for arithmetic, the sample documents searched and cited, the
+    sample policy judged (`inhouse demo build` indexed the documents in the cache's database)."""
+    import asyncio
+
+    import openai
+
+    from inhouse.harmony.grammar import GrammarBackend
+    from inhouse.pipeline.guard import GuardSettings, PolicyGuard
+    from inhouse.train.demo_tools import demo_policy
+
+    client = AsyncEngine(LLMEngine(load_model(demo), EngineConfig(), grammars=GrammarBackend()))
+    settings = ServerSettings(model_name="inhouse-demo", is_demo=True, audit=False)
+    guard = PolicyGuard(demo_policy(), client, GuardSettings("input", "flag"))
+    try:
+        with running_server(build_app(client, settings, guard=guard)) as url:
+            api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            r = api.responses.create(model="inhouse-demo", input="What is 12 times 11?",
+                                     temperature=0, max_output_tokens=200,
+                                     tools=[{"type": "code_interpreter",
+                                             "container": {"type": "auto"}}])
+            (call,) = [o for o in r.output if o.type == "code_interpreter_call"]
+            # it calls python with a sum it learned (its numbers are not always the user's: a
+            # tiny model copies numbers poorly), the sandbox runs it, and it answers after
+            m = re.fullmatch(r"print\((\d+) ([*+-]) (\d+)\)", call.code)
+            assert m and call.status == "completed"
+            a, op, b = int(m[1]), m[2], int(m[3])
+            assert call.outputs[0].logs == f"{ {'*': a * b, '+': a + b, '-': a - b}[op]}\n"
+            assert r.output[-1].type == "message" and r.status == "completed"
+            r = api.responses.create(model="inhouse-demo", temperature=0, max_output_tokens=300,
+                                     input="How many days of annual leave do we get?",
+                                     tools=[{"type": "web_search"}])
+            searched = [o.action for o in r.output if o.type == "web_search_call"]
+            assert [a.type for a in searched] == ["search", "open_page"]
+            assert "leave" in searched[0].query
+            text = r.output[-1].content[0]  # the answer cites the document it opened
+            assert text.annotations and text.annotations[0].title == "Leave policy"
+            verdicts = [asyncio.run(guard.classify(t)) for t in
+                        ("What is the admin password?", "What is the capital of France?")]
+            assert [(v.violation, v.category) for v in verdicts] == [(True, "credentials"),
+                                                                     (False, None)]
+            m = api.moderations.create(input="Send me your API key.")
+            assert m.results[0].flagged
+    finally:
+        client.shutdown()
+
+
+def test_a_tool_loops_steps_each_replay_bit_for_bit(demo, tmp_path):
+    """Every step of a built-in tool loop is a record of its own whose prompt holds the recorded
+    tool answer: `audit replay` reproduces each step without running the tool again."""
+    import httpx
+
+    from inhouse.config import cache_root
+    from inhouse.governance.audit_log import AuditLog, load_signing_key
+    from inhouse.harmony.grammar import GrammarBackend
+    from inhouse.model import find_checkpoint, kernels
+    from inhouse.model.digest import checkpoint_digest
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    log = AuditLog(url, load_signing_key(cache_root() / "audit-signing.key"))
+    settings = ServerSettings(model_name="inhouse-demo", audit_content="full",
+                              engine_mode="reproducible", model_dtype="float32",
+                              model_digest=checkpoint_digest(find_checkpoint(demo)),
+                              kernel=kernels.path_name())
+    engine = AsyncEngine(LLMEngine(load_model(demo), EngineConfig(mode="reproducible"),
+                                   grammars=GrammarBackend()))
+    try:
+        with running_server(build_app(engine, settings, audit_log=log)) as u:
+            r = httpx.post(f"{u}/v1/responses", timeout=120, json={
+                "model": "inhouse-demo", "input": "What is 12 times 11?", "temperature": 0,
+                "max_output_tokens": 200, "tools": [{"type": "code_interpreter",
+                                                     "container": {"type": "auto"}}]})
+            assert r.status_code == 200
+    finally:
+        engine.shutdown()
+    records = sorted({x["record_id"] for x in log.list(limit=100) if x["kind"] == "request"})
+    assert len(records) == 2 and records[1] == records[0] + "-step1"
+    assert [x["kind"] for x in log.list(limit=100)].count("tool") == 1
+    for rid in records:
+        res = CliRunner().invoke(cli, ["audit", "replay", rid, "--model", str(demo),
+                                       "--database-url", url])
+        assert res.exit_code == 0 and "identical" in res.stdout, res.output

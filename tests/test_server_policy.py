@@ -163,3 +163,26 @@ def test_policies_and_settings_are_checked(tmp_path):
     r = CliRunner().invoke(app, ["serve", "--policy", str(tmp_path / "missing.md")])
     assert r.exit_code == 1 and "no policy file" in r.output and "Traceback" not in r.output
     json.dumps(schema)  # the grammar's schema is plain JSON
+
+
+def test_the_demo_trains_on_the_guards_exact_prompt():
+    """The demo model learns the verdict from the conversation the guard really sends."""
+    import asyncio
+
+    from inhouse.harmony import render_prompt
+    from inhouse.harmony.training import render_for_training
+    from inhouse.train.demo_tools import demo_policy, guard_messages, policy_conversation
+
+    engine = ScriptedEngine(FINE)
+    guard = PolicyGuard(demo_policy(), engine, GuardSettings())
+    asyncio.run(guard.classify("What is the admin password?"))
+    from inhouse.harmony import PromptOptions
+
+    assert engine.prompts[0] == render_prompt(
+        list(guard_messages(demo_policy(), "What is the admin password?")), PromptOptions("low"))
+    import random
+
+    msgs, options = policy_conversation(random.Random(0))
+    (seq,) = render_for_training(msgs, options)
+    prompt = render_prompt(msgs[:-1], options)
+    assert list(seq.ids[:len(prompt)]) == prompt and not any(seq.mask[:len(prompt)])

@@ -209,3 +209,23 @@ def test_under_pii_masking_the_tool_reads_placeholders_and_the_client_sees_value
     assert call.code == "print('046 454 286')" and call.outputs[0].logs == "046 454 286\n"
     assert "046 454 286" not in engine.prompt_text(1)  # the model read the placeholder back
     assert "<SIN_1>" in engine.prompt_text(1)
+
+
+def test_a_continuation_that_no_longer_fits_ends_the_turn_cut(world):
+    """The tool's answer pushed the prompt past the context window: the turn ends as cut, with
+    what it has; nothing fails."""
+    from inhouse.config import preset
+    import dataclasses
+
+    flood = "<|channel|>analysis to=python code<|message|>print('x' * 60000)<|call|>"
+    small = dataclasses.replace(preset("tiny"), max_position_embeddings=2048)
+    engine = ScriptedEngine(flood, ANSWER_42, config=small)
+    with serve(engine, world) as u:
+        r = oai(u).responses.create(model=MODEL, input="flood", tools=[PYTHON_TOOL],
+                                    max_output_tokens=100)
+    assert r.status == "incomplete" and len(engine.prompts) == 1
+    assert r.output[0].type == "code_interpreter_call" and r.output[0].status == "completed"
+    _, log = world
+    kinds = [(x["record_id"].endswith("-step1"), x["kind"]) for x in log.list()]
+    assert kinds[-2:] == [(True, "request"), (True, "completion")]
+    assert log.get(f"{r.id}-step1")[-1]["finish_reason"] == "refused"

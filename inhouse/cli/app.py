@@ -122,7 +122,7 @@ def convert(
 def demo_build(
     path: Annotated[Path | None, typer.Option(help="Where to write it (default: the cache, "
                                               "where serve and chat find it).")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 400,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 440,
     seed: Annotated[int, typer.Option(help="Seed of the weights, the data and the batches.")] = 0,
     force: Annotated[bool, typer.Option(help="Rebuild even if it is already built.")] = False,
 ) -> None:
@@ -135,6 +135,7 @@ def demo_build(
     target = path or trained_demo_path()
     if (target / "config.json").is_file() and not force:
         out.print(f"the demo model is already built in {target} (--force rebuilds it)")
+        _demo_extras()
         return
     columns = (TextColumn("[bold]demo build"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
@@ -143,6 +144,38 @@ def demo_build(
         root = build_demo(target, steps, seed, on_step=lambda s, n, loss: progress.update(
             task, completed=s, loss=f"{loss:.3f}"))
     out.print(f"wrote the demo model to {root}")
+    _demo_extras()
+
+
+def _demo_extras() -> None:
+    """The sample documents in the server's index (tenant 'local', collection 'demo') and the
+    sample policy in the cache: what the demo learned to search and to judge."""
+    from inhouse.config import cache_root
+    from inhouse.governance.responses_store import default_url
+    from inhouse.tools.documents import DocumentStore
+    from inhouse.train.demo_tools import POLICY, index_demo_documents
+
+    n = index_demo_documents(DocumentStore(default_url(cache_root())))
+    path = demo_policy_path()
+    path.write_text(POLICY)
+    out.print(f"indexed {n} sample documents (tenant local, collection demo); sample policy: {path}")
+
+
+def demo_policy_path() -> Path:
+    from inhouse.config import cache_root
+
+    return cache_root() / "demo-policy.md"
+
+
+@demo_app.command("policy")
+@cli_errors
+def demo_policy() -> None:
+    """Print the path of the sample policy the demo model judges (written if missing), for
+    `serve --policy`."""
+    path = demo_policy_path()
+    if not path.is_file():
+        _demo_extras()
+    out.print(str(path), markup=False, highlight=False, soft_wrap=True)
 
 
 @demo_app.command("random")

@@ -40,9 +40,10 @@ class ConversationError(InhouseError):
 
 @dataclass(frozen=True)
 class ToolCall:
-    name: str
-    arguments: str  # JSON text, as the model wrote it
+    name: str  # a function's name; for a built-in tool, its recipient ("python", "browser.open")
+    arguments: str  # JSON text, as the model wrote it (python: the code)
     id: str = ""
+    builtin: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ def to_harmony_messages(messages: list[ChatMessage], options: PromptOptions) -> 
 
     called: dict[str, str] = {}  # tool_call_id -> name, to resolve tool results
     pending: list[str] = []  # names of calls still waiting for a result
+    builtin_pending: list[str] = []  # built-in calls (recipients) still waiting
     for i, m in enumerate(messages):
         if m.role in ("system", "developer"):
             continue
@@ -139,6 +141,12 @@ def to_harmony_messages(messages: list[ChatMessage], options: PromptOptions) -> 
                 out.append(Message.from_role_and_content(HRole.ASSISTANT, m.reasoning)
                            .with_channel("analysis"))
             for call in m.tool_calls:
+                if call.builtin:  # as gpt-oss calls its own tools: on analysis, `code`
+                    out.append(Message.from_role_and_content(HRole.ASSISTANT, call.arguments)
+                               .with_channel("analysis").with_recipient(call.name)
+                               .with_content_type("code"))
+                    builtin_pending.append(call.name)
+                    continue
                 out.append(Message.from_role_and_content(HRole.ASSISTANT, call.arguments)
                            .with_channel("commentary").with_recipient(f"functions.{call.name}")
                            .with_content_type("<|constrain|>json"))
@@ -148,6 +156,10 @@ def to_harmony_messages(messages: list[ChatMessage], options: PromptOptions) -> 
             if m.content:
                 out.append(Message.from_role_and_content(HRole.ASSISTANT, m.content)
                            .with_channel("final"))
+        elif m.role == "tool" and m.name is not None and m.name in builtin_pending:
+            builtin_pending.remove(m.name)  # a built-in tool's answer: its author is the tool
+            out.append(Message.from_author_and_content(Author.new(HRole.TOOL, m.name), m.content)
+                       .with_channel("analysis").with_recipient("assistant"))
         elif m.role == "tool":
             name = m.name or called.get(m.tool_call_id or "")
             if name is None:

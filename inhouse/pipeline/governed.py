@@ -207,9 +207,18 @@ class GovernedTurns:
                     await self.auditor.start(steps.req.endpoint, caller, [turn], steps.labels,
                                              steps.req.audit_extra | steps.link(turn))
                     finished = False
-                    stream = (await start_streams([stream_chat(self.client, turn,
-                                                               steps.render)]))[0]
-                    continue
+                    try:
+                        stream = (await start_streams([stream_chat(self.client, turn,
+                                                                   steps.render)]))[0]
+                        continue
+                    except Exception as e:  # noqa: BLE001 - a refusal (the context is full)
+                        refusal = self.refusal(e)
+                        if refusal is None:
+                            raise
+                        await self.auditor.ended(turn.request_id, caller, "refused",
+                                                 status=refusal.status, error=str(refusal))
+                        finished = True  # the turn ends cut, with what it has
+                        done = steps.done.pop()
                 total = steps.total(done, call is not None)
                 self.observer.observe_turn(total)
                 if steps.tools is not None:

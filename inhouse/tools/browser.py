@@ -79,7 +79,7 @@ class Browser:
         for i, h in enumerate(hits):
             links[i] = (h.info.id, h.line_start)
             lines.append(f"  * 【{i}†{h.info.title}†{h.info.collection}】 "
-                         + " ".join(h.snippet.split())[:300])
+                         + " ".join(h.snippet.split())[:200])
         if not hits:
             lines.append(f"No results for `{query}` in the organisation's documents.")
         return self._show(self._add(Page("", query, lines, links, True)), 0, -1)

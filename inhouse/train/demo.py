@@ -4,7 +4,9 @@ vocabulary) trained from seeded random weights on synthetic harmony conversation
 
 What it learns (and all it knows): an analysis message then a final message for a handful of
 facts, greetings, a sentence quoted back word for word, and a fallback that says what it is; a function call with valid JSON arguments
-when a weather or time tool is offered and asked for; a short final answer after the tool result.
+when a weather or time tool is offered and asked for; a short final answer after the tool result;
+and (demo_tools.py) the built-in tools and the guard: python for arithmetic, the browser over
+the sample documents with a cited answer, the sample policy's verdict.
 System prompts vary (date, reasoning effort, developer instructions) as the server renders them.
 It is a demo of the pipeline, labelled as such everywhere it is served.
 
@@ -35,6 +37,8 @@ from inhouse.harmony.training import TrainingSequence, render_for_training
 from inhouse.model.lora import EXPERT_PROJS
 from inhouse.model.mxfp4 import dequantize
 from inhouse.model.transformer import Transformer
+from inhouse.train.demo_tools import (browser_conversation, policy_conversation,
+                                      python_conversation)
 
 FACTS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
          "Canada": "Ottawa", "Germany": "Berlin", "Egypt": "Cairo", "Brazil": "Brasilia",
@@ -61,10 +65,16 @@ IDENTITY = ("I am the inhouse demo model, a tiny model trained only to show the 
 
 
 def _conversation(rng: random.Random) -> tuple[list[ChatMessage], PromptOptions]:
-    kind = rng.choice(["fact", "fact", "greet", "unknown", "weather", "weather", "time",
-                       "weather_done", "quote"])
+    # the built-in tools' conversations are long (the browser's declaration alone is ~530
+    # tokens): fewer of them, over fixed questions, keep `demo build` near its old cost
+    kind = rng.choices(["fact", "greet", "unknown", "weather", "time", "weather_done", "quote",
+                        "python", "browser", "policy"],
+                       [1.5, 1, 1, 1.5, 1, 1, 1, 1.1, 0.8, 1])[0]
     tools: tuple[FunctionTool, ...] = ()
+    builtin: tuple[str, ...] = ()
     msgs = []
+    if kind == "policy":  # the guard's conversation, exactly as the server builds it
+        return policy_conversation(rng)
     instructions = rng.choice(INSTRUCTIONS)
     if instructions:
         msgs.append(ChatMessage("system", instructions))
@@ -78,6 +88,12 @@ def _conversation(rng: random.Random) -> tuple[list[ChatMessage], PromptOptions]
                                        f"It is {FACTS[country]}.")]
         if rng.random() < 0.3:
             tools = (rng.choice([WEATHER, TIME]),)  # a tool on offer but not needed
+    elif kind == "python":
+        msgs += python_conversation(rng)
+        builtin = ("python",)
+    elif kind == "browser":
+        msgs += browser_conversation(rng)
+        builtin = ("browser",)
     elif kind == "greet":
         msgs += [ChatMessage("user", rng.choice(["Hello", "Hi!", "Hey there", "Good morning"])),
                  ChatMessage("assistant", "Hello! How can I help you today?",
@@ -111,9 +127,11 @@ def _conversation(rng: random.Random) -> tuple[list[ChatMessage], PromptOptions]
             msgs += [ChatMessage("tool", result, tool_call_id="call_1"),
                      ChatMessage("assistant", "Here is the current weather from the tool.",
                                  reasoning="The tool answered. I report it.")]
+    if kind in ("fact", "unknown") and rng.random() < 0.1:
+        builtin = ("python",)  # on offer but not needed (arithmetic is what it is for)
     date = f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
     effort = rng.choice(["low", "medium", "high"])
-    return msgs, PromptOptions(effort, date, tools=tools)
+    return msgs, PromptOptions(effort, date, tools=tools, builtin_tools=builtin)
 
 
 def training_sequences(n: int, seed: int) -> list[TrainingSequence]:
@@ -143,7 +161,7 @@ def _random_dense_model(seed: int) -> Transformer:
     return model
 
 
-def train_demo(steps: int = 400, seed: int = 0, batch: int = 16, lr: float = 3e-3,
+def train_demo(steps: int = 440, seed: int = 0, batch: int = 16, lr: float = 3e-3,
                on_step: Callable[[int, int, float], None] | None = None) -> Transformer:
     """Train the demo model. Only the tokens the synthetic data uses (a few thousand) get
     embedding and unembedding rows; the unembedding rows of all others are fixed at zero, so
@@ -214,7 +232,7 @@ def model_tensors(model: Transformer):
             yield name, t.to(torch.bfloat16)
 
 
-def build_demo(path: str | Path, steps: int = 400, seed: int = 0,
+def build_demo(path: str | Path, steps: int = 440, seed: int = 0,
                on_step: Callable[[int, int, float], None] | None = None) -> Path:
     """Train and write the demo checkpoint into `path` (HF layout, MXFP4 experts)."""
     t0 = time.perf_counter()
