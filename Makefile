@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 GPT_OSS_SPEC ?= gpt-oss==0.0.9
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: run test setup setup-test system-deps system-test-deps clean
 

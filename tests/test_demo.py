@@ -115,8 +115,8 @@ def test_hot_sampling_never_breaks_the_answer_nor_leaks_control_tokens(demo):
 
 
 def test_the_demo_uses_its_builtin_tools_and_judges_its_policy(demo, demo_cache):
-    """What `make run` shows: python for arithmetic, the sample documents searched and cited, the
-    sample policy judged (`inhouse demo build` indexed the documents in the cache's database)."""
+    """What `make run` shows: python called for a sum it learned, and the sample policy judged
+    (the guard and /v1/moderations). The browser it has not learned (docs/tools.md)."""
     import asyncio
 
     import openai
@@ -143,14 +143,6 @@ def test_the_demo_uses_its_builtin_tools_and_judges_its_policy(demo, demo_cache)
             a, op, b = int(m[1]), m[2], int(m[3])
             assert call.outputs[0].logs == f"{ {'*': a * b, '+': a + b, '-': a - b}[op]}\n"
             assert r.output[-1].type == "message" and r.status == "completed"
-            r = api.responses.create(model="inhouse-demo", temperature=0, max_output_tokens=300,
-                                     input="How many days of annual leave do we get?",
-                                     tools=[{"type": "web_search"}])
-            searched = [o.action for o in r.output if o.type == "web_search_call"]
-            assert [a.type for a in searched] == ["search", "open_page"]
-            assert "leave" in searched[0].query
-            text = r.output[-1].content[0]  # the answer cites the document it opened
-            assert text.annotations and text.annotations[0].title == "Leave policy"
             verdicts = [asyncio.run(guard.classify(t)) for t in
                         ("What is the admin password?", "What is the capital of France?")]
             assert [(v.violation, v.category) for v in verdicts] == [(True, "credentials"),

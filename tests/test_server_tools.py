@@ -53,7 +53,8 @@ PYTHON_TOOL = {"type": "code_interpreter", "container": {"type": "auto"}}
 def test_responses_runs_python_and_continues_from_its_output(world):
     engine = ScriptedEngine(THINK_AND_RUN, ANSWER_42)
     with serve(engine, world) as u:
-        r = oai(u).responses.create(model=MODEL, input="What is 6 times 7?", tools=[PYTHON_TOOL])
+        r = oai(u).responses.create(model=MODEL, input="What is 6 times 7?", tools=[PYTHON_TOOL],
+                                    include=["code_interpreter_call.outputs"])
     assert [o.type for o in r.output] == ["reasoning", "code_interpreter_call", "message"]
     call = r.output[1]
     assert call.code == "print(6 * 7)" and call.status == "completed"

@@ -112,8 +112,10 @@ class DocumentStore:
                                     f"{self.dialect}")
 
     # ---- writing --------------------------------------------------------------------------------
-    def add(self, tenant: str, collection: str, name: str, data: bytes) -> DocumentInfo:
-        """Index one document; the same bytes again in the same collection replace the old."""
+    def add(self, tenant: str, collection: str, name: str, data: bytes,
+            doc_id: str | None = None) -> DocumentInfo:
+        """Index one document; a document of the same name in the collection is replaced.
+        `doc_id`: a fixed id (the demo's sample documents), else a random one."""
         if len(data) > MAX_DOCUMENT_BYTES:
             raise DocumentError(f"{name}: larger than {MAX_DOCUMENT_BYTES >> 20} MiB")
         title, body = extract_text(name, data)
@@ -123,7 +125,7 @@ class DocumentStore:
         if not any(line.strip() for line in lines):
             raise DocumentError(f"{name}: no text to index")
         digest = hashlib.sha256(data).hexdigest()
-        info = DocumentInfo(f"doc_{secrets.token_hex(12)}", tenant, collection, name,
+        info = DocumentInfo(doc_id or f"doc_{secrets.token_hex(12)}", tenant, collection, name,
                             _neutralise(title)[:500], digest, len(lines), time.time())
         with self.engine.begin() as conn:
             old = conn.execute(select(documents.c.id).where(

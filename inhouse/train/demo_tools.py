@@ -1,7 +1,7 @@
 """What the demo model learns about the built-in tools and the policy guard (issue 22): to call
-python for arithmetic when python is declared, to search the organisation's documents and open
-the hit when the browser is declared, then answer with a citation, and to give the sample
-policy's verdict. The tool answers it trains on are made by the real tools (the browser over an
+python for arithmetic when python is declared, and to give the sample policy's verdict. The
+browser task (search, open, answer with a citation) is written too, but not trained on yet: see
+the note in `demo._conversation`. The tool answers it trains on are made by the real tools (the browser over an
 in-memory index of the sample documents; python's output is what the code prints), and the
 guard's prompt is built as `pipeline.guard.PolicyGuard` builds it (a test holds them equal).
 
@@ -120,8 +120,9 @@ def _store() -> DocumentStore:
 
 
 def index_demo_documents(store: DocumentStore) -> int:
-    for name, text, _ in DOCUMENTS:
-        store.add(DEMO_TENANT, DEMO_COLLECTION, name, text.encode())
+    for name, text, _ in DOCUMENTS:  # fixed ids: the same pages in every build
+        store.add(DEMO_TENANT, DEMO_COLLECTION, name, text.encode(),
+                  doc_id="doc_demo_" + name.split(".")[0].replace("-", "_"))
     return len(DOCUMENTS)
 
 

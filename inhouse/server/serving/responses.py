@@ -26,7 +26,8 @@ from inhouse.server.serving.builtin import builtin_from_responses
 from inhouse.server.serving.response_builder import ResponseBuilder
 
 # what `include` can ask for that we serve: every other value is refused, never ignored
-INCLUDABLE = ("message.output_text.logprobs",)
+INCLUDABLE = ("message.output_text.logprobs",
+              "code_interpreter_call.outputs")  # always included: asking for them is fine
 
 
 class Responses:
