@@ -230,3 +230,16 @@ def test_a_continuation_that_no_longer_fits_ends_the_turn_cut(world):
     kinds = [(x["record_id"].endswith("-step1"), x["kind"]) for x in log.list()]
     assert kinds[-2:] == [(True, "request"), (True, "completion")]
     assert log.get(f"{r.id}-step1")[-1]["finish_reason"] == "refused"
+
+
+def test_audit_list_says_what_each_tool_and_policy_leaf_did(world):
+    from typer.testing import CliRunner
+
+    from inhouse.cli.app import app
+
+    engine = ScriptedEngine(THINK_AND_RUN, ANSWER_42)
+    with serve(engine, world) as u:
+        oai(u).responses.create(model=MODEL, input="6*7?", tools=[PYTHON_TOOL])
+    url, _ = world
+    r = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["audit", "list", "--database-url", url])
+    assert r.exit_code == 0 and "python completed" in r.output

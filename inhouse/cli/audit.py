@@ -107,6 +107,15 @@ def verify(database_url: DbOpt = None, key: KeyOpt = None,
     raise typer.Exit(3)
 
 
+def _detail(r: dict) -> str:
+    """What a leaf says in one line: the endpoint, the outcome, the tool call or the verdict."""
+    if r["kind"] == "tool":
+        return f"{r.get('recipient')} {r.get('status')}"
+    if r["kind"] == "policy":
+        return f"{r.get('stage')}: {r.get('action')} {r.get('category') or ''}".strip()
+    return r.get("endpoint") or f"{r.get('finish_reason')} {r.get('completion_tokens', '')}"
+
+
 @audit_app.command("list")
 @cli_errors
 def list_records(database_url: DbOpt = None, key: KeyOpt = None,
@@ -118,7 +127,7 @@ def list_records(database_url: DbOpt = None, key: KeyOpt = None,
     cutoff = time.time() - since * 3600 if since is not None else None
     t = Table("index", "time", "record", "kind", "subject", "detail", "verified")
     for r in log.list(subject, cutoff, limit):
-        detail = r.get("endpoint") or f"{r.get('finish_reason')} {r.get('completion_tokens', '')}"
+        detail = _detail(r)
         created = r.get("created_at")
         t.add_row(str(r["index"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
                   if isinstance(created, (int, float)) else "?",
