@@ -117,9 +117,12 @@ def test_browser_answers_with_a_citation_in_both_apis(world):
     engine = ScriptedEngine(SEARCH, OPEN, CITED)
     with serve(engine, world, builtin_tools=("browser",)) as u:
         r = oai(u).responses.create(model=MODEL, input="How much annual leave?",
-                                    tools=[{"type": "web_search"}])
+                                    tools=[{"type": "web_search"}],
+                                    include=["web_search_call.action.sources"])
         calls = [o for o in r.output if o.type == "web_search_call"]
         assert [c.action.type for c in calls] == ["search", "open_page"]
+        (source,) = calls[0].action.sources  # the one document the search found
+        assert source.url.startswith("inhouse://documents/doc_") and source.type == "url"
         assert calls[0].action.query == "annual leave" and calls[0].status == "completed"
         text = r.output[-1].content[0]
         (note,) = text.annotations

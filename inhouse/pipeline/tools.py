@@ -50,6 +50,7 @@ class ToolCallFinished:
     status: str  # "completed" | "failed" | "incomplete" (python stopped: time, memory, killed)
     container_id: str | None
     duration_s: float
+    sources: tuple[str, ...] = ()  # a search's results: the documents' URLs, best first
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,14 @@ class TurnTools:
     async def run(self, call: ToolCallStarted) -> ToolCallFinished:
         self.num_calls += 1
         t0 = time.monotonic()
+        pages = len(self.browser.pages) if self.browser is not None else 0
         output, status = await self._run(call.recipient, call.arguments)
+        sources: tuple[str, ...] = ()
+        if call.recipient == "browser.search" and self.browser is not None \
+                and len(self.browser.pages) > pages:
+            sources = self.browser.sources(self.browser.pages[-1])
         return ToolCallFinished(call.call_id, call.recipient, call.arguments, output, status,
-                                call.container_id, time.monotonic() - t0)
+                                call.container_id, time.monotonic() - t0, sources)
 
     async def _run(self, recipient: str, arguments: str) -> tuple[str, str]:
         if len(arguments) > MAX_ARGUMENT_CHARS:

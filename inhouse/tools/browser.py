@@ -155,6 +155,10 @@ class Browser:
         header = page.title + (f" ({page.url})" if page.url else "")
         return f"[{cursor}] {header}\n**viewing lines [{loc} - {end - 1}] of {total - 1}**\n\n{body}"
 
+    def sources(self, page: Page) -> tuple[str, ...]:
+        """The documents a result page links to, as URLs, in link order."""
+        return tuple(dict.fromkeys(URL_PREFIX + doc for _, (doc, _) in sorted(page.links.items())))
+
     # ---- answers --------------------------------------------------------------------------------
     def citations(self, answer: str) -> list[Citation]:
         """The answer's `【cursor†La-Lb】` marks that point at an opened document."""

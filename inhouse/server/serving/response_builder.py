@@ -44,6 +44,7 @@ class ResponseBuilder:
         self.num_dropped_items = num_dropped_items  # by truncation "auto"
         self.container_id: str | None = None  # python's, when the turn has it
         self.tool_item: dict | None = None  # a built-in call: written, then run, then done
+        self.with_sources = False  # include "web_search_call.action.sources"
 
     def event(self, type_: str, **fields) -> dict:
         e = {"type": type_, "sequence_number": self.seq} | fields
@@ -186,6 +187,8 @@ class ResponseBuilder:
                 item["status"] = "searching"
                 events.append(self._tool_event("response.web_search_call.searching"))
         elif isinstance(ev, ToolCallFinished):
+            if self.with_sources and ev.sources and item["action"].get("type") == "search":
+                item["action"]["sources"] = [{"type": "url", "url": u} for u in ev.sources]
             events += self._tool_done(ev.status,
                                       [{"type": "logs", "logs": ev.output}] if python else None)
         return events

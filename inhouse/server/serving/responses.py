@@ -27,7 +27,8 @@ from inhouse.server.serving.response_builder import ResponseBuilder
 
 # what `include` can ask for that we serve: every other value is refused, never ignored
 INCLUDABLE = ("message.output_text.logprobs",
-              "code_interpreter_call.outputs")  # always included: asking for them is fine
+              "code_interpreter_call.outputs",  # always included: asking for them is fine
+              "web_search_call.action.sources")
 
 
 class Responses:
@@ -150,6 +151,7 @@ class Responses:
                                   plan.audit_extra.get("truncated_items", 0))
         if turn.tools and turn.tools[0] is not None:
             builder.container_id = turn.tools[0].container_id
+        builder.with_sources = "web_search_call.action.sources" in (req.include or ())
         return builder, turn, items
 
     async def _finish(self, req, builder: ResponseBuilder, turn, items, f: Finished) -> list[dict]:
