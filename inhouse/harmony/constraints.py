@@ -172,3 +172,19 @@ def turn_constraint(answer: AnswerFormat | None, tools: tuple[FunctionTool, ...]
     grammar = None if free else build_grammar(answer, calls, must_call, param,
                                               () if choice.mode == "none" else builtin)
     return TurnConstraint(grammar, _instructions(answer) if answer is not None else None)
+
+
+def verdict_constraint(schema: dict) -> TurnConstraint:
+    """A classifier's answer held to `schema` (no calls): compile it once, use it per request."""
+    return turn_constraint(AnswerFormat("verdict", schema, "policy"), (), ToolChoice("none"))
+
+
+def verdict_messages(instructions: str, content: str,
+                     constraint: TurnConstraint) -> tuple[ChatMessage, ...]:
+    """A classifier's conversation, safeguard style: the policy as the developer message, the
+    content as the user message, then the answer format. The policy guard sends it and the
+    demo trains on it, so both read the same tokens."""
+    messages = (ChatMessage("developer", instructions), ChatMessage("user", content))
+    if constraint.instructions is not None:
+        messages += (constraint.instructions,)
+    return messages

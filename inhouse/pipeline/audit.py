@@ -140,13 +140,8 @@ class Auditor:
                   "arguments_sha256": self._hash_text(call.arguments),
                   "output_sha256": self._hash_text(call.output),
                   "output_chars": len(call.output), "duration_s": round(call.duration_s, 4)}
-        content = None
-        if self.settings.audit_content == "full":
-            content = {"tool_arguments": call.arguments, "tool_output": call.output}
-        elif self.settings.audit_content == "redacted":
-            texts = (call.arguments, call.output)
-            red = await self.offload.run(sum(map(len, texts)), redact_texts, texts)
-            content = {"tool_arguments": red[0], "tool_output": red[1]}
+        content = await self._kept({"tool_arguments": call.arguments,
+                                    "tool_output": call.output})
         await asyncio.to_thread(self.log.append, record, content, record_id, "tool",
                                 caller.subject)
 
@@ -160,15 +155,20 @@ class Auditor:
         record = {"stage": stage, "violation": verdict.violation, "category": verdict.category,
                   "complete": verdict.complete, "action": action, "policy_sha256": policy_sha256,
                   "guard": guard, "rationale_sha256": verdict.rationale_sha256}
-        content = None
-        if self.settings.audit_content == "full":
-            content = {f"policy_{stage}_rationale": verdict.rationale}
-        elif self.settings.audit_content == "redacted":
-            red = await self.offload.run(len(verdict.rationale), redact_texts,
-                                         (verdict.rationale,))
-            content = {f"policy_{stage}_rationale": red[0]}
+        content = await self._kept({f"policy_{stage}_rationale": verdict.rationale})
         await asyncio.to_thread(self.log.append, record, content, record_id, "policy",
                                 caller.subject)
+
+    async def _kept(self, texts: dict[str, str]) -> dict[str, str] | None:
+        """Texts as the deployment keeps content: in full, redacted (off the event loop), or
+        not at all."""
+        if self.settings.audit_content == "full":
+            return dict(texts)
+        if self.settings.audit_content != "redacted":
+            return None
+        values = tuple(texts.values())
+        red = await self.offload.run(sum(map(len, values)), redact_texts, values)
+        return dict(zip(texts, red))
 
     def _hash_text(self, text: str) -> str:
         return hashlib.sha256(self._salt + text.encode("utf-8", "surrogatepass")).hexdigest()

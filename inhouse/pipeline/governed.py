@@ -87,9 +87,7 @@ class GovernedTurns:
         if self.tools is not None:
             self.tools.close()
 
-    def _turn_tools(self, req: TurnRequest) -> list[TurnTools | None]:
-        if req.builtin is None or not req.builtin.names:
-            return [None] * len(req.params)
+    def _turn_tools(self, req: TurnRequest) -> list[TurnTools]:
         if self.tools is None:
             raise RequestError("this server runs no built-in tools", param="tools")
         self.tools.check(req.builtin, req.caller.tenant)
@@ -99,7 +97,8 @@ class GovernedTurns:
     async def start(self, req: TurnRequest) -> GovernedTurn:
         """Refusals (PII block, bad input, a full queue) raise `RequestError` here, before any
         output; a refusal after the request leaves is recorded in their completion leaves."""
-        tools = await asyncio.to_thread(self._turn_tools, req)  # may probe the sandbox
+        tools = ([None] * len(req.params) if req.builtin is None or not req.builtin.names
+                 else await asyncio.to_thread(self._turn_tools, req))  # may probe the sandbox
         messages, masker, labels = await apply_pii_policy(self.settings, list(req.messages),
                                                           self.offload)
         shared = tuple(messages)
@@ -120,7 +119,7 @@ class GovernedTurns:
             if refusal is None:
                 raise
             raise refusal from None
-        steps = [_Steps(req, labels, render, tt) for tt in tools]
+        steps = [_Steps(req, labels, render, tt, t.request_id) for tt, t in zip(tools, turns)]
         governed = [self._governed(t, s, masker, req.caller, st)
                     for t, s, st in zip(turns, streams, steps)]
         if self.guard is not None and self.guard.settings.checks("output"):
@@ -128,35 +127,36 @@ class GovernedTurns:
         return GovernedTurn(governed, masker, req.caller, tools)
 
     # ---- the policy guard ---------------------------------------------------------------------
+    async def _judge(self, text: str, stage: str, record_ids: list[str],
+                     caller: Caller) -> None:
+        """Classify `text`, record the verdict on each record, and raise the refusal if the
+        policy blocks it."""
+        guard = self.guard
+        verdict = await guard.classify(text, caller.tenant)
+        action = guard.settings.action if verdict.violation else "pass"
+        for rid in record_ids:
+            await self.auditor.policy(rid, caller, stage, verdict, action, guard.policy.sha256,
+                                      guard.guard_name)
+        if verdict.violation and guard.settings.action == "block":
+            raise guard.refusal(verdict, stage)
+
     async def _check_input(self, turns: list[ChatTurn], caller: Caller) -> None:
         """Classify the turn's user messages; a blocked input raises (recorded as refused)."""
-        guard = self.guard
-        if guard is None or not guard.settings.checks("input"):
-            return
-        verdict = await guard.classify(user_text(turns[0].messages), caller.tenant)
-        action = guard.settings.action if verdict.violation else "pass"
-        for t in turns:
-            await self.auditor.policy(t.request_id, caller, "input", verdict, action,
-                                      guard.policy.sha256, guard.guard_name)
-        if verdict.violation and guard.settings.action == "block":
-            raise guard.refusal(verdict, "input")
+        if self.guard is not None and self.guard.settings.checks("input"):
+            await self._judge(user_text(turns[0].messages), "input",
+                              [t.request_id for t in turns], caller)
 
     async def _held(self, stream: AsyncIterator, record_id: str,
                     caller: Caller) -> AsyncIterator:
         """The whole turn held back until the guard has classified its answer."""
-        guard, held = self.guard, []
+        held = []
         try:
             async for ev in stream:
                 if not isinstance(ev, Finished):
                     held.append(ev)
                     continue
                 answer = "".join(e.text for e in held if isinstance(e, ContentDelta))
-                verdict = await guard.classify(answer, caller.tenant)
-                action = guard.settings.action if verdict.violation else "pass"
-                await self.auditor.policy(record_id, caller, "output", verdict, action,
-                                          guard.policy.sha256, guard.guard_name)
-                if verdict.violation and guard.settings.action == "block":
-                    raise guard.refusal(verdict, "output")
+                await self._judge(answer, "output", [record_id], caller)
                 for h in held:
                     yield h
                 yield ev
@@ -205,7 +205,7 @@ class GovernedTurns:
                         yield ev
                     turn = steps.next_turn(turn, done, result.finished, masker)
                     await self.auditor.start(steps.req.endpoint, caller, [turn], steps.labels,
-                                             steps.req.audit_extra | steps.link(turn))
+                                             steps.req.audit_extra | steps.link())
                     finished = False
                     try:
                         stream = (await start_streams([stream_chat(self.client, turn,
@@ -285,8 +285,10 @@ class _Steps:
     """One choice's built-in tool loop: whether a step's end is a call the server runs, running
     it (audited), the next step's turn, and the usage of all steps together."""
 
-    def __init__(self, req: TurnRequest, labels, render, tools: TurnTools | None) -> None:
+    def __init__(self, req: TurnRequest, labels, render, tools: TurnTools | None,
+                 root_id: str) -> None:
         self.req, self.labels, self.render, self.tools = req, labels, render, tools
+        self.root_id = root_id  # the choice's first record; step k is f"{root_id}-step{k}"
         self.done: list[Finished] = []
 
     def should_run(self, call: BuiltinCallDone | None, done: Finished) -> bool:
@@ -311,15 +313,11 @@ class _Steps:
         output = masker.mask(result.output) if masker is not None else result.output
         extra = turn.extra_ids + done.output_ids + tuple(tool_result_ids(result.recipient, output))
         params = replace(turn.params, max_tokens=max(1, self._budget()))
-        root = self.root_id(turn)
-        return ChatTurn(turn.messages, turn.options, params, f"{root}-step{len(self.done)}", extra)
+        return ChatTurn(turn.messages, turn.options, params,
+                        f"{self.root_id}-step{len(self.done)}", extra)
 
-    @staticmethod
-    def root_id(turn: ChatTurn) -> str:
-        return turn.request_id.split("-step", 1)[0]
-
-    def link(self, turn: ChatTurn) -> dict:
-        return {"continues": self.root_id(turn), "step": len(self.done)}
+    def link(self) -> dict:
+        return {"continues": self.root_id, "step": len(self.done)}
 
     def total(self, last: Finished, called: bool) -> Finished:
         """The turn's `Finished` as the client sees it: the last step's, with every step's

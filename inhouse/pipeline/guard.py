@@ -2,13 +2,13 @@
 model or a separate guard model (gpt-oss-safeguard-20b, where the operator has it) on a turn's
 input before generation and/or its answer before release.
 
-Input: the conversation's user messages (the newest last) are classified before the turn's
-request leaves are written; `block` refuses the request (400, the category named) and records
-the verdict; `flag` records it and goes on. Output: the answer is held back until it is
-classified; a streamed turn is held back whole (reasoning, tool calls, answer) and released
-after the verdict, so `block` can still refuse: non-streaming with a 400, streaming with the
-API's error event and nothing of the answer. Every verdict is an audit `policy` leaf (digest of the rationale; the rationale
-itself as the deployment keeps content).
+Input: the conversation's user messages are classified after the turn's request leaves are
+written and before generation; `block` refuses the request (400, the category named, the record
+completed as refused); `flag` records the verdict and goes on. Output: the answer is held back
+until it is classified; a streamed turn is held back whole (reasoning, tool calls, answer) and
+released after the verdict, so `block` can still refuse: non-streaming with a 400, streaming
+with the API's error event and nothing of the answer. Every verdict is an audit `policy` leaf
+(a digest of the rationale; the rationale itself as the deployment keeps content).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from inhouse.engine import EngineClient, SamplingParams
 from inhouse.errors import ConfigError, RequestError
 from inhouse.governance.policy import Policy, Verdict
 from inhouse.harmony import ChatMessage, PromptOptions
-from inhouse.harmony.constraints import AnswerFormat, ToolChoice, turn_constraint
+from inhouse.harmony.constraints import verdict_constraint, verdict_messages
 from inhouse.pipeline.chat import ChatTurn, run_chat
 
 STAGES = ("input", "output", "both")
@@ -53,16 +53,10 @@ class PolicyGuard:
                  guard_name: str = "served-model") -> None:
         self.policy, self.client, self.settings = policy, client, settings
         self.guard_name = guard_name
-        schema = policy.verdict_schema()
-        self._constraint = turn_constraint(AnswerFormat("verdict", schema, "policy"), (),
-                                           ToolChoice("none"))
+        self._constraint = verdict_constraint(policy.verdict_schema())
 
     async def classify(self, content: str, tenant: str = "") -> Verdict:
-        text = _clip(content)
-        messages = (ChatMessage("developer", self.policy.instructions()),
-                    ChatMessage("user", text))
-        if self._constraint.instructions is not None:
-            messages += (self._constraint.instructions,)
+        messages = verdict_messages(self.policy.instructions(), _clip(content), self._constraint)
         params = SamplingParams(max_tokens=self.settings.max_tokens, temperature=0.0, seed=0,
                                 grammar=self._constraint.grammar, cache_salt=tenant)
         turn = ChatTurn(messages, PromptOptions("low"), params,

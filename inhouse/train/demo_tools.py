@@ -14,7 +14,7 @@ import json
 import random
 
 from inhouse.governance.policy import Policy
-from inhouse.harmony.constraints import AnswerFormat, ToolChoice, turn_constraint
+from inhouse.harmony.constraints import verdict_constraint, verdict_messages
 from inhouse.harmony.conversation import ChatMessage, PromptOptions, ToolCall
 from inhouse.tools.browser import Browser
 from inhouse.tools.documents import DocumentStore
@@ -71,11 +71,9 @@ def demo_policy() -> Policy:
 
 
 def guard_messages(policy: Policy, content: str) -> tuple[ChatMessage, ...]:
-    """The guard's conversation (as PolicyGuard.classify builds it)."""
-    constraint = turn_constraint(AnswerFormat("verdict", policy.verdict_schema(), "policy"), (),
-                                 ToolChoice("none"))
-    return (ChatMessage("developer", policy.instructions()), ChatMessage("user", content),
-            constraint.instructions)
+    """The guard's conversation, built as PolicyGuard.classify builds it."""
+    return verdict_messages(policy.instructions(), content,
+                            verdict_constraint(policy.verdict_schema()))
 
 
 def policy_conversation(rng: random.Random) -> tuple[list[ChatMessage], PromptOptions]:
