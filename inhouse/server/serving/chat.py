@@ -24,7 +24,8 @@ from inhouse.server.protocol.chat import ChatCompletionRequest, NamedToolChoice
 from inhouse.pipeline.tools import AnswerCitations
 from inhouse.server.serving.builtin import builtin_for_chat
 from inhouse.server.serving.common import (EFFORT, StopMatcher, check_model, logprob_entry,
-                                           max_tokens_for, merge, new_id, seed_for, usage)
+                                           max_tokens_for, merge, new_id, seed_for, url_citations,
+                                           usage)
 
 log = logging.getLogger("inhouse.server")
 
@@ -159,14 +160,8 @@ class ChatCompletions:
     @staticmethod
     def _annotate(c: Choice, event: AnswerCitations) -> dict | None:
         """The answer's citation marks as chat's url_citation annotations."""
-        start = 0
-        for cite in event.citations:
-            at = c.content.find(cite.mark, start)
-            if at < 0:  # cut by a stop string
-                continue
-            start = at + len(cite.mark)
-            c.annotations.append({"type": "url_citation", "url_citation": {
-                "start_index": at, "end_index": start, "title": cite.title, "url": cite.url}})
+        c.annotations += [{"type": "url_citation", "url_citation": span}
+                          for span in url_citations(c.content, event.citations)]
         return {"annotations": list(c.annotations)} if c.annotations else None
 
     def _logprob(self, c: Choice) -> None:

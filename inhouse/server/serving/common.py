@@ -55,6 +55,22 @@ def logprob_entry(lp: TokenLogprob) -> dict:
     return entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
 
 
+def url_citations(text: str, citations) -> list[dict]:
+    """The citation marks found in `text`, in order, as url_citation spans
+    {start_index, end_index, title, url}; a mark no longer in the text (cut by a stop string, or
+    written outside this message) is skipped. Chat nests a span under "url_citation",
+    Responses does not."""
+    spans, start = [], 0
+    for cite in citations:
+        at = text.find(cite.mark, start)
+        if at < 0:
+            continue
+        start = at + len(cite.mark)
+        spans.append({"start_index": at, "end_index": start, "title": cite.title,
+                      "url": cite.url})
+    return spans
+
+
 def seed_for(seed: int | None, index: int) -> int | None:
     """OpenAI accepts any integer; ours are in [0, 2**63). Choice i of n gets seed + i."""
     return None if seed is None else (seed + index) % (2**63)

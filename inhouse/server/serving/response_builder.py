@@ -10,7 +10,7 @@ from inhouse.harmony import (BuiltinCallDelta, BuiltinCallDone, ContentDelta, Me
                              ReasoningDelta, ToolCallDelta, ToolCallDone)
 from inhouse.pipeline import Finished, TokenEvent
 from inhouse.pipeline.tools import AnswerCitations, ToolCallFinished, ToolCallStarted
-from inhouse.server.serving.common import logprob_entry, new_id
+from inhouse.server.serving.common import logprob_entry, new_id, url_citations
 
 
 def _action(recipient: str, arguments: str) -> dict:
@@ -223,14 +223,8 @@ class ResponseBuilder:
         if message is None or not message["content"]:
             return events
         part = message["content"][0]
-        start = 0
-        for c in ev.citations:
-            at = part["text"].find(c.mark, start)
-            if at < 0:
-                continue
-            start = at + len(c.mark)
-            note = {"type": "url_citation", "start_index": at, "end_index": start,
-                    "url": c.url, "title": c.title}
+        for span in url_citations(part["text"], ev.citations):
+            note = {"type": "url_citation"} | span
             part["annotations"].append(note)
             events.append(self.event("response.output_text.annotation.added",
                                      item_id=message["id"],
