@@ -464,6 +464,7 @@ class ServerSettings:
     python_timeout_s: float = 120.0  # one python execution
     python_memory_mib: int = 1024  # the sandbox's address space
     max_tool_calls: int = 8  # built-in calls the server runs in one turn
+    web_ui: bool = True  # the chat page and governance console at / (their APIs stay)
 
     def __post_init__(self) -> None:
         if not self.model_name:

@@ -369,8 +369,11 @@ def serve(
     guard_model: Annotated[Path | None, typer.Option(
         help="A separate guard model (e.g. gpt-oss-safeguard-20b) to evaluate the policy; "
              "default: the served model.")] = None,
+    web_ui: Annotated[bool, typer.Option(
+        "--web-ui/--no-web-ui", help="Serve the web UI (chat, governance console) at /.")] = True,
 ) -> None:
-    """Serve the OpenAI-compatible API (Chat Completions, Responses) on HOST:PORT."""
+    """Serve the OpenAI-compatible API (Chat Completions, Responses) and the web UI on
+    HOST:PORT."""
     from inhouse.cli.serve import serve as run_server
 
     run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies,
@@ -381,7 +384,7 @@ def serve(
                prefix_cache=prefix_cache, draft_tokens=draft_tokens,
                builtin_tools=builtin_tools, python_timeout=python_timeout,
                python_memory_mib=python_memory_mib, policy=policy, policy_on=policy_on,
-               policy_action=policy_action, guard_model=guard_model)
+               policy_action=policy_action, guard_model=guard_model, web_ui=web_ui)
 
 
 @app.command()

@@ -37,13 +37,16 @@ def _open(database_url: str | None, key: Path | None):
 
 def _personal_data(database_url: str | None, key: Path | None):
     """Every store of personal data `serve` writes with the same --database-url: the audit
-    log and the stored responses (by default the cache's audit.db and server.db)."""
+    log, the stored responses and the web UI's conversations (by default the cache's audit.db
+    and server.db)."""
     from inhouse.config import cache_root
+    from inhouse.governance.conversations_store import ConversationStore
     from inhouse.governance.privacy import PersonalData
     from inhouse.governance.responses_store import ResponseStore, default_url
 
     log, _ = _open(database_url, key)
-    return PersonalData(log, ResponseStore(database_url or default_url(cache_root())))
+    url = database_url or default_url(cache_root())
+    return PersonalData(log, ResponseStore(url), ConversationStore(url))
 
 
 def _open_for_reading(database_url: str | None):
@@ -187,7 +190,8 @@ def erase(subject: Annotated[str | None, typer.Option(help="Erase this subject's
           older_than_days: Annotated[float | None, typer.Option(help="Erase content older than "
                                                                 "this many days.")] = None,
           database_url: DbOpt = None, key: KeyOpt = None) -> None:
-    """Delete a person's prompts, answers and stored responses; logged, `verify` still passes."""
+    """Delete a person's prompts, answers, stored responses and web UI conversations; logged,
+    `verify` still passes."""
     from inhouse.errors import InhouseError
 
     if subject is None and older_than_days is None:
@@ -196,7 +200,8 @@ def erase(subject: Annotated[str | None, typer.Option(help="Erase this subject's
     before = time.time() - older_than_days * 86400 if older_than_days is not None else None
     done = data.erase(subject, before, "request" if subject else "retention")
     out.print(f"erased the content of {done.audit_records} audit record(s) and "
-              f"{done.stored_responses} stored response(s); the erasure is recorded in the log")
+              f"{done.stored_responses} stored response(s) and {done.conversations} "
+              "conversation(s); the erasure is recorded in the log")
 
 
 @audit_app.command()

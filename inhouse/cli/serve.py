@@ -82,7 +82,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
           audit_witness: str = "", prefix_cache: bool = True, draft_tokens: int = 4,
           builtin_tools: str = "", python_timeout: float = 120.0,
           python_memory_mib: int = 1024, policy: Path | None = None, policy_on: str = "input",
-          policy_action: str = "flag", guard_model: Path | None = None) -> None:
+          policy_action: str = "flag", guard_model: Path | None = None,
+          web_ui: bool = True) -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -142,7 +143,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               metrics_require_key=metrics_require_key,
                               audit_signing_key=audit_signing_key, audit_witness=audit_witness,
                               builtin_tools=tools, python_timeout_s=python_timeout,
-                              python_memory_mib=python_memory_mib)
+                              python_memory_mib=python_memory_mib, web_ui=web_ui)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     err.print(f"[dim]loading {path} ...[/dim]")
     loaded = load_model(path, dtype=dtype.torch, mmap=mmap)
@@ -172,6 +173,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     if demo:
         banner += f"  [yellow]DEMO MODEL: {demo_label}[/yellow]"
     out.print(banner)
+    if web_ui:
+        out.print(f"web UI: http://{host}:{port}/  (sign in with an API key; API docs at /docs)")
     for n, d in digests:
         out.print(f"[dim]adapter '{name}:{n}' ({d[:19]})[/dim]")
     if api_keys:

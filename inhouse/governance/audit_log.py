@@ -353,6 +353,36 @@ class AuditLog:
                                 limit=limit)
             return self._marked(conn, rows[::-1])
 
+    def scan(self, below: int | None = None, subject: str | None = None,
+             since: float | None = None, until: float | None = None,
+             limit: int = 1000) -> list[dict]:
+        """Leaves newest first, below index `below` (a page of a walk back through the log),
+        marked as `list` marks them; `audit_search` groups them into records."""
+        where = []
+        if below is not None:
+            where.append(leaves_t.c.idx < below)
+        if subject is not None:
+            where.append(leaves_t.c.subject == subject)
+        if since is not None:
+            where.append(leaves_t.c.created_at >= since)
+        if until is not None:
+            where.append(leaves_t.c.created_at < until)
+        with self.engine.connect() as conn:
+            rows = self._leaves(conn, and_(*where) if where else None, order_desc=True,
+                                limit=limit)
+            return self._marked(conn, rows)
+
+    def latest_checkpoint(self) -> dict | None:
+        """The last signed checkpoint (tree size, root, when, by which key), if any."""
+        with self.engine.connect() as conn:
+            cp = conn.execute(select(checkpoints_t)
+                              .order_by(checkpoints_t.c.tree_size.desc())).first()
+            size = conn.execute(select(head_t.c.size).where(head_t.c.id == 1)).scalar_one()
+        if cp is None:
+            return None
+        return {"tree_size": cp.tree_size, "root": cp.root, "signed_at": cp.signed_at,
+                "key_id": cp.key_id, "log_size": size}
+
     def content_of(self, record_id: str) -> dict | None:
         """A record's content: its parts (request, completion) merged in log order; a log
         written before commitments keeps one merged row."""

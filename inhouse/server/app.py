@@ -8,11 +8,13 @@ import logging
 import time
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from inhouse import __version__
 from inhouse.config import ServerSettings, cache_root
 from inhouse.engine import EngineClient
 from inhouse.governance.audit_log import AuditLog
+from inhouse.governance.conversations_store import ConversationStore
 from inhouse.governance.keys import KeyStore
 from inhouse.governance.privacy import PersonalData
 from inhouse.governance.responses_store import ResponseStore, default_url
@@ -26,8 +28,10 @@ from inhouse.server.deps import RateLimiter, key_digest
 from inhouse.server.errors import install_handlers
 from inhouse.server.metrics import Metrics
 from inhouse.server.middleware import BodyGuard, Observe
-from inhouse.server.routes import audit, chat, moderations, responses, system
+from inhouse.server.webui import UIFiles
+from inhouse.server.routes import admin, audit, chat, moderations, responses, system, ui
 from inhouse.server.serving.chat import ChatCompletions
+from inhouse.server.serving.conversations import Conversations
 from inhouse.server.serving.moderations import Moderations
 from inhouse.server.serving.responses import Responses
 
@@ -56,8 +60,10 @@ def build_app(client: EngineClient, settings: ServerSettings,
             if log_ is not None:
                 await asyncio.to_thread(log_.close)
 
-    app = FastAPI(title="inhouse", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible API for self-hosted gpt-oss models.")
+    # /docs and /redoc with their scripts served from here, not a CDN: they work air-gapped
+    app = FastAPIOffline(title="inhouse", version=__version__, lifespan=lifespan,
+                         static_url="/docs-static", swagger_ui_parameters={"validatorUrl": None},
+                         description="OpenAI-compatible API for self-hosted gpt-oss models.")
     app.state.started_at = int(time.time())
     app.state.client = client
     app.state.settings = settings
@@ -69,12 +75,17 @@ def build_app(client: EngineClient, settings: ServerSettings,
     if settings.audit and audit_log is None:
         audit_log = open_audit_log(settings)
     app.state.audit_log = audit_log if settings.audit else None
+    server_db = settings.database_url or default_url(cache_root())
     if store is None:
-        store = ResponseStore(settings.database_url or default_url(cache_root()))
-    data = PersonalData(app.state.audit_log, store) if app.state.audit_log is not None else None
+        store = ResponseStore(server_db)
+    conversations = ConversationStore(server_db)
+    app.state.conversations = Conversations(conversations, settings)
+    data = (PersonalData(app.state.audit_log, store, conversations)
+            if app.state.audit_log is not None else None)
+    app.state.personal_data = data
     auditor = Auditor(app.state.audit_log, settings, data)
     if tools is None:  # the browser over the server database's documents; python when asked
-        tools = BuiltinTools(DocumentStore(settings.database_url or default_url(cache_root())),
+        tools = BuiltinTools(DocumentStore(server_db),
                              SandboxLimits(wall_seconds=settings.python_timeout_s,
                                            memory_bytes=settings.python_memory_mib << 20),
                              max_calls=settings.max_tool_calls)
@@ -95,4 +106,9 @@ def build_app(client: EngineClient, settings: ServerSettings,
     app.include_router(responses.router)
     app.include_router(audit.router)
     app.include_router(moderations.router)
+    app.include_router(admin.router)
+    app.include_router(ui.api)
+    if settings.web_ui:
+        app.include_router(ui.router)
+        app.mount("/ui", UIFiles(), name="ui")
     return app
