@@ -32,13 +32,18 @@ setup: $(VENV)/.installed system-deps
 setup-test: $(VENV)/.installed-test system-test-deps
 
 # System packages the tests need: PostgreSQL's server binaries (the PostgreSQL tests start their
-# own throwaway server) and bubblewrap (the python tool's sandbox). Installed with apt-get where
-# missing and we may (root, Debian).
+# own throwaway server), Debian's chromium (the web UI's tests drive it with Playwright; no browser
+# is downloaded) and bubblewrap (the python tool's sandbox). Installed with apt-get where missing
+# and we may (root, Debian).
 system-test-deps: system-deps
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
 	  else echo "PostgreSQL server binaries are missing: apt-get install postgresql"; fi; }
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "chromium is missing (the web UI tests will fail): apt-get install chromium"; fi; }
 
 # What the server itself uses: bubblewrap for the python tool (without it the tool is refused).
 system-deps:

@@ -118,3 +118,13 @@ def demo_cache(tmp_path_factory) -> Path:
     assert r.exit_code == 0, r.output
     return cache
 
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Marks a test whose body failed (`item.failed`), for fixtures that keep evidence of it
+    (the web UI's screenshots)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        item.failed = True

@@ -339,6 +339,9 @@ def serve(
         help="Send every signed checkpoint to this file (one JSON line each; WORM storage, "
              "another host) or http(s) URL (POSTed, retried): `audit verify --witness` then "
              "catches rollbacks, truncations and deleted checkpoints.")] = None,
+    audit_seal_seconds: Annotated[float, typer.Option(
+        min=1, help="Sign a checkpoint at least this often while records wait (a record's "
+                    "proof exists once it is sealed).")] = 60.0,
     prefix_cache: Annotated[bool, typer.Option(
         help="Reuse the keys and values of earlier prompts of the same tenant (conversations, "
              "shared system prompts and documents); in reproducible mode in whole prefill "
@@ -381,6 +384,7 @@ def serve(
                adapter or [], mmap=mmap, allow_unauthenticated=allow_unauthenticated,
                metrics_require_key=metrics_require_key,
                audit_signing_key=str(audit_signing_key or ""), audit_witness=audit_witness or "",
+               audit_seal_seconds=audit_seal_seconds,
                prefix_cache=prefix_cache, draft_tokens=draft_tokens,
                builtin_tools=builtin_tools, python_timeout=python_timeout,
                python_memory_mib=python_memory_mib, policy=policy, policy_on=policy_on,

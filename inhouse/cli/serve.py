@@ -79,7 +79,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
           pii_patterns: list[str] | None = None, adapters: list[str] | None = None,
           mmap: bool = False, allow_unauthenticated: bool = False,
           metrics_require_key: bool = False, audit_signing_key: str = "",
-          audit_witness: str = "", prefix_cache: bool = True, draft_tokens: int = 4,
+          audit_witness: str = "", audit_seal_seconds: float = 60.0,
+          prefix_cache: bool = True, draft_tokens: int = 4,
           builtin_tools: str = "", python_timeout: float = 120.0,
           python_memory_mib: int = 1024, policy: Path | None = None, policy_on: str = "input",
           policy_action: str = "flag", guard_model: Path | None = None,
@@ -142,6 +143,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               pii_patterns=tuple(patterns),
                               metrics_require_key=metrics_require_key,
                               audit_signing_key=audit_signing_key, audit_witness=audit_witness,
+                              audit_seal_seconds=audit_seal_seconds,
                               builtin_tools=tools, python_timeout_s=python_timeout,
                               python_memory_mib=python_memory_mib, web_ui=web_ui)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

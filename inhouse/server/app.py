@@ -60,9 +60,11 @@ def build_app(client: EngineClient, settings: ServerSettings,
             if log_ is not None:
                 await asyncio.to_thread(log_.close)
 
-    # /docs and /redoc with their scripts served from here, not a CDN: they work air-gapped
+    # /docs with its scripts served from here, not a CDN: it works air-gapped. No /redoc: ReDoc
+    # fetches its logo from its CDN whatever it is given (seen in tests/test_webui.py)
     app = FastAPIOffline(title="inhouse", version=__version__, lifespan=lifespan,
-                         static_url="/docs-static", swagger_ui_parameters={"validatorUrl": None},
+                         static_url="/docs-static", redoc_url=None,
+                         swagger_ui_parameters={"validatorUrl": None},
                          description="OpenAI-compatible API for self-hosted gpt-oss models.")
     app.state.started_at = int(time.time())
     app.state.client = client

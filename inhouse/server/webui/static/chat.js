@@ -228,6 +228,8 @@ function requestBody() {
   const body = { model: $("model").value, input, stream: true, store: false,
                  reasoning: { effort: $("effort").value } };
   if (tools.length) body.tools = tools;
+  const t = $("temperature").value;
+  if (t !== "") body.temperature = Number(t);
   return body;
 }
 

@@ -110,7 +110,11 @@ function seconds(value) {
   return value ? String(new Date(value).getTime() / 1000) : "";
 }
 
+let searches = 0;  // only the latest search's answer is shown
+
 async function search() {
+  const mine = ++searches;
+  $("records-note").textContent = "Searching…";
   const f = new FormData($("record-filter"));
   const q = new URLSearchParams();
   for (const k of ["subject", "key_id", "finish_reason"]) if (f.get(k)) q.set(k, f.get(k));
@@ -119,6 +123,7 @@ async function search() {
   q.set("limit", "100");
   try {
     const r = await call("GET", `/v1/audit/search?${q}`);
+    if (mine !== searches) return;
     const body = $("records").querySelector("tbody");
     body.replaceChildren(...r.data.map((rec) => {
       const tr = document.createElement("tr");
