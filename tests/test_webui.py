@@ -254,3 +254,35 @@ def test_the_page_works_with_the_network_cut(demo_cache, tmp_path):
     assert report["interfaces"] == ["lo"]
     assert report["answer"] == ANSWER and report["docs_title"].startswith("inhouse")
     assert report["failed_requests"] == [] and report["foreign_requests"] == []
+
+
+HOSTILE = ("**bold** <img src=\"https://evil.example/x.png\" onerror=\"window.pwned=1\">\n\n"
+           "<script>window.pwned=2</script> [click me](javascript:window.pwned=3) "
+           "<iframe src=\"/v1/ui/me\"></iframe> <a href=\"/\" onclick=\"window.pwned=4\">x</a>\n\n"
+           "```python\nprint('<b>not html</b>')\n```")
+
+
+def test_hostile_markdown_in_an_answer_runs_nothing_and_loads_nothing(page, served):
+    """An answer (the model's, or a document's words it repeats) is Markdown from an untrusted
+    source: scripts, handlers, javascript: links and frames are removed, and the page's policy
+    would stop a remote image."""
+    s, keys, _ = served
+    h = {"Authorization": f"Bearer {keys['alice']}"}
+    httpx.post(f"{s.url}/v1/ui/conversations", headers=h, json={
+        "title": "<img src=x onerror=window.pwned=5>", "messages": [
+            {"role": "user", "content": "<script>window.pwned=6</script>"},
+            {"role": "assistant", "content": HOSTILE, "reasoning": "<b onclick=x>r</b>",
+             "finish": "completed"}]})
+    sign_in(page, s.url, keys["alice"])
+    page.locator("#conversations button.conv", has_text="<img src=x").click()
+    answer = page.locator(".message.assistant .answer")
+    answer.locator("strong", has_text="bold").wait_for()
+    html = answer.inner_html()
+    assert "onerror=" not in html and "<script" not in html and 'href="javascript' not in html
+    assert "<iframe" not in html and "onclick=" not in html
+    img = answer.locator("img")  # the remote image: no address left to load
+    assert img.get_attribute("src") is None and "evil.example" in img.get_attribute("alt")
+    assert answer.locator("pre code").inner_text().strip() == "print('<b>not html</b>')"
+    assert page.locator(".message.user .body").inner_text() == "<script>window.pwned=6</script>"
+    answer.get_by_role("link", name="x").click(modifiers=[])  # its onclick is gone
+    assert page.evaluate("window.pwned") is None

@@ -5,6 +5,20 @@ import DOMPurify from "./vendor/purify.es.js";
 
 marked.setOptions({ gfm: true, breaks: false });
 
+// An image from another server is how injected text leaks a conversation (the data rides in its
+// URL): images load from this server (or data:) only, never from elsewhere, before CSP is asked.
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName !== "IMG") return;
+  const src = node.getAttribute("src") || "";
+  let local = src.startsWith("data:");
+  try { local = local || new URL(src, location.href).origin === location.origin; } catch (_) { local = false; }
+  if (!local) {
+    node.removeAttribute("src");
+    node.removeAttribute("srcset");
+    node.setAttribute("alt", `[remote image not loaded: ${src.slice(0, 200)}]`);
+  }
+});
+
 export function renderMarkdown(el, text) {
   el.innerHTML = DOMPurify.sanitize(marked.parse(text || ""), { USE_PROFILES: { html: true } });
   for (const a of el.querySelectorAll("a")) {
