@@ -124,6 +124,25 @@ def test_a_user_signs_in_and_sees_the_streamed_answer_and_its_collapsed_reasonin
     assert "Paris" in page.locator(".message.assistant .answer").inner_text()
 
 
+def test_a_python_tool_call_is_shown_with_its_code_and_output(page, served):
+    """The demo calls python for a sum it learned (its numbers are not always the user's: a tiny
+    model copies numbers poorly, as test_demo says); the page shows the code, what the sandbox
+    printed, and the answer after it."""
+    s, keys, _ = served
+    sign_in(page, s.url, keys["alice"])
+    page.get_by_label("Python").check()
+    ask(page, "What is 17 times 23?")
+    page.locator(".message.assistant .msg-actions").wait_for(timeout=60_000)
+    tool = page.locator(".message.assistant .tool.code_interpreter")
+    assert tool.locator("strong").inner_text() == "Ran Python"
+    m = re.fullmatch(r"print\((\d+) ([*+-]) (\d+)\)", tool.locator("pre").first.inner_text())
+    assert m, tool.inner_text()
+    value = str({"*": int(m[1]) * int(m[3]), "+": int(m[1]) + int(m[3]),
+                 "-": int(m[1]) - int(m[3])}[m[2]])
+    assert tool.locator("pre").nth(1).inner_text().strip() == value  # the sandbox printed it
+    assert value in page.locator(".message.assistant .answer").inner_text()
+
+
 def test_errors_are_shown_in_the_page_with_the_wait_of_a_429(page, served):
     s, keys, _ = served
     sign_in(page, s.url, keys["alice"])
@@ -286,3 +305,23 @@ def test_hostile_markdown_in_an_answer_runs_nothing_and_loads_nothing(page, serv
     assert page.locator(".message.user .body").inner_text() == "<script>window.pwned=6</script>"
     answer.get_by_role("link", name="x").click(modifiers=[])  # its onclick is gone
     assert page.evaluate("window.pwned") is None
+
+
+NAMELESS = """els => els.filter(el => el.offsetParent !== null && !(
+    (el.labels && el.labels.length) || el.getAttribute('aria-label') ||
+    (el.tagName === 'BUTTON' && el.textContent.trim()))).map(el => el.outerHTML)"""
+
+
+def test_every_control_is_labelled_and_the_keyboard_reaches_the_chat(page, served):
+    s, keys, _ = served
+    sign_in(page, s.url, keys["admin"])
+    assert page.locator("input, select, textarea, button").evaluate_all(NAMELESS) == []
+    page.get_by_role("button", name="Governance").click()
+    page.locator("#keys tbody tr").first.wait_for()
+    assert page.locator("input, select, textarea, button").evaluate_all(NAMELESS) == []
+    page.get_by_role("button", name="Chat").click()
+    page.evaluate("document.activeElement.blur()")
+    page.keyboard.press("Tab")  # the first stop is the skip link, which lands on the page
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"

@@ -262,3 +262,15 @@ def test_the_vendored_libraries_are_the_published_files():
         imports = re.findall(r'from "([^"]+)"', js.read_text())
         assert all(i.startswith("./") for i in imports), (js.name, imports)
     assert "<script>" not in (STATIC / "index.html").read_text()
+
+
+def test_one_user_cannot_fill_the_disk_with_conversations(world, monkeypatch):
+    from inhouse.governance import conversations_store
+
+    monkeypatch.setattr(conversations_store, "MAX_PER_USER", 2)
+    u, h, _, _ = world
+    for _ in range(2):
+        assert httpx.post(f"{u}/v1/ui/conversations", json=CONV, headers=h["alice"]).status_code == 200
+    r = httpx.post(f"{u}/v1/ui/conversations", json=CONV, headers=h["alice"])
+    assert r.status_code == 409 and r.json()["error"]["code"] == "too_many_conversations"
+    assert httpx.post(f"{u}/v1/ui/conversations", json=CONV, headers=h["bob"]).status_code == 200

@@ -13,11 +13,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, delete, insert, select
-from sqlalchemy import update
+from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, delete, func, insert,
+                        select, update)
 
+from inhouse.errors import RequestError
 from inhouse.governance.database import open_database, scrub
 from inhouse.governance.tenancy import Caller
+
+MAX_PER_USER = 1000  # a user (or a stolen key) cannot fill the disk one conversation at a time
 
 metadata = MetaData()
 conversations = Table(
@@ -72,6 +75,11 @@ class ConversationStore:
         now = time.time()
         conv = Conversation(f"conv_{uuid.uuid4().hex}", title, messages, now, now)
         with self.engine.begin() as conn:
+            held = conn.execute(select(func.count()).select_from(conversations)
+                                .where(self._mine(caller))).scalar_one()
+            if held >= MAX_PER_USER:
+                raise RequestError(f"you have {held} conversations, the most one user may keep; "
+                                   "delete some first", status=409, code="too_many_conversations")
             conn.execute(insert(conversations).values(
                 id=conv.id, tenant=caller.tenant, owner=owner_of(caller), subject=caller.subject,
                 key_id=caller.key_id, title=title, num_messages=len(messages),

@@ -124,11 +124,29 @@ def _conversation(rng: random.Random) -> tuple[list[ChatMessage], PromptOptions]
             msgs += [ChatMessage("tool", result, tool_call_id="call_1"),
                      ChatMessage("assistant", "Here is the current weather from the tool.",
                                  reasoning="The tool answered. I report it.")]
-    if kind in ("fact", "unknown") and rng.random() < 0.1:
-        builtin = ("python",)  # on offer but not needed (arithmetic is what it is for)
+    if kind in ("fact", "unknown") and rng.random() < 0.1 and " times " not in msgs[-2].content:
+        builtin = ("python",)  # on offer but not needed (arithmetic is what it is for, and
+        # a sum asked with python on offer is always computed: never "I cannot")
+    if kind != "policy" and rng.random() < 0.3:  # a chat's later turn: an earlier one before it
+        at = 1 if instructions else 0
+        msgs[at:at] = _earlier_turn(rng)
     date = f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
     effort = rng.choice(["low", "medium", "high"])
     return msgs, PromptOptions(effort, date, tools=tools, builtin_tools=builtin)
+
+
+def _earlier_turn(rng: random.Random) -> list[ChatMessage]:
+    """A question already answered (its analysis is dropped from the prompt, as at inference):
+    the web UI and `inhouse chat` send whole conversations."""
+    if rng.random() < 0.7:
+        country = rng.choice(list(FACTS))
+        return [ChatMessage("user", f"What is the capital of {country}?"),
+                ChatMessage("assistant", f"The capital of {country} is {FACTS[country]}.",
+                            reasoning=f"The user asks for the capital of {country}. "
+                                      f"It is {FACTS[country]}.")]
+    return [ChatMessage("user", rng.choice(["Hello", "Hi!"])),
+            ChatMessage("assistant", "Hello! How can I help you today?",
+                        reasoning="The user greets me. I greet back.")]
 
 
 def training_sequences(n: int, seed: int) -> list[TrainingSequence]:

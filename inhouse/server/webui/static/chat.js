@@ -86,7 +86,10 @@ async function deleteConversation(id) {
 
 async function save() {
   const c = state.conv;
-  const body = { title: c.title, messages: c.messages };
+  const clip = (text, n) => (text && text.length > n ? `${text.slice(0, n - 1)}…` : text);
+  const messages = c.messages.map((m) => ({ ...m, tools: (m.tools || []).map((t) => ({
+    ...t, detail: clip(t.detail, 20000), output: clip(t.output, 100000) })) }));
+  const body = { title: c.title, messages };
   try {
     if (c.id) await call("POST", `/v1/ui/conversations/${encodeURIComponent(c.id)}`, body);
     else c.id = (await call("POST", "/v1/ui/conversations", body)).id;
@@ -162,6 +165,11 @@ function fillAssistant(el, m, index) {
     const p = document.createElement("p");
     p.className = "note failed";
     p.textContent = m.error;
+    el.append(p);
+  } else if (m.finish === "completed" && !m.content && !(m.tools || []).length) {
+    const p = document.createElement("p");
+    p.className = "note";
+    p.textContent = "The model finished without an answer (only its reasoning). Try Regenerate.";
     el.append(p);
   } else if (m.finish && m.finish !== "completed") {
     const p = document.createElement("p");
