@@ -15,8 +15,10 @@ function show(id) {
 
 const mayAudit = () => session && session.server.audit && (session.role === "auditor" || session.role === "admin");
 
-function route() {
+function route(event) {
   if (!session) return;
+  // an in-page anchor (the skip link's #main) is not a page: the focus stays where it went
+  if (event && !["", "#chat", "#console"].includes(location.hash)) return;
   if (location.hash === "#console") {
     if (!mayAudit()) {
       show("chat");
