@@ -124,6 +124,25 @@ def test_a_user_signs_in_and_sees_the_streamed_answer_and_its_collapsed_reasonin
     assert "Paris" in page.locator(".message.assistant .answer").inner_text()
 
 
+def test_the_composer_stays_in_view_under_a_long_conversation(page, served):
+    """The messages scroll inside the page: however long the conversation, Send is on screen
+    (the page once grew past the window and pushed it off)."""
+    s, keys, _ = served
+    page.set_viewport_size({"width": 1024, "height": 600})
+    sign_in(page, s.url, keys["alice"])
+    for n in range(1, 4):
+        ask(page, QUESTION)
+        page.locator(f"#messages > :nth-child({2 * n}) .msg-actions").wait_for()
+    page.locator("details.reasoning summary").first.click()
+    messages = page.locator("#messages")
+    assert messages.evaluate("m => m.scrollHeight > m.clientHeight")  # longer than its box
+    assert page.evaluate("document.scrollingElement.scrollHeight") == 600  # the page is not
+    send = page.locator("#send").bounding_box()
+    assert send["y"] + send["height"] <= 600
+    last = page.locator(".message.assistant").last.bounding_box()  # scrolled to the answer
+    assert last["y"] < 600
+
+
 def test_a_python_tool_call_is_shown_with_its_code_and_output(page, served):
     """The demo calls python for a sum it learned (its numbers are not always the user's: a tiny
     model copies numbers poorly, as test_demo says); the page shows the code, what the sandbox

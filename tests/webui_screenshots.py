@@ -30,7 +30,7 @@ def main(demo_cache: Path, out: Path) -> None:
             page.get_by_role("button", name="Sign in").click()
             page.get_by_label("Temperature").fill("0")
             for question, python in (("What is the capital of France?", False),
-                                     ("What is 17 times 23?", True)):
+                                     ("What is 12 times 11?", True)):
                 page.get_by_label("Python").set_checked(python)
                 page.get_by_label("Message", exact=True).fill(question)
                 page.get_by_label("Message", exact=True).press("Enter")
