@@ -15,6 +15,7 @@ from inhouse.config import ModelConfig, preset
 from inhouse.engine import EngineClient, QueueFull, RequestOutput, SamplingParams
 from inhouse.engine.engine import EngineStats
 from inhouse.harmony import load_encoding
+from inhouse.server import UVICORN_IMPL
 
 
 def free_port() -> int:
@@ -46,7 +47,7 @@ def wait_ready(proc, port: int, timeout_s: float) -> None:
 def running_server(app):
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
+                                           lifespan="off", **UVICORN_IMPL))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

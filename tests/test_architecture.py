@@ -90,6 +90,17 @@ def test_third_party_limits():
     assert bad == []
 
 
+def test_ray_is_imported_by_scaleout_alone():
+    """Ray is an extra: one machine never needs it, so nothing outside scaleout/ imports it."""
+    bad = []
+    for path in sorted((ROOT / "inhouse").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if unit_of(module) != "scaleout":
+            bad += [f"{module} imports {imp}" for imp in imports_of(path, module.rsplit(".", 1)[0])
+                    if imp.split(".")[0] == "ray"]
+    assert bad == []
+
+
 def test_the_checker_catches_a_backward_import(tmp_path):
     (tmp_path / "inhouse" / "model").mkdir(parents=True)
     (tmp_path / "inhouse" / "model" / "bad.py").write_text("from inhouse.cli import app\n")

@@ -19,7 +19,7 @@ from inhouse.governance.audit_log import (AuditLog, checkpoint_message, load_sig
                                           public_key_pem)
 from inhouse.governance.audit_verify import key_id
 from inhouse.governance.witness import FileWitness, read_witness
-from inhouse.server import build_app
+from inhouse.server import UVICORN_IMPL, build_app
 from tests.server_utils import ScriptedEngine, running_server
 from tests.test_server_chat import FINAL
 
@@ -379,7 +379,7 @@ def test_a_clean_server_shutdown_seals_the_log(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+                                           lifespan="on", **UVICORN_IMPL))
     thread = threading.Thread(target=server.run)
     thread.start()
     import time

@@ -49,3 +49,12 @@ def test_a_hub_id_offline_is_one_clear_line(monkeypatch):
     lines = [l for l in result.output.splitlines() if l.strip() and "fetching" not in l]
     assert len(lines) == 1 and lines[0].startswith("error: could not fetch openai/gpt-oss-20b")
     assert "pass its path" in lines[0]
+
+
+def test_replica_options_without_replicas_are_one_clear_line():
+    for args in (["--max-replicas", "3"], ["--ray-address", "10.0.0.1:6379"],
+                 ["--replicas", "2", "--max-replicas", "1"]):
+        result = CliRunner().invoke(app, ["serve", *args])
+        assert result.exit_code == 1, result.output
+        lines = [l for l in result.output.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: --"), result.output

@@ -68,6 +68,59 @@ def test_per_key_rate_limit_is_429_with_retry_after(store):
     assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "rate_limited"
 
 
+def test_a_rate_limit_is_counted_across_servers_on_one_database(store):
+    """Two API processes (two heads of a Ray deployment) on one database: the limit is the
+    key's, not each server's."""
+    _, key = store.create("batch job", "user", rate_limit=3)
+    h = {"Authorization": f"Bearer {key}"}
+    apps = [build_app(ScriptedEngine(FINAL), ServerSettings(model_name=MODEL, audit=False),
+                      key_store=KeyStore(str(store.engine.url))) for _ in range(2)]
+    with running_server(apps[0]) as a, running_server(apps[1]) as b:
+        codes = [httpx.post(f"{u}/v1/chat/completions", json=BODY, headers=h).status_code
+                 for u in (a, b, a, b)]
+    assert codes == [200, 200, 200, 429]
+
+
+def check_concurrent_hits(url: str, processes: int = 4, rounds: int = 6, limit: int = 5) -> None:
+    """Writers in processes of their own (each its own connection pool) hit a key at the same
+    instant, a barrier apart, when it has one request left: exactly one gets through, every
+    round."""
+    import multiprocessing
+
+    from inhouse.governance.rate_limits import SharedRateLimiter
+
+    keys = KeyStore(url)
+    ids = [keys.create(f"burst {i}", "user", rate_limit=limit)[0].id for i in range(rounds)]
+    limiter = SharedRateLimiter(keys.engine)
+    for k in ids:
+        assert [limiter.hit(k, limit) for _ in range(limit - 1)] == [0] * (limit - 1)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_hits, args=(url, ids, limit, barrier, results))
+             for _ in range(processes)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=120) for _ in range(processes * rounds)]
+    for p in procs:
+        p.join(timeout=60)
+    for k in ids:
+        waits = [w for key_id, w in got if key_id == k]
+        assert sorted(waits)[0] == 0 and all(1 <= w <= 61 for w in sorted(waits)[1:]), (k, waits)
+
+
+def _hits(url: str, ids: list[str], limit: int, barrier, results) -> None:
+    from inhouse.governance.rate_limits import SharedRateLimiter
+
+    limiter = SharedRateLimiter(KeyStore(url).engine)
+    for k in ids:
+        barrier.wait()
+        results.put((k, limiter.hit(k, limit)))
+
+
+def test_concurrent_requests_never_pass_the_limit(tmp_path):
+    check_concurrent_hits(f"sqlite:///{tmp_path / 'server.db'}")
+
+
 def test_keys_cli(tmp_path):
     url = f"sqlite:///{tmp_path / 'k.db'}"
     runner = CliRunner()

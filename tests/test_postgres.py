@@ -13,6 +13,7 @@ from inhouse.governance.responses_store import ResponseStore
 from tests.postgres import postgres_url  # noqa: F401 - the fixture
 from tests.server_utils import ScriptedEngine, running_server
 from tests.test_audit_log import TAMPERS, check_concurrent_writers, rewrite
+from tests.test_keys import check_concurrent_hits
 from tests.test_server_chat import FINAL
 
 
@@ -143,3 +144,7 @@ def test_tampering_is_detected_on_postgres(postgres_url, tmp_path):
         assert not tampered.verify(key.public_key(), lines).ok, sql
         tampered.engine.dispose()
     admin.dispose()
+
+
+def test_rate_limits_hold_under_concurrent_heads_on_postgres(postgres_url):
+    check_concurrent_hits(fresh_db(postgres_url))

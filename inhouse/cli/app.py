@@ -18,7 +18,7 @@ from inhouse.cli.finetune import finetune
 from inhouse.cli.docs import docs_app
 from inhouse.cli.keys import keys_app
 from inhouse.cli.tools import tools_app
-from inhouse.cli.common import DType, Effort, cli_errors, err, open_engine, out
+from inhouse.cli.common import DType, Effort, cli_errors, open_engine, out
 from inhouse.errors import InhouseError
 
 app = typer.Typer(help="inhouse: run gpt-oss models on your own hardware, privately and auditably.",
@@ -374,10 +374,23 @@ def serve(
              "default: the served model.")] = None,
     web_ui: Annotated[bool, typer.Option(
         "--web-ui/--no-web-ui", help="Serve the web UI (chat, governance console) at /.")] = True,
+    replicas: Annotated[int, typer.Option(
+        min=0, help="Run the engine as this many Ray Serve replicas (pip install "
+                    "'inhouse[ray]'); this process keeps the API and the audit log. 0: the "
+                    "engine in this process.")] = 0,
+    max_replicas: Annotated[int, typer.Option(
+        min=0, help="Autoscale between --replicas and this many on ongoing requests.")] = 0,
+    ray_address: Annotated[str | None, typer.Option(
+        help="The Ray cluster to deploy on (ray://HOST:10001 or HOST:6379); default: a local "
+             "Ray started for this run.")] = None,
+    cpus_per_replica: Annotated[float, typer.Option(
+        min=0.1, help="CPUs Ray reserves for each replica (its torch threads).")] = 1.0,
+    gpus_per_replica: Annotated[float, typer.Option(
+        min=0, help="GPUs Ray reserves for each replica.")] = 0.0,
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) and the web UI on
     HOST:PORT."""
-    from inhouse.cli.serve import serve as run_server
+    from inhouse.cli.serve import replica_scaling, serve as run_server
 
     run_server(model, host, port, max_batch, kv_budget, api_key or [], dtype, mode, log_bodies,
                database_url or "", audit_content, retain_days, pii, pii_pattern or [],
@@ -388,7 +401,11 @@ def serve(
                prefix_cache=prefix_cache, draft_tokens=draft_tokens,
                builtin_tools=builtin_tools, python_timeout=python_timeout,
                python_memory_mib=python_memory_mib, policy=policy, policy_on=policy_on,
-               policy_action=policy_action, guard_model=guard_model, web_ui=web_ui)
+               policy_action=policy_action, guard_model=guard_model, web_ui=web_ui,
+               scaling=replica_scaling(replicas, max_replicas, cpus_per_replica,
+                                       gpus_per_replica, max_batch, ray_address),
+               ray_address=ray_address)
+
 
 
 @app.command()

@@ -84,13 +84,13 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
           builtin_tools: str = "", python_timeout: float = 120.0,
           python_memory_mib: int = 1024, policy: Path | None = None, policy_on: str = "input",
           policy_action: str = "flag", guard_model: Path | None = None,
-          web_ui: bool = True) -> None:
+          web_ui: bool = True, scaling=None, ray_address: str | None = None) -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
     from inhouse.engine import AsyncEngine, LLMEngine
     from inhouse.model import find_checkpoint, load_model
-    from inhouse.server import build_app
+    from inhouse.server import UVICORN_IMPL, build_app
 
     from inhouse.model import kernels
     from inhouse.model.digest import checkpoint_digest
@@ -147,13 +147,25 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               builtin_tools=tools, python_timeout_s=python_timeout,
                               python_memory_mib=python_memory_mib, web_ui=web_ui)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    err.print(f"[dim]loading {path} ...[/dim]")
-    loaded = load_model(path, dtype=dtype.torch, mmap=mmap)
-    digests = tuple((n, attach_adapter(loaded, n, d, contents)) for n, d, contents in read)
-    settings = dataclasses.replace(settings, adapters=digests)
-    from inhouse.harmony.grammar import GrammarBackend
+    if scaling is not None:  # the engine as Ray Serve replicas; this process keeps the API
+        from inhouse.model.peft_format import adapter_digest
+        from inhouse.scaleout.deploy import start_replicas
+        from inhouse.scaleout.replica import ReplicaSpec
 
-    client = AsyncEngine(LLMEngine(loaded, engine_cfg, grammars=GrammarBackend()))
+        digests = tuple((n, adapter_digest(d)) for n, d, _ in read)
+        spec = ReplicaSpec(str(info.root.resolve()), dtype.value, engine_cfg,
+                           tuple((n, str(Path(d).resolve())) for n, d, _ in read), mmap)
+        err.print(f"[dim]starting {scaling.replicas} engine replica(s) of {path} on Ray Serve"
+                  f"{' at ' + ray_address if ray_address else ' (a local Ray)'} ...[/dim]")
+        client = start_replicas(spec, scaling, info.config, ray_address)
+    else:
+        err.print(f"[dim]loading {path} ...[/dim]")
+        loaded = load_model(path, dtype=dtype.torch, mmap=mmap)
+        digests = tuple((n, attach_adapter(loaded, n, d, contents)) for n, d, contents in read)
+        from inhouse.harmony.grammar import GrammarBackend
+
+        client = AsyncEngine(LLMEngine(loaded, engine_cfg, grammars=GrammarBackend()))
+    settings = dataclasses.replace(settings, adapters=digests)
     guard = None
     if the_policy is not None:
         from inhouse.pipeline.guard import PolicyGuard
@@ -182,8 +194,20 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     if api_keys:
         out.print(f"[dim]{len(api_keys)} API key(s) required[/dim]")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", **UVICORN_IMPL)
     finally:  # the app's lifespan sealed the audit log and stopped the workers
         client.shutdown()
         if guard is not None and guard.client is not client:
             guard.client.shutdown()
+
+
+def replica_scaling(replicas: int, max_replicas: int, cpus: float, gpus: float, max_batch: int,
+                    ray_address: str | None):
+    """--replicas and its companions -> a ReplicaScaling, or None for the in-process engine."""
+    if not replicas:
+        if max_replicas or ray_address:
+            raise InhouseError("--max-replicas and --ray-address need --replicas N")
+        return None
+    from inhouse.scaleout.deploy import ReplicaScaling
+
+    return ReplicaScaling(replicas, max_replicas, cpus, gpus, max_ongoing=4 * max_batch)

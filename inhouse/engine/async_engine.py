@@ -67,6 +67,10 @@ class AsyncEngine(EngineClient):
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
+    def is_running(self) -> bool:
+        """Is the step loop alive (a replica's health check)?"""
+        return self._thread.is_alive() and not self._stopped
+
     def shutdown(self) -> None:
         with self._lock:
             self._stopped = True

@@ -34,6 +34,8 @@ class EngineStats:
     prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache, ever
     prefix_hit_tokens: int = 0  # of which were reused
     prefix_cache_bytes: int = 0  # the cached blocks' keys and values now
+    num_replicas: int = 1  # engines behind this client (Ray Serve replicas heard from lately)
+    num_replicas_busy: int = 0  # of which have requests running or waiting
 
 
 class LLMEngine:
@@ -120,7 +122,8 @@ class LLMEngine:
                            self.kv.num_used, self.kv.num_blocks,
                            prefix_queried_tokens=p.num_queried_tokens if p else 0,
                            prefix_hit_tokens=p.num_hit_tokens if p else 0,
-                           prefix_cache_bytes=p.nbytes if p else 0)
+                           prefix_cache_bytes=p.nbytes if p else 0,
+                           num_replicas_busy=int(self.scheduler.has_work()))
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

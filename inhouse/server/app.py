@@ -16,6 +16,7 @@ from inhouse.engine import EngineClient
 from inhouse.governance.audit_log import AuditLog
 from inhouse.governance.conversations_store import ConversationStore
 from inhouse.governance.keys import KeyStore
+from inhouse.governance.rate_limits import SharedRateLimiter
 from inhouse.governance.privacy import PersonalData
 from inhouse.governance.responses_store import ResponseStore, default_url
 from inhouse.pipeline import GovernedTurns
@@ -24,7 +25,7 @@ from inhouse.pipeline.tools import BuiltinTools
 from inhouse.tools.documents import DocumentStore
 from inhouse.tools.sandbox import SandboxLimits
 from inhouse.pipeline.audit import Auditor, open_audit_log
-from inhouse.server.deps import RateLimiter, key_digest
+from inhouse.server.deps import key_digest
 from inhouse.server.errors import install_handlers
 from inhouse.server.metrics import Metrics
 from inhouse.server.middleware import BodyGuard, Observe
@@ -72,7 +73,8 @@ def build_app(client: EngineClient, settings: ServerSettings,
     app.state.key_digests = tuple(key_digest(k) for k in settings.api_keys)
     app.state.key_store = key_store if key_store is not None else KeyStore(
         settings.database_url or default_url(cache_root()))
-    app.state.rate_limiter = RateLimiter()
+    # counted in the keys' database: every API process on it counts the same requests
+    app.state.rate_limiter = SharedRateLimiter(app.state.key_store.engine)
     app.state.metrics = Metrics(client)
     if settings.audit and audit_log is None:
         audit_log = open_audit_log(settings)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
-from collections import deque
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -87,24 +85,6 @@ def require_role(role: str):
             raise APIError(403, f"key {key.id} has the '{key.role}' role; this endpoint needs "
                                 f"'{role}'", "permission_error")
     return Depends(check)
-
-
-class RateLimiter:
-    """Requests per key in the last 60 s (in memory, per server process)."""
-
-    def __init__(self) -> None:
-        self._hits: dict[str, deque[float]] = {}
-
-    def hit(self, key_id: str, per_minute: int) -> int:
-        """Record a request; 0 if allowed, else the seconds to wait."""
-        now = time.monotonic()
-        q = self._hits.setdefault(key_id, deque())
-        while q and now - q[0] >= 60:
-            q.popleft()
-        if len(q) >= per_minute:
-            return max(1, int(60 - (now - q[0])) + 1)
-        q.append(now)
-        return 0
 
 
 SettingsDep = Annotated[ServerSettings, Depends(_settings)]

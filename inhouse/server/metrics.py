@@ -24,6 +24,11 @@ class _EngineCollector:
         used = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
         yield GaugeMetricFamily("inhouse_kv_usage_ratio", "fraction of the KV budget in use",
                                 value=used)
+        yield GaugeMetricFamily("inhouse_engine_replicas", "engines serving (Ray Serve replicas "
+                                "heard from in the last 15 s; 1 in one process)",
+                                value=s.num_replicas)
+        yield GaugeMetricFamily("inhouse_engine_replicas_busy",
+                                "engines with requests running or waiting", value=s.num_replicas_busy)
         yield GaugeMetricFamily("inhouse_prefix_cache_bytes",
                                 "keys and values the prefix cache holds", value=s.prefix_cache_bytes)
         for name, doc, value in [

@@ -1,0 +1,122 @@
+"""`RayEngineClient`: the engine replicas as one `EngineClient` for the API process."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from inhouse.config import ModelConfig
+from inhouse.engine.engine import EngineStats
+from inhouse.engine.protocol import EngineClient
+from inhouse.engine.request import RequestOutput
+from inhouse.engine.sampling import SamplingParams
+
+log = logging.getLogger("inhouse.scaleout")
+
+STATS_EVERY_S = 2.0
+STATS_KEPT_S = 15.0  # a replica not heard from for this long is taken as gone from the sums
+
+
+class RayEngineClient(EngineClient):
+    """Streams each request from whichever replica Serve picks. A replica that dies mid-request
+    ends that request with finish_reason "error" (the governed turn records it and the client
+    sees a server error); the other requests, on other replicas, go on."""
+
+    def __init__(self, handle, model_config: ModelConfig, on_shutdown=None) -> None:
+        self._handle = handle
+        self._stream = handle.options(stream=True)
+        self._config = model_config
+        self._on_shutdown = on_shutdown
+        self._replicas: dict[int, tuple[float, object]] = {}  # pid -> (seen at, ReplicaStats)
+        self._stopped = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="inhouse-replica-stats",
+                                        daemon=True)
+        self._poller.start()
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._config
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        from ray.exceptions import RayTaskError
+
+        gen = self._stream.generate.remote(request_id, list(prompt_ids), params)
+        finished, sent = False, 0
+        try:
+            while True:
+                try:
+                    out = await gen.__anext__()
+                except StopAsyncIteration:
+                    break
+                except RayTaskError as e:  # raised in the replica: InvalidRequest, QueueFull, ...
+                    cause = e.cause if isinstance(e.cause, Exception) else None
+                    if sent == 0 and cause is not None:
+                        raise cause from None
+                    yield self._lost(request_id, prompt_ids, params, sent, str(cause or e))
+                    finished = True
+                    return
+                except Exception as e:  # noqa: BLE001 - the replica died, or Serve lost it
+                    log.warning("request %s: engine replica lost (%s)", request_id,
+                                type(e).__name__)
+                    yield self._lost(request_id, prompt_ids, params, sent,
+                                     f"the engine replica serving it stopped ({type(e).__name__})")
+                    finished = True
+                    return
+                sent += len(out.new_token_ids)
+                yield out
+                if out.finished:
+                    finished = True
+                    return
+            if not finished:
+                yield self._lost(request_id, prompt_ids, params, sent,
+                                 "the engine replica ended the stream early")
+                finished = True
+        finally:
+            if not finished:
+                gen.cancel()  # the replica's generator is cancelled: it aborts the request
+
+    @staticmethod
+    def _lost(request_id: str, prompt_ids: list[int], params: SamplingParams, sent: int,
+              error: str) -> RequestOutput:
+        return RequestOutput(request_id, (), (), True, "error", len(prompt_ids), sent,
+                             params.seed if params.seed is not None else 0, error=error)
+
+    async def abort(self, request_id: str) -> None:
+        """Requests are aborted by leaving their stream (the replica's generator is cancelled)."""
+
+    # ---- stats: the replicas' sums, polled from every replica (Ray >= 2.5x broadcasts; before,
+    # whichever replica Serve picks, which reaches them all over a few polls) -------------------
+    def _poll(self) -> None:
+        while not self._stopped.wait(STATS_EVERY_S):
+            try:
+                if hasattr(self._handle, "broadcast"):
+                    got = self._handle.broadcast("stats").results(timeout_s=10,
+                                                                  return_exceptions=True)
+                else:
+                    got = [self._handle.stats.remote().result(timeout_s=10)]
+            except Exception:  # noqa: BLE001 - a replica going or coming: the next poll
+                continue
+            now = time.monotonic()
+            for r in got:
+                if not isinstance(r, BaseException):
+                    self._replicas[r.pid] = (now, r)
+
+    def replicas(self) -> list:
+        """The replicas heard from lately (their pid, node and stats)."""
+        now = time.monotonic()
+        return [r for seen, r in list(self._replicas.values()) if now - seen < STATS_KEPT_S]
+
+    def stats(self) -> EngineStats:
+        got = [r.stats for r in self.replicas()]
+        summed = {f.name: sum(getattr(s, f.name) for s in got)
+                  for f in dataclasses.fields(EngineStats)}
+        return EngineStats(**summed | {"num_replicas": len(got)})
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        if self._on_shutdown is not None:
+            self._on_shutdown()
