@@ -457,6 +457,7 @@ class ServerSettings:
     adapters: tuple[tuple[str, str], ...] = ()
     metrics_require_key: bool = False  # /metrics answers only requests with a valid API key
     audit_signing_key: str = ""  # the checkpoint key file ("" -> audit-signing.key in the cache)
+    audit_salt: str = ""  # the hashing secret's file ("" -> audit-salt in the cache)
     audit_witness: str = ""  # a file (JSON lines) or http(s) URL each signed checkpoint goes to
     audit_seal_seconds: float = 60.0  # a checkpoint at least this often while records wait
     # built-in tools: on for every Chat Completions request (Responses asks per request)

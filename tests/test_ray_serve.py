@@ -55,7 +55,8 @@ def cluster(demo_cache, postgres_url, tmp_path):  # noqa: F811 - the fixture
         proc = subprocess.Popen(
             [sys.executable, "-m", "inhouse.cli", "serve", "--port", str(port), "--replicas", "2",
              "--database-url", postgres_url, "--audit-content", "full",
-             "--audit-signing-key", str(key_file), "--audit-seal-seconds", "1",
+             "--audit-signing-key", str(key_file), "--audit-salt", str(tmp_path / "audit-salt"),
+             "--audit-seal-seconds", "1",
              "--max-batch", "8", "--draft-tokens", "0"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:

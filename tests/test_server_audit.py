@@ -181,3 +181,18 @@ def test_audit_cli_export_and_erase(audited):
     assert runner.invoke(cli, ["audit", "verify", "--database-url", url]).exit_code == 0
     nothing = runner.invoke(cli, ["audit", "erase", "--database-url", url])
     assert nothing.exit_code == 1 and "say what to erase" in nothing.output
+
+
+def test_every_api_process_given_one_salt_file_hashes_alike(tmp_path):
+    """`serve --audit-salt FILE`: the heads of a deployment share the hashing secret (made once,
+    0600), so one text has one hash in the log whichever head wrote it; another salt, another
+    hash."""
+    from inhouse.pipeline.audit import Auditor
+
+    log = AuditLog(f"sqlite:///{tmp_path / 'a.db'}", load_signing_key(tmp_path / "k"))
+    shared = ServerSettings(model_name="m", audit_salt=str(tmp_path / "etc" / "salt"))
+    a, b = Auditor(log, shared), Auditor(log, shared)
+    assert (tmp_path / "etc" / "salt").stat().st_mode & 0o777 == 0o600
+    assert a._hash_text("patient 12") == b._hash_text("patient 12")
+    other = Auditor(log, ServerSettings(model_name="m", audit_salt=str(tmp_path / "other")))
+    assert other._hash_text("patient 12") != a._hash_text("patient 12")

@@ -335,6 +335,10 @@ def serve(
     audit_signing_key: Annotated[Path | None, typer.Option(
         help="The audit log's Ed25519 signing key (created if missing; default: "
              "audit-signing.key in the cache). Keep it off the database's volume.")] = None,
+    audit_salt: Annotated[Path | None, typer.Option(
+        help="The secret the audit log's hashes of prompts and tool texts are salted with "
+             "(created if missing; default: audit-salt in the cache). Every API process of a "
+             "deployment gives the same file.")] = None,
     audit_witness: Annotated[str | None, typer.Option(
         help="Send every signed checkpoint to this file (one JSON line each; WORM storage, "
              "another host) or http(s) URL (POSTed, retried): `audit verify --witness` then "
@@ -396,7 +400,8 @@ def serve(
                database_url or "", audit_content, retain_days, pii, pii_pattern or [],
                adapter or [], mmap=mmap, allow_unauthenticated=allow_unauthenticated,
                metrics_require_key=metrics_require_key,
-               audit_signing_key=str(audit_signing_key or ""), audit_witness=audit_witness or "",
+               audit_signing_key=str(audit_signing_key or ""), audit_salt=str(audit_salt or ""),
+               audit_witness=audit_witness or "",
                audit_seal_seconds=audit_seal_seconds,
                prefix_cache=prefix_cache, draft_tokens=draft_tokens,
                builtin_tools=builtin_tools, python_timeout=python_timeout,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from inhouse.cli.common import err, out
 from inhouse.engine import EngineClient, SamplingParams

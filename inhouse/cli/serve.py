@@ -78,7 +78,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
           audit_content: str = "redacted", retain_days: float = 0.0, pii_mode: str = "off",
           pii_patterns: list[str] | None = None, adapters: list[str] | None = None,
           mmap: bool = False, allow_unauthenticated: bool = False,
-          metrics_require_key: bool = False, audit_signing_key: str = "",
+          metrics_require_key: bool = False, audit_signing_key: str = "", audit_salt: str = "",
           audit_witness: str = "", audit_seal_seconds: float = 60.0,
           prefix_cache: bool = True, draft_tokens: int = 4,
           builtin_tools: str = "", python_timeout: float = 120.0,
@@ -142,7 +142,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               retain_days=retain_days, pii_mode=pii_mode,
                               pii_patterns=tuple(patterns),
                               metrics_require_key=metrics_require_key,
-                              audit_signing_key=audit_signing_key, audit_witness=audit_witness,
+                              audit_signing_key=audit_signing_key, audit_salt=audit_salt,
+                              audit_witness=audit_witness,
                               audit_seal_seconds=audit_seal_seconds,
                               builtin_tools=tools, python_timeout_s=python_timeout,
                               python_memory_mib=python_memory_mib, web_ui=web_ui)

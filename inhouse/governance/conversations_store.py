@@ -17,7 +17,7 @@ from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, d
                         select, update)
 
 from inhouse.errors import RequestError
-from inhouse.governance.database import open_database, scrub
+from inhouse.governance.database import erase_rows, open_database, scrub
 from inhouse.governance.tenancy import Caller
 
 MAX_PER_USER = 1000  # a user (or a stolen key) cannot fill the disk one conversation at a time
@@ -138,13 +138,4 @@ class ConversationStore:
 
     def erase(self, subject: str | None = None, before: float | None = None) -> int:
         """Delete a subject's conversations, or those not touched since `before`."""
-        q = delete(conversations)
-        if subject is not None:
-            q = q.where(conversations.c.subject == subject)
-        if before is not None:
-            q = q.where(conversations.c.updated_at < before)
-        with self.engine.begin() as conn:
-            n = conn.execute(q).rowcount
-        if n:
-            scrub(self.engine, ("ui_conversations",))
-        return n
+        return erase_rows(self.engine, conversations, conversations.c.updated_at, subject, before)

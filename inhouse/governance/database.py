@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, delete, event, inspect, text
 from sqlalchemy.engine import make_url
 
 
@@ -86,3 +86,19 @@ def scrub(engine: Engine, tables: tuple[str, ...]) -> None:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             for t in tables:
                 conn.execute(text(f'VACUUM "{t}"'))
+
+
+def erase_rows(engine: Engine, table, time_column, subject: str | None = None,
+               before: float | None = None) -> int:
+    """Delete a subject's rows of `table`, or those whose `time_column` is older than `before`
+    (both: the subject's old ones), then scrub the deleted bytes; returns how many."""
+    q = delete(table)
+    if subject is not None:
+        q = q.where(table.c.subject == subject)
+    if before is not None:
+        q = q.where(time_column < before)
+    with engine.begin() as conn:
+        n = conn.execute(q).rowcount
+    if n:
+        scrub(engine, (table.name,))
+    return n

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from sqlalchemy import Column, Float, MetaData, String, Table, Text, delete, insert, select
 
-from inhouse.governance.database import add_missing_columns, open_database, private_dir, scrub
+from inhouse.governance.database import (add_missing_columns, erase_rows, open_database,
+                                         private_dir, scrub)
 from inhouse.governance.tenancy import Caller
 
 metadata = MetaData()
@@ -85,13 +86,4 @@ class ResponseStore:
 
     def erase(self, subject: str | None = None, before: float | None = None) -> int:
         """Delete a subject's stored responses, or those older than `before`; returns how many."""
-        q = delete(responses)
-        if subject is not None:
-            q = q.where(responses.c.subject == subject)
-        if before is not None:
-            q = q.where(responses.c.created_at < before)
-        with self.engine.begin() as conn:
-            n = conn.execute(q).rowcount
-        if n:
-            scrub(self.engine, ("responses",))
-        return n
+        return erase_rows(self.engine, responses, responses.c.created_at, subject, before)

@@ -11,6 +11,7 @@ import hashlib
 import os
 import secrets
 import time
+from pathlib import Path
 
 from inhouse import __version__
 from inhouse.config import ServerSettings, cache_root
@@ -24,9 +25,11 @@ from inhouse.pipeline.chat import ChatTurn, Finished, engine_params
 from inhouse.pipeline.offload import Offload
 
 
-def _salt() -> bytes:
-    """A per-deployment secret, so that hashes of short prompts cannot be guessed offline."""
-    path = cache_root() / "audit-salt"
+def _salt(configured: str = "") -> bytes:
+    """A per-deployment secret, so that hashes of short prompts cannot be guessed offline. Every
+    API process of a deployment reads the same file (`serve --audit-salt`), so that their hashes
+    of one text are one hash; created where missing."""
+    path = Path(configured) if configured else cache_root() / "audit-salt"
     if not path.is_file():
         private_dir(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -36,8 +39,6 @@ def _salt() -> bytes:
 
 
 def open_audit_log(settings: ServerSettings) -> AuditLog:
-    from pathlib import Path
-
     from inhouse.governance.witness import open_witness
 
     key = Path(settings.audit_signing_key) if settings.audit_signing_key else default_key_path()
@@ -53,7 +54,7 @@ class Auditor:
                  data: PersonalData | None = None, offload: Offload | None = None) -> None:
         self.log, self.settings, self.data = log, settings, data
         self.offload = offload or Offload()
-        self._salt = _salt() if log is not None else b""
+        self._salt = _salt(settings.audit_salt) if log is not None else b""
         self._retention_checked = 0.0
 
     async def _retention(self) -> None:

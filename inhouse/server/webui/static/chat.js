@@ -107,75 +107,48 @@ function renderAll() {
 }
 
 function messageElement(m, index) {
-  const el = document.createElement("article");
-  el.className = `message ${m.role}`;
+  const el = node("article", `message ${m.role}`);
   el.dataset.index = index;
-  const role = document.createElement("div");
-  role.className = "role";
-  role.textContent = m.role === "user" ? "You" : `Assistant${m.model ? ` · ${m.model}` : ""}`;
-  el.append(role);
+  el.append(node("div", "role", m.role === "user" ? "You" : `Assistant${m.model ? ` · ${m.model}` : ""}`));
   if (m.role === "user") {
-    const body = document.createElement("div");
-    body.className = "body";
-    body.textContent = m.content;
-    el.append(body);
+    el.append(node("div", "body", m.content));
     return el;
   }
   fillAssistant(el, m, index);
   return el;
 }
 
+// an element with a class and a text (as text: never parsed as HTML)
+function node(tag, className, text) {
+  const e = document.createElement(tag);
+  if (className) e.className = className;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
 function fillAssistant(el, m, index) {
   el.querySelectorAll(":scope > :not(.role)").forEach((n) => n.remove());
   if (m.reasoning) {
-    const d = document.createElement("details");
-    d.className = "reasoning";
-    const s = document.createElement("summary");
-    s.textContent = m.finish ? "Reasoning" : "Thinking…";
-    const t = document.createElement("div");
-    t.className = "text";
-    t.textContent = m.reasoning;
-    d.append(s, t);
+    const d = node("details", "reasoning");
+    d.append(node("summary", "", m.finish ? "Reasoning" : "Thinking…"), node("div", "text", m.reasoning));
     el.append(d);
   }
   for (const tool of m.tools || []) {
-    const box = document.createElement("div");
-    box.className = `tool ${tool.kind}`;
-    const title = document.createElement("strong");
-    title.textContent = tool.title;
-    box.append(title);
-    if (tool.detail) {
-      const pre = document.createElement("pre");
-      pre.textContent = tool.detail;
-      box.append(pre);
-    }
-    if (tool.output) {
-      const out = document.createElement("pre");
-      out.className = "muted";
-      out.textContent = tool.output;
-      box.append(out);
-    }
+    const box = node("div", `tool ${tool.kind}`);
+    box.append(node("strong", "", tool.title));
+    if (tool.detail) box.append(node("pre", "", tool.detail));
+    if (tool.output) box.append(node("pre", "muted", tool.output));
     el.append(box);
   }
-  const answer = document.createElement("div");
-  answer.className = "answer";
+  const answer = node("div", "answer");
   renderMarkdown(answer, m.content);
   el.append(answer);
   if (m.error) {
-    const p = document.createElement("p");
-    p.className = "note failed";
-    p.textContent = m.error;
-    el.append(p);
+    el.append(node("p", "note failed", m.error));
   } else if (m.finish === "completed" && !m.content && !(m.tools || []).length) {
-    const p = document.createElement("p");
-    p.className = "note";
-    p.textContent = "The model finished without an answer (only its reasoning). Try Regenerate.";
-    el.append(p);
+    el.append(node("p", "note", "The model finished without an answer (only its reasoning). Try Regenerate."));
   } else if (m.finish && m.finish !== "completed") {
-    const p = document.createElement("p");
-    p.className = "note";
-    p.textContent = m.finish === "stopped" ? "Stopped." : `Incomplete: ${m.finish}.`;
-    el.append(p);
+    el.append(node("p", "note", m.finish === "stopped" ? "Stopped." : `Incomplete: ${m.finish}.`));
   }
   if (m.finish) {
     const actions = document.createElement("div");
