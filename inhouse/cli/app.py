@@ -380,7 +380,7 @@ def serve(
         "--web-ui/--no-web-ui", help="Serve the web UI (chat, governance console) at /.")] = True,
     replicas: Annotated[int, typer.Option(
         min=0, help="Run the engine as this many Ray Serve replicas (pip install "
-                    "'inhouse[ray]'); this process keeps the API and the audit log. 0: the "
+                    "'inhouse\\[ray]'); this process keeps the API and the audit log. 0: the "
                     "engine in this process.")] = 0,
     max_replicas: Annotated[int, typer.Option(
         min=0, help="Autoscale between --replicas and this many on ongoing requests.")] = 0,
