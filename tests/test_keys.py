@@ -81,11 +81,11 @@ def test_a_rate_limit_is_counted_across_servers_on_one_database(store):
     assert codes == [200, 200, 200, 429]
 
 
-def check_concurrent_hits(url: str, processes: int = 4, rounds: int = 6, limit: int = 5) -> None:
-    """Writers in processes of their own (each its own connection pool) hit a key at the same
-    instant, a barrier apart, when it has one request left: exactly one gets through, every
-    round."""
-    import multiprocessing
+def check_concurrent_hits(url: str, writers: int = 4, rounds: int = 6, limit: int = 5) -> None:
+    """Writers, each with its own connection pool (as separate API processes have), hit a key at
+    the same instant, a barrier apart, when it has one request left: exactly one gets through,
+    every round."""
+    import threading
 
     from inhouse.governance.rate_limits import SharedRateLimiter
 
@@ -94,27 +94,23 @@ def check_concurrent_hits(url: str, processes: int = 4, rounds: int = 6, limit: 
     limiter = SharedRateLimiter(keys.engine)
     for k in ids:
         assert [limiter.hit(k, limit) for _ in range(limit - 1)] == [0] * (limit - 1)
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_hits, args=(url, ids, limit, barrier, results))
-             for _ in range(processes)]
-    for p in procs:
-        p.start()
-    got = [results.get(timeout=120) for _ in range(processes * rounds)]
-    for p in procs:
-        p.join(timeout=60)
+    barrier, got = threading.Barrier(writers), []
+    limiters = [SharedRateLimiter(KeyStore(url).engine) for _ in range(writers)]
+
+    def hits(mine: SharedRateLimiter) -> None:
+        for k in ids:
+            barrier.wait()
+            got.append((k, mine.hit(k, limit)))
+
+    threads = [threading.Thread(target=hits, args=(m,)) for m in limiters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
     for k in ids:
-        waits = [w for key_id, w in got if key_id == k]
-        assert sorted(waits)[0] == 0 and all(1 <= w <= 61 for w in sorted(waits)[1:]), (k, waits)
-
-
-def _hits(url: str, ids: list[str], limit: int, barrier, results) -> None:
-    from inhouse.governance.rate_limits import SharedRateLimiter
-
-    limiter = SharedRateLimiter(KeyStore(url).engine)
-    for k in ids:
-        barrier.wait()
-        results.put((k, limiter.hit(k, limit)))
+        waits = sorted(w for key_id, w in got if key_id == k)
+        assert len(waits) == writers and waits[0] == 0, (k, waits)
+        assert all(1 <= w <= 61 for w in waits[1:]), (k, waits)
 
 
 def test_concurrent_requests_never_pass_the_limit(tmp_path):

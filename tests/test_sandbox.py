@@ -205,3 +205,18 @@ def test_cli_runs_code():
     assert r.exit_code == 0 and r.output.strip() == "45"
     r = CliRunner().invoke(app, ["tools", "python", "--code", "raise ValueError('no')"])
     assert r.exit_code == 1 and "ValueError: no" in r.output
+
+
+def test_a_server_started_with_stdin_closed_still_runs_python():
+    """Found in the full suite (a test left fd 0 closed): the seccomp program's pipe took fd 0,
+    the child's stdin replaced it, and bwrap read the request as its filter. A server started
+    with `<&-` (some supervisors do) would have had no python at all."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.close(0)\n"
+            "from inhouse.tools.python import PythonSession\n"
+            "from inhouse.tools.sandbox import SandboxLimits\n"
+            "print(PythonSession(SandboxLimits(wall_seconds=20)).run('print(6 * 7)').output, end='')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout == "42\n", r.stderr[-2000:]

@@ -223,6 +223,8 @@ def test_an_auditor_verifies_the_log_reads_a_record_and_answers_export_and_erasu
         page.get_by_role("button", name="Download proof").click()
     proof = json.loads(Path(dl.value.path()).read_text())
     assert proof["record_id"] in page.locator("#detail-title").inner_text()
+    checked = check_offline(Path(dl.value.path()), s.log.parent / "audit.key")
+    assert checked.exit_code == 0 and "valid" in checked.output, checked.output
     page.get_by_role("button", name="Replay").click()
     page.locator("#replay-result", has_text="Identical").wait_for(timeout=120_000)
     # export, then erasure with its confirmation
@@ -246,6 +248,18 @@ def test_an_auditor_verifies_the_log_reads_a_record_and_answers_export_and_erasu
     assert again["content"] == {} and again["conversations"] == []
     page.get_by_role("button", name="Verify the log").click()
     state.get_by_text("verified: every record").wait_for()  # erasure keeps the log verifiable
+
+
+def check_offline(proof: Path, signing_key: Path):
+    """`inhouse audit check-proof` with the log's public key pinned: no server, no database."""
+    from typer.testing import CliRunner
+
+    from inhouse.cli import app as cli
+    from inhouse.governance.audit_log import load_signing_key, public_key_pem
+
+    pub = proof.with_suffix(".pub.pem")
+    pub.write_bytes(public_key_pem(load_signing_key(signing_key).public_key()))
+    return CliRunner().invoke(cli, ["audit", "check-proof", str(proof), "--public-key", str(pub)])
 
 
 def test_a_user_key_cannot_open_the_console(page, served):

@@ -13,6 +13,7 @@ import secrets
 import select
 import signal
 import struct
+import logging
 import subprocess
 import threading
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from inhouse.errors import InhouseError
 from inhouse.tools.sandbox import SandboxLimits, probe, spawn
+
+log = logging.getLogger("inhouse.tools")
 
 _DRIVER = (Path(__file__).parent / "python_driver.py").read_text()
 
@@ -75,8 +78,8 @@ class PythonSession:
                 self._kill()
                 return Execution("", timed_out=True, restarted=True,
                                  duration_s=time.monotonic() - t0)
-            except (OSError, EOFError, ValueError):
-                self._kill()
+            except (OSError, EOFError, ValueError) as e:
+                self._kill(why=type(e).__name__)
                 return Execution("", restarted=True, duration_s=time.monotonic() - t0)
             return Execution(str(reply.get("output", "")), bool(reply.get("truncated")),
                              bool(reply.get("error")), duration_s=time.monotonic() - t0)
@@ -103,15 +106,22 @@ class PythonSession:
             raise ValueError("malformed reply")
         return reply
 
-    def _kill(self) -> None:
+    def _kill(self, why: str = "") -> None:
         p, self._proc = self._proc, None
         if p is None:
             return
+        exited = p.poll()
         try:
             os.killpg(p.pid, signal.SIGKILL)  # bwrap; --die-with-parent takes the rest
         except ProcessLookupError:
             pass
         p.wait()
+        if why:  # the sandbox stopped under a call: say how, for the operator (bwrap's own
+            # complaint, never the code's output, which the driver keeps off stderr)
+            said = p.stderr.read(4096).decode(errors="replace").strip().splitlines()
+            bwrap = [line for line in said if line.startswith("bwrap:")]
+            log.warning("python sandbox stopped (%s; exit code %s)%s", why, exited,
+                        f": {bwrap[-1][:300]}" if bwrap else f"; {len(said)} line(s) on stderr")
         for f in (p.stdin, p.stdout, p.stderr):
             f.close()
 

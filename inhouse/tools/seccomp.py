@@ -12,6 +12,7 @@ RLIMIT_NPROC cannot (a server running as root, or whose own threads share the ui
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import tempfile
@@ -62,4 +63,9 @@ def bpf_fd(program: bytes) -> int:
         raise ValueError("seccomp program too large for a pipe")
     os.write(w, program)
     os.close(w)
+    if r < 3:  # a server started with stdin closed: this pipe got fd 0, which the child's stdin
+        # then replaces, and bwrap would read our request as its seccomp program
+        moved = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.close(r)
+        r = moved
     return r
