@@ -220,3 +220,20 @@ def test_a_server_started_with_stdin_closed_still_runs_python():
             "print(PythonSession(SandboxLimits(wall_seconds=20)).run('print(6 * 7)').output, end='')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout == "42\n", r.stderr[-2000:]
+
+
+def test_python_runs_in_a_process_with_more_than_1024_descriptors_open():
+    """Found in the full suite: past fd 1024 select() raised, and every call read as a dead
+    interpreter. A busy server (connections, database pools) gets there."""
+    import subprocess
+    import sys
+
+    code = ("import os, resource\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))\n"
+            "held = [os.open('/dev/null', os.O_RDONLY) for _ in range(1100)]\n"
+            "from inhouse.tools.python import PythonSession\n"
+            "from inhouse.tools.sandbox import SandboxLimits\n"
+            "print(PythonSession(SandboxLimits(wall_seconds=20)).run('print(6 * 7)').output, end='')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout == "42\n", r.stderr[-2000:]
