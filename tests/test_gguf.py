@@ -24,6 +24,12 @@ def exported(checkpoints, tmp_path_factory):
     return export_gguf(checkpoints["hf"], path)
 
 
+@pytest.fixture(scope="module")
+def reader(exported):
+    """Read once: gguf's reader walks all 201,088 vocabulary strings (several seconds)."""
+    return gguf.GGUFReader(exported)
+
+
 def _field(reader, key):
     f = reader.fields[key]
     if f.types[0] == gguf.GGUFValueType.STRING:
@@ -33,8 +39,8 @@ def _field(reader, key):
     return f.parts[f.data[0]][0]
 
 
-def test_metadata_says_what_llama_cpp_reads(exported, tiny_config):
-    r = gguf.GGUFReader(exported)
+def test_metadata_says_what_llama_cpp_reads(reader, tiny_config):
+    r = reader
     c = tiny_config
     assert _field(r, "general.architecture") == "gpt-oss"
     assert _field(r, "gpt-oss.block_count") == c.num_hidden_layers
@@ -49,11 +55,11 @@ def test_metadata_says_what_llama_cpp_reads(exported, tiny_config):
     assert _field(r, "tokenizer.ggml.eos_token_id") == 200002  # <|return|>
 
 
-def test_tensors_are_the_same_weights(exported, checkpoints, tiny_config):
+def test_tensors_are_the_same_weights(reader, checkpoints, tiny_config):
     """Every weight read back equals the source: MXFP4 decoded by gguf's own reference (ggml's
     layout), bf16 bit for bit, gate and up split from HF's interleaved gate_up."""
     src = read_tensors(find_checkpoint(checkpoints["hf"]))
-    got = {t.name: t for t in gguf.GGUFReader(exported).tensors}
+    got = {t.name: t for t in reader.tensors}
     n_layers = tiny_config.num_hidden_layers
     assert len(got) == 3 + n_layers * 19
     for i in range(n_layers):
