@@ -77,7 +77,7 @@ def cluster(demo_cache, postgres_url, tmp_path):  # noqa: F811 - the fixture
 
 
 def ask(url: str, i: int, results: dict) -> None:
-    body = {"model": "inhouse-demo", "max_tokens": 32, "seed": i, "temperature": 1.0,
+    body = {"model": "inhouse-demo", "max_tokens": 24, "seed": i, "temperature": 1.0,
             "messages": [{"role": "user", "content": f"Write a short note number {i}."}]}
     try:
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=180)

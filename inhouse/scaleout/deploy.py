@@ -77,10 +77,11 @@ def start_replicas(spec: ReplicaSpec, scaling: ReplicaScaling, model_config,
 
     def stop() -> None:
         try:
-            serve.delete(APP_NAME)
-            if started_here:
+            if started_here:  # our own Ray: Serve and every replica go with it
                 serve.shutdown()
                 ray.shutdown()
+            else:
+                serve.delete(APP_NAME)
         except Exception as e:  # noqa: BLE001 - stopping anyway
             log.warning("stopping the replicas: %s", e)
 
