@@ -126,6 +126,13 @@ def test_two_replicas_share_the_load_survive_a_killed_one_and_keep_one_verifiabl
     after: dict[int, tuple[int, dict]] = {}
     ask(url, 99, after)
     assert after[99][0] == 200, after
+    # a stop string aborts the rest of the generation on its replica, as in one process
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "inhouse-demo", "temperature": 0, "max_tokens": 200, "stop": ["capital"],
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "The ", r.text
+    ends = [leaf for leaf in audit.get(f"{r.json()['id']}-0") if leaf["kind"] == "completion"]
+    assert [leaf["finish_reason"] for leaf in ends] == ["abort"], ends
 
 
 def _running_on_both(url: str) -> bool:

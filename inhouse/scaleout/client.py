@@ -31,6 +31,8 @@ class RayEngineClient(EngineClient):
         self._config = model_config
         self._on_shutdown = on_shutdown
         self._replicas: dict[int, tuple[float, object]] = {}  # pid -> (seen at, ReplicaStats)
+        self._live: dict[str, object] = {}  # request id -> its stream, for abort()
+        self._aborted: set[str] = set()
         self._stopped = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="inhouse-replica-stats",
                                         daemon=True)
@@ -45,6 +47,7 @@ class RayEngineClient(EngineClient):
         from ray.exceptions import RayTaskError
 
         gen = self._stream.generate.remote(request_id, list(prompt_ids), params)
+        self._live[request_id] = gen
         finished, sent = False, 0
         try:
             while True:
@@ -52,18 +55,18 @@ class RayEngineClient(EngineClient):
                     out = await gen.__anext__()
                 except StopAsyncIteration:
                     break
-                except RayTaskError as e:  # raised in the replica: InvalidRequest, QueueFull, ...
-                    cause = e.cause if isinstance(e.cause, Exception) else None
-                    if sent == 0 and cause is not None:
-                        raise cause from None
-                    yield self._lost(request_id, prompt_ids, params, sent, str(cause or e))
-                    finished = True
-                    return
-                except Exception as e:  # noqa: BLE001 - the replica died, or Serve lost it
-                    log.warning("request %s: engine replica lost (%s)", request_id,
-                                type(e).__name__)
-                    yield self._lost(request_id, prompt_ids, params, sent,
-                                     f"the engine replica serving it stopped ({type(e).__name__})")
+                except Exception as e:  # noqa: BLE001 - aborted, refused, or the replica lost
+                    if request_id in self._aborted:  # abort() cancelled it, as asked
+                        yield self._ended(request_id, prompt_ids, params, sent, "abort")
+                    elif isinstance(e, RayTaskError) and sent == 0 \
+                            and isinstance(e.cause, Exception):
+                        raise e.cause from None  # raised in the replica: InvalidRequest, ...
+                    else:
+                        log.warning("request %s: engine replica lost (%s)", request_id,
+                                    type(e).__name__)
+                        yield self._ended(request_id, prompt_ids, params, sent, "error",
+                                          f"the engine replica serving it stopped "
+                                          f"({type(e).__name__})")
                     finished = True
                     return
                 sent += len(out.new_token_ids)
@@ -72,21 +75,29 @@ class RayEngineClient(EngineClient):
                     finished = True
                     return
             if not finished:
-                yield self._lost(request_id, prompt_ids, params, sent,
-                                 "the engine replica ended the stream early")
+                yield self._ended(request_id, prompt_ids, params, sent, "error",
+                                  "the engine replica ended the stream early")
                 finished = True
         finally:
+            self._live.pop(request_id, None)
+            self._aborted.discard(request_id)
             if not finished:
                 gen.cancel()  # the replica's generator is cancelled: it aborts the request
 
     @staticmethod
-    def _lost(request_id: str, prompt_ids: list[int], params: SamplingParams, sent: int,
-              error: str) -> RequestOutput:
-        return RequestOutput(request_id, (), (), True, "error", len(prompt_ids), sent,
+    def _ended(request_id: str, prompt_ids: list[int], params: SamplingParams, sent: int,
+               reason: str, error: str | None = None) -> RequestOutput:
+        """The last output of a request the replica did not finish itself."""
+        return RequestOutput(request_id, (), (), True, reason, len(prompt_ids), sent,
                              params.seed if params.seed is not None else 0, error=error)
 
     async def abort(self, request_id: str) -> None:
-        """Requests are aborted by leaving their stream (the replica's generator is cancelled)."""
+        """Cancel the request's stream (its replica aborts it); its iteration ends with
+        finish_reason "abort", as the in-process engine's does. A stop string needs this."""
+        gen = self._live.get(request_id)
+        if gen is not None:
+            self._aborted.add(request_id)
+            gen.cancel()
 
     # ---- stats: the replicas' sums, polled from every replica (Ray >= 2.5x broadcasts; before,
     # whichever replica Serve picks, which reaches them all over a few polls) -------------------
