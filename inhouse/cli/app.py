@@ -412,7 +412,6 @@ def serve(
                ray_address=ray_address)
 
 
-
 @app.command()
 def version() -> None:
     """Print the version."""

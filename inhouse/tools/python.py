@@ -86,12 +86,12 @@ class PythonSession:
 
     def _read_exact(self, n: int, deadline: float) -> bytes:
         fd, buf = self._proc.stdout.fileno(), b""
+        # poll, not select: select() refuses descriptors past 1024, which a busy server's pipes
+        # reach (the full test suite did: every call then read as a dead interpreter)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         while len(buf) < n:
             left = deadline - time.monotonic()
-            # poll, not select: select() refuses descriptors past 1024, which a busy server's
-            # pipes reach (the full test suite did: every call then read as a dead interpreter)
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
             if left <= 0 or not poller.poll(left * 1000):
                 raise TimeoutError
             chunk = os.read(fd, n - len(buf))
