@@ -51,7 +51,7 @@ class ReplicaScaling:
 
 
 def start_replicas(spec: ReplicaSpec, scaling: ReplicaScaling, model_config,
-                   address: str | None = None, local_cpus: int | None = None) -> RayEngineClient:
+                   address: str | None = None) -> RayEngineClient:
     """Deploy the replicas and wait until they are up; the client's shutdown takes them down
     (and the local Ray, when this call started it)."""
     try:
@@ -60,12 +60,15 @@ def start_replicas(spec: ReplicaSpec, scaling: ReplicaScaling, model_config,
     except ImportError:
         raise InhouseError("--replicas needs Ray Serve: pip install 'inhouse[ray]'") from None
 
-    started_here = not ray.is_initialized()
-    if started_here:
+    connected_here = not ray.is_initialized()
+    # a Ray started for this run is this run's to stop whole; a cluster's Serve is shared with
+    # whatever else runs on it, so there only our application goes
+    owns_ray = connected_here and not address
+    if connected_here:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:  # a local Ray for this run: no dashboard, a small object store (we pass tokens)
-            ray.init(num_cpus=local_cpus, include_dashboard=False, log_to_driver=False,
+            ray.init(include_dashboard=False, log_to_driver=False,
                      object_store_memory=256 * 2**20)
     # no Serve HTTP proxy: the API is inhouse's own, in this process; Serve only routes to the
     # replicas through their handle
@@ -77,11 +80,12 @@ def start_replicas(spec: ReplicaSpec, scaling: ReplicaScaling, model_config,
 
     def stop() -> None:
         try:
-            if started_here:  # our own Ray: Serve and every replica go with it
+            if owns_ray:  # Serve and every replica go with it
                 serve.shutdown()
-                ray.shutdown()
             else:
                 serve.delete(APP_NAME)
+            if connected_here:
+                ray.shutdown()
         except Exception as e:  # noqa: BLE001 - stopping anyway
             log.warning("stopping the replicas: %s", e)
 

@@ -22,7 +22,6 @@ class ReplicaSpec:
     engine: EngineConfig
     adapters: tuple[tuple[str, str], ...] = ()  # (name, directory)
     mmap: bool = False
-    threads: int = 0  # torch threads per replica (0: the CPUs Ray gave it)
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class EngineReplica:
         from inhouse.model import load_model
         from inhouse.model.peft_format import attach_adapter
 
-        threads = spec.threads or _ray_cpus()
+        threads = _ray_cpus()  # torch threads: the CPUs Ray reserved for this replica
         if threads:
             torch.set_num_threads(threads)
         model = load_model(spec.checkpoint, dtype=getattr(torch, spec.dtype), mmap=spec.mmap)
