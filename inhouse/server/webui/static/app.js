@@ -3,8 +3,8 @@
 import { call, saveKey, savedKey } from "./api.js";
 import { initChat } from "./chat.js";
 import { initConsole, showConsole } from "./console.js";
+import { $ } from "./dom.js";
 
-const $ = (id) => document.getElementById(id);
 let session = null;
 
 function show(id) {

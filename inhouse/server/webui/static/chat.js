@@ -2,8 +2,8 @@
 // Responses API with the reasoning in a collapsed block and built-in tool calls shown.
 import { call, stream, ApiError } from "./api.js";
 import { renderMarkdown, copyText } from "./markdown.js";
+import { $, node } from "./dom.js";
 
-const $ = (id) => document.getElementById(id);
 const state = { conv: null, controller: null, busy: false };
 
 export function initChat(session) {
@@ -116,14 +116,6 @@ function messageElement(m, index) {
   }
   fillAssistant(el, m, index);
   return el;
-}
-
-// an element with a class and a text (as text: never parsed as HTML)
-function node(tag, className, text) {
-  const e = document.createElement(tag);
-  if (className) e.className = className;
-  if (text !== undefined) e.textContent = text;
-  return e;
 }
 
 function fillAssistant(el, m, index) {

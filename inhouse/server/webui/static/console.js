@@ -1,8 +1,8 @@
 // The governance console, for auditor and admin keys: the audit log's state, its records (with
 // replay and proofs), a person's export and erasure, API keys (admin), a glance at the metrics.
 import { call, download } from "./api.js";
+import { $, node } from "./dom.js";
 
-const $ = (id) => document.getElementById(id);
 let current = null;  // the record whose detail is shown
 
 export function initConsole(session) {
@@ -35,24 +35,19 @@ function fail(e) {
 }
 
 const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "");
-const cell = (text, cls) => {
-  const td = document.createElement("td");
-  td.textContent = text ?? "";
-  if (cls) td.className = cls;
-  return td;
-};
+const cell = (text, cls) => node("td", cls, text ?? "");
 
 // ---- the log's state -------------------------------------------------------------------------
 async function verify() {
   const box = $("log-state");
-  box.replaceChildren(Object.assign(document.createElement("p"), { textContent: "Verifying…", className: "muted" }));
+  box.replaceChildren(node("p", "muted", "Verifying…"));
   try {
     const v = await call("GET", "/v1/audit/verify");
     const dl = document.createElement("dl");
     dl.className = "grid";
     const row = (k, val, cls) => {
-      dl.append(Object.assign(document.createElement("dt"), { textContent: k }),
-                Object.assign(document.createElement("dd"), { textContent: val, className: cls || "" }));
+      dl.append(node("dt", "", k),
+                node("dd", cls || "", val));
     };
     row("Verification", v.ok ? "verified: every record, content and checkpoint checks out" : `FAILED: ${v.problem}`, v.ok ? "ok" : "bad");
     row("Records", String(v.records));
@@ -62,7 +57,7 @@ async function verify() {
     row("Last checkpoint", cp ? `${cp.tree_size} records, signed ${when(cp.signed_at)} by key ${cp.key_id.slice(0, 16)}…` : "none yet");
     if (cp) row("Root", cp.root);
     if (!v.ok && v.first_bad_index !== null) row("First bad record", String(v.first_bad_index), "bad");
-    box.replaceChildren(dl, Object.assign(document.createElement("p"), { textContent: v.note, className: "hint" }));
+    box.replaceChildren(dl, node("p", "hint", v.note));
     fail(null);
   } catch (e) {
     box.replaceChildren();
@@ -98,10 +93,10 @@ async function metrics() {
       ["Prefix cache hit ratio", `${(100 * (s.inhouse_prefix_cache_hit_ratio ?? 0)).toFixed(1)} %`],
     ];
     $("metrics").replaceChildren(...rows.flatMap(([k, v]) => [
-      Object.assign(document.createElement("dt"), { textContent: k }),
-      Object.assign(document.createElement("dd"), { textContent: String(v) })]));
+      node("dt", "", k),
+      node("dd", "", String(v))]));
   } catch (e) {
-    $("metrics").replaceChildren(Object.assign(document.createElement("dd"), { textContent: e.message }));
+    $("metrics").replaceChildren(node("dd", "", e.message));
   }
 }
 
