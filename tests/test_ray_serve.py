@@ -1,9 +1,10 @@
 """Scale-out on Ray Serve, as an operator runs it: `inhouse serve --replicas 2` of the trained demo
 on a local Ray, with the audit log, keys and stored responses on a real PostgreSQL. 40 concurrent
-requests spread over both replicas; one replica's process is killed (SIGKILL) under load. Every
-request answered 200 has its complete record in the one log, the requests the dead replica held
-end with an error the client sees (and the log records), `audit verify` passes, and Serve brings
-the replica back."""
+requests spread over both replicas; one replica's process is killed (SIGKILL) under load. The
+requests the dead replica held that had no token yet run again on the survivor; only those it was
+generating (at most its batch, 8) end with an error the client sees (and the log records). Every
+request answered 200 has its complete record in the one log, `audit verify` passes, and Serve
+brings the replica back."""
 
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def test_two_replicas_share_the_load_survive_a_killed_one_and_keep_one_verifiabl
     ok = {i: body for i, (status, body) in results.items() if status == 200}
     failed = {i: body for i, (status, body) in results.items() if status != 200}
     assert busy, "the load never ran on both replicas at once"
-    assert len(ok) >= 20, statuses  # the survivor (and the replacement) answered most
+    # only the victim's running batch can be lost: its queue had no token out and ran again
+    assert len(failed) <= 8, statuses
     for body in failed.values():  # a replica's death is an error the client is told of
         assert "replica" in body["error"]["message"], body
     # every answered request is in the one log, complete

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
@@ -18,12 +19,15 @@ log = logging.getLogger("inhouse.scaleout")
 
 STATS_EVERY_S = 2.0
 STATS_KEPT_S = 15.0  # a replica not heard from for this long is taken as gone from the sums
+LOST_RETRIES = 3  # a request whose replica died before its first token runs again elsewhere
+LOST_BACKOFF_S = 0.25
 
 
 class RayEngineClient(EngineClient):
-    """Streams each request from whichever replica Serve picks. A replica that dies mid-request
-    ends that request with finish_reason "error" (the governed turn records it and the client
-    sees a server error); the other requests, on other replicas, go on."""
+    """Streams each request from whichever replica Serve picks. A replica that dies before a
+    request's first token costs it nothing: it runs again on another replica (up to
+    LOST_RETRIES times). One that dies after ends that request with finish_reason "error" (the
+    governed turn records it and the client sees a server error); the other requests go on."""
 
     def __init__(self, handle, model_config: ModelConfig, on_shutdown=None) -> None:
         self._handle = handle
@@ -44,6 +48,26 @@ class RayEngineClient(EngineClient):
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        for attempt in range(LOST_RETRIES + 1):
+            lost: list[Exception] = []
+            async for out in self._attempt(request_id, prompt_ids, params, lost):
+                yield out
+            if not lost:
+                return
+            # the replica was lost before the request's first token: nothing reached the caller,
+            # so another replica runs it from the start and gives the same bits (batch-invariant)
+            log.warning("request %s: engine replica lost before its first token (%s); "
+                        "retry %d on another replica", request_id, type(lost[0]).__name__,
+                        attempt + 1)
+            await asyncio.sleep(LOST_BACKOFF_S * 2 ** attempt)  # Serve drops the dead one
+        yield self._ended(request_id, prompt_ids, params, 0, "error",
+                          f"the engine replicas serving it stopped ({type(lost[0]).__name__}); "
+                          f"tried {LOST_RETRIES + 1} times")
+
+    async def _attempt(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       lost: list[Exception]) -> AsyncIterator[RequestOutput]:
+        """One try on one replica. A replica lost before the first token is put in `lost` and
+        nothing is yielded for it (the caller retries); lost later, the request ends in error."""
         from ray.exceptions import RayTaskError
 
         gen = self._stream.generate.remote(request_id, list(prompt_ids), params)
@@ -56,18 +80,20 @@ class RayEngineClient(EngineClient):
                 except StopAsyncIteration:
                     break
                 except Exception as e:  # noqa: BLE001 - aborted, refused, or the replica lost
+                    finished = True
                     if request_id in self._aborted:  # abort() cancelled it, as asked
                         yield self._ended(request_id, prompt_ids, params, sent, "abort")
                     elif isinstance(e, RayTaskError) and sent == 0 \
                             and isinstance(e.cause, Exception):
                         raise e.cause from None  # raised in the replica: InvalidRequest, ...
+                    elif sent == 0:
+                        lost.append(e)
                     else:
-                        log.warning("request %s: engine replica lost (%s)", request_id,
-                                    type(e).__name__)
+                        log.warning("request %s: engine replica lost after %d tokens (%s)",
+                                    request_id, sent, type(e).__name__)
                         yield self._ended(request_id, prompt_ids, params, sent, "error",
                                           f"the engine replica serving it stopped "
                                           f"({type(e).__name__})")
-                    finished = True
                     return
                 sent += len(out.new_token_ids)
                 yield out
