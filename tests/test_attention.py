@@ -48,6 +48,23 @@ def test_chunked_fast_path_matches_reference(monkeypatch, window):
     assert torch.allclose(attention(q, k, v, sinks, 0, 0, window, 0.3), ref, atol=2e-6)
 
 
+@pytest.mark.parametrize("T, S, q_start, window", [
+    (1, 1, 0, None), (17, 17, 0, None), (40, 40, 0, 8), (9, 30, 21, None), (9, 14, 41, 5)])
+@pytest.mark.parametrize("Hq, Hkv", [(4, 2), (3, 3)])
+def test_the_training_path_matches_the_reference_and_its_gradients(T, S, q_start, window, Hq,
+                                                                    Hkv):
+    """With gradients, attention takes the sink-as-a-key path: the same values and the same
+    gradients (of q, k, v and the sinks) as the reference's autograd."""
+    got = []
+    for fn in (attention_reference, attention):
+        q, k, v, sinks = (t.clone().requires_grad_() for t in _inputs(T, S, Hq, Hkv, 16))
+        out = fn(q, k, v, sinks, q_start, q_start + T - S, window, 0.25)
+        (out * torch.sin(out)).sum().backward()  # a loss whose gradient varies by element
+        got.append([out.detach()] + [t.grad for t in (q, k, v, sinks)])
+    for ref, fast in zip(*got):
+        assert torch.allclose(fast, ref, atol=2e-5, rtol=1e-4), (ref - fast).abs().max()
+
+
 def test_bf16_fast_path_is_close():
     q, k, v, sinks = _inputs(20, 20, 4, 2, 16, dtype=torch.bfloat16)
     ref = attention_reference(q, k, v, sinks, 0, 0, 8, 0.25).float()

@@ -12,6 +12,12 @@ fast path: a single query row (decode) goes to our C kernel (attend_kernel: one 
 allowed key range included); more rows to torch's fused CPU flash kernel over query chunks, which
 also returns the log-sum-exp L of each row; the sink then enters exactly as out * sigmoid(L - sink),
 since softmax-with-sink = softmax * Z / (Z + e^sink) and Z = e^L.
+
+Gradients (training) cannot take that path: the flash op's log-sum-exp has no derivative. They
+take `_sink_as_key`: the sink as one more key that every query sees, with score = the sink and
+value zero (q gains a constant 1 and that key the sink over the scale in one more dimension),
+through torch's differentiable scaled_dot_product_attention. Exact, about half the reference's
+time on short sequences and a third on long ones.
 """
 
 from __future__ import annotations
@@ -64,15 +70,15 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
               q_start: int, k_start: int, window: int | None, scale: float) -> torch.Tensor:
-    """Same contract as `attention_reference`; memory O(chunk x keys), not O(T x S).
-    NOTE: gradients (training) take the reference: the flash op's log-sum-exp output, which
-    carries the sinks, has no derivative."""
+    """Same contract as `attention_reference`; memory O(chunk x keys), not O(T x S)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad or sinks.requires_grad)
     if not needs_grad and attend_kernel.applies(q, k):  # one query row: keys lo..hi-1 allowed
         lo, hi = allowed_keys(k.shape[1], q_start, k_start, window)
         return attend_kernel.attend_one(q, k, v, sinks, lo, hi, scale)
-    if q.device.type != "cpu" or not _has_cpu_flash() or needs_grad:
+    if needs_grad:
+        return _chunked(_sink_as_key, q, k, v, sinks, q_start, k_start, window, scale)
+    if q.device.type != "cpu" or not _has_cpu_flash():
         return _chunked(attention_reference, q, k, v, sinks, q_start, k_start, window, scale)
     return _chunked(_flash_with_sinks, q, k, v, sinks, q_start, k_start, window, scale)
 
@@ -115,6 +121,30 @@ def _flash_with_sinks(q, k, v, sinks, q_start, k_start, window, scale) -> torch.
     keep = torch.sigmoid(lse.view(Hkv, G, T) - sinks.float().view(Hkv, G, 1))  # share not sunk
     out = out.view(Hkv, G, T, D) * keep.unsqueeze(-1).to(out.dtype)
     return out.permute(2, 0, 1, 3).reshape(T, Hq * D)
+
+
+def _sink_as_key(q, k, v, sinks, q_start, k_start, window, scale) -> torch.Tensor:
+    """Differentiable, in fp32 like the reference: the sink is key 0 of every head, seen by all
+    queries, with score q'.k0 * scale = sinks[h] (q' = [q, 1], k0 = [0, sinks[h] / scale]) and a
+    zero value."""
+    T, Hq, D = q.shape
+    Hkv, S, _ = k.shape
+    G = Hq // Hkv
+    qh = torch.cat([q.float(), q.new_ones(T, Hq, 1, dtype=torch.float32)], -1).transpose(0, 1)
+    kh = torch.cat([k.float(), k.new_zeros(Hkv, S, 1, dtype=torch.float32)], -1)
+    sink_key = torch.cat([sinks.new_zeros(Hq, 1, D, dtype=torch.float32),
+                          (sinks.float() / scale).view(Hq, 1, 1)], -1)
+    kh = torch.cat([sink_key, kh.repeat_interleave(G, 0)], 1)  # (Hq, 1+S, D+1)
+    vh = torch.cat([v.new_zeros(Hq, 1, D, dtype=torch.float32),
+                    v.float().repeat_interleave(G, 0)], 1)  # (Hq, 1+S, D)
+    q_pos = torch.arange(q_start, q_start + T, device=q.device)
+    k_pos = torch.arange(k_start, k_start + S, device=q.device)
+    ok = torch.cat([torch.ones(T, 1, dtype=torch.bool, device=q.device),
+                    allowed_mask(q_pos, k_pos, window)], 1)
+    mask = torch.zeros(T, S + 1, device=q.device).masked_fill_(~ok, _NEG_INF)
+    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
+                                                           scale=scale)  # (Hq, T, D)
+    return out.transpose(0, 1).reshape(T, Hq * D).to(q.dtype)
 
 
 _FLASH: list[bool] = []
