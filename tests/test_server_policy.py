@@ -151,7 +151,10 @@ def test_policies_and_settings_are_checked(tmp_path):
         Policy.from_text("x\nCategories: ok, not ok!")
     assert Policy.from_text(POLICY).categories == ("weapons", "self_harm")
     schema = Policy.from_text(POLICY).verdict_schema()
-    assert schema["properties"]["category"] == {"enum": ["weapons", "self_harm", None]}
+    violation, passes = schema["anyOf"]  # a violation names a category, a pass none
+    assert violation["properties"]["violation"] == {"const": 1}
+    assert violation["properties"]["category"] == {"enum": ["weapons", "self_harm"]}
+    assert passes["properties"]["category"] == {"const": None}
     with pytest.raises(ConfigError):
         GuardSettings("everything", "block")
     with pytest.raises(ConfigError):
@@ -163,6 +166,21 @@ def test_policies_and_settings_are_checked(tmp_path):
     r = CliRunner().invoke(app, ["serve", "--policy", str(tmp_path / "missing.md")])
     assert r.exit_code == 1 and "no policy file" in r.output and "Traceback" not in r.output
     json.dumps(schema)  # the grammar's schema is plain JSON
+
+
+@pytest.mark.parametrize("verdict, ok", [
+    ('{"violation":1,"category":"weapons","rationale":"r"}', True),
+    ('{"violation":0,"category":null,"rationale":"r"}', True),
+    ('{"violation":1,"category":null,"rationale":"r"}', False),  # a violation names its category
+    ('{"violation":0,"category":"weapons","rationale":"r"}', False),  # a pass names none
+    ('{"violation":1,"category":"fraud","rationale":"r"}', False),  # not the policy's
+])
+def test_the_guards_grammar_ties_the_category_to_the_violation(verdict, ok):
+    from inhouse.harmony.constraints import verdict_constraint
+    from tests.test_grammar import consumes
+
+    grammar = verdict_constraint(Policy.from_text(POLICY).verdict_schema()).grammar
+    assert consumes(grammar, f"<|channel|>final<|message|>{verdict}<|return|>") is ok
 
 
 def test_the_demo_trains_on_the_guards_exact_prompt():

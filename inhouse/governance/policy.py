@@ -61,13 +61,19 @@ class Policy:
         return self.text + "\n" + OUTPUT_FORMAT
 
     def verdict_schema(self) -> dict:
-        category: dict = {"type": ["string", "null"], "maxLength": 64}
-        if self.categories:
-            category = {"enum": [*self.categories, None]}
-        return {"type": "object", "additionalProperties": False,
-                "required": ["violation", "category", "rationale"],
-                "properties": {"violation": {"enum": [0, 1]}, "category": category,
-                               "rationale": {"type": "string", "maxLength": 600}}}
+        """The guard's answer. With declared categories a violation names one of them and no
+        violation names none: the grammar then cannot give a violation without its category
+        (which `block` answers name) nor a category to a pass."""
+        def verdict(violation: dict, category: dict) -> dict:
+            return {"type": "object", "additionalProperties": False,
+                    "required": ["violation", "category", "rationale"],
+                    "properties": {"violation": violation, "category": category,
+                                   "rationale": {"type": "string", "maxLength": 600}}}
+
+        if not self.categories:
+            return verdict({"enum": [0, 1]}, {"type": ["string", "null"], "maxLength": 64})
+        return {"anyOf": [verdict({"const": 1}, {"enum": list(self.categories)}),
+                          verdict({"const": 0}, {"const": None})]}
 
 
 @dataclass(frozen=True)
