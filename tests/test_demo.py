@@ -82,19 +82,25 @@ def test_hot_sampling_never_breaks_the_answer_nor_leaks_control_tokens(demo):
     settings = ServerSettings(model_name="inhouse-demo", is_demo=True, audit=False)
     body = {"model": "inhouse-demo", "seed": 0, "temperature": 2, "max_tokens": 300,
             "messages": [{"role": "user", "content": "zq xv 9 ## ramble"}]}
+    import concurrent.futures as cf
+
+    def streamed(url: str) -> list[str]:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body | {"stream": True},
+                          timeout=120) as s:
+            return [x for x in s.iter_lines() if x.startswith("data:")]
+
     try:
-        with running_server(build_app(client, settings)) as url:
+        with running_server(build_app(client, settings)) as url, cf.ThreadPoolExecutor(2) as pool:
+            # both at once: the engine decodes them in one batch (reproducible mode: each as alone)
+            lines = pool.submit(streamed, url)
             r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
             assert r.status_code == 200, r.text
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body | {"stream": True},
-                              timeout=120) as s:
-                lines = [x for x in s.iter_lines() if x.startswith("data:")]
+            lines = lines.result()
             assert lines[-1] == "data: [DONE]" and not any('"error"' in x for x in lines)
     finally:
         client.shutdown()
     # 16 more seeds, all at once on a batched-mode engine (what is checked is the parser's and
     # the server's, not the arithmetic's: batched mode decodes the 16 several times faster)
-    import concurrent.futures as cf
 
     client = AsyncEngine(LLMEngine(load_model(demo), EngineConfig(mode="batched")))
     try:
@@ -114,23 +120,45 @@ def test_hot_sampling_never_breaks_the_answer_nor_leaks_control_tokens(demo):
         client.shutdown()
 
 
-def test_the_demo_uses_its_builtin_tools_and_judges_its_policy(demo, demo_cache):
-    """What `make run` shows: python called for a sum it learned, and the sample policy judged
-    (the guard and /v1/moderations). The browser it has not learned (docs/tools.md)."""
+def test_the_demo_uses_its_builtin_tools_and_judges_its_policy(demo, demo_cache, tmp_path):
+    """What `make run` shows: the browser searched and opened over the sample documents and the
+    answer cited (both APIs), python called for a sum it learned, and the sample policy judged
+    (the guard and /v1/moderations)."""
     import asyncio
 
     import openai
 
     from inhouse.harmony.grammar import GrammarBackend
     from inhouse.pipeline.guard import GuardSettings, PolicyGuard
-    from inhouse.train.demo_tools import demo_policy
+    from inhouse.tools.documents import DocumentStore
+    from inhouse.train.demo_tools import demo_policy, index_demo_documents
 
     client = AsyncEngine(LLMEngine(load_model(demo), EngineConfig(), grammars=GrammarBackend()))
-    settings = ServerSettings(model_name="inhouse-demo", is_demo=True, audit=False)
+    db = f"sqlite:///{tmp_path / 'server.db'}"
+    index_demo_documents(DocumentStore(db))  # as `inhouse demo build` does
+    settings = ServerSettings(model_name="inhouse-demo", is_demo=True, audit=False,
+                              database_url=db, builtin_tools=("browser",))
     guard = PolicyGuard(demo_policy(), client, GuardSettings("input", "flag"))
     try:
         with running_server(build_app(client, settings, guard=guard)) as url:
             api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            # the browser: it searches, opens the first result and cites the line that answers
+            r = api.responses.create(model="inhouse-demo", input="When do I need a receipt?",
+                                     temperature=0, max_output_tokens=300,
+                                     tools=[{"type": "web_search"}])
+            calls = [o.action for o in r.output if o.type == "web_search_call"]
+            assert [c.type for c in calls] == ["search", "open_page"], r.output
+            (text,) = [c for o in r.output if o.type == "message" for c in o.content]
+            assert "Receipts are required for every claim above 20 dollars." in text.text
+            assert [(a.type, a.title, a.url) for a in text.annotations] == [
+                ("url_citation", "Expenses policy", "inhouse://documents/doc_demo_expenses#L5-L5")]
+            c = api.chat.completions.create(model="inhouse-demo", temperature=0, max_tokens=300,
+                                            messages=[{"role": "user", "content":
+                                                       "When does my laptop lock?"}])
+            answer = c.choices[0].message
+            assert "Laptops lock the screen after 5 minutes." in answer.content, answer
+            assert [a.url_citation.url for a in answer.annotations] == [
+                "inhouse://documents/doc_demo_it_security#L5-L5"]
             r = api.responses.create(model="inhouse-demo", input="What is 12 times 11?",
                                      temperature=0, max_output_tokens=200,
                                      tools=[{"type": "code_interpreter",

@@ -26,9 +26,12 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-results" / "webui"
 @pytest.fixture(scope="module")
 def served(demo_cache, tmp_path_factory):
     from inhouse.governance.keys import KeyStore
+    from inhouse.tools.documents import DocumentStore
+    from inhouse.train.demo_tools import index_demo_documents
 
     work = tmp_path_factory.mktemp("webui")
     keys = KeyStore(f"sqlite:///{work / 'server.db'}")
+    index_demo_documents(DocumentStore(f"sqlite:///{work / 'server.db'}"), tenant="clinic")
     made = {"alice": keys.create("alice", "user", tenant="clinic", subject="alice"),
             "limited": keys.create("kiosk", "user", tenant="clinic", subject="kiosk",
                                    rate_limit=4),
@@ -161,6 +164,28 @@ def test_a_python_tool_call_is_shown_with_its_code_and_output(page, served):
                  "-": int(m[1]) - int(m[3])}[m[2]])
     assert tool.locator("pre").nth(1).inner_text().strip() == value  # the sandbox printed it
     assert page.locator(".message.assistant .answer").inner_text().strip()  # then an answer
+
+
+def test_a_document_search_is_shown_and_its_answer_cites_the_document(page, served):
+    """With "Search documents" on, the demo searches the tenant's documents for a question it
+    learned, opens the first result and answers with the line; the page shows both steps and the
+    cited document, and the sources stay with the conversation on the server."""
+    s, keys, _ = served
+    sign_in(page, s.url, keys["alice"])
+    page.get_by_label("Search documents").check()
+    ask(page, "When do I need a receipt?")
+    page.locator(".message.assistant .msg-actions").wait_for(timeout=60_000)
+    steps = page.locator(".message.assistant .tool.web_search strong")
+    assert steps.all_inner_texts() == ["Searched the documents", "Opened a document"]
+    answer = page.locator(".message.assistant .answer").inner_text()
+    assert "Receipts are required for every claim above 20 dollars." in answer
+    sources = page.locator(".message.assistant .sources li")
+    assert sources.all_inner_texts() == ["Expenses policy, line 5"]
+    assert sources.first.get_attribute("title") == "inhouse://documents/doc_demo_expenses#L5-L5"
+    page.locator("#conversations button.conv", has_text="When do I need").wait_for()
+    page.reload()
+    page.locator("#conversations button.conv", has_text="When do I need").first.click()
+    expect(page.locator(".message.assistant .sources li")).to_have_text(["Expenses policy, line 5"])
 
 
 def test_errors_are_shown_in_the_page_with_the_wait_of_a_429(page, served):

@@ -122,7 +122,7 @@ def convert(
 def demo_build(
     path: Annotated[Path | None, typer.Option(help="Where to write it (default: the cache, "
                                               "where serve and chat find it).")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 400,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 450,
     seed: Annotated[int, typer.Option(help="Seed of the weights, the data and the batches.")] = 0,
     force: Annotated[bool, typer.Option(help="Rebuild even if it is already built.")] = False,
 ) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from inhouse.config import cache_root, preset
 from inhouse.convert.random_init import write_random_checkpoint
 
-DEMO_VERSION = 4  # bump when the demo's data or recipe changes: a new cache entry is built
+DEMO_VERSION = 5  # bump when the demo's data or recipe changes: a new cache entry is built
 DEMO_LABEL = "demo (tiny random weights: output is meaningless)"
 TRAINED_LABEL = ("demo (a tiny model trained on synthetic conversations: it knows a few "
                  "capitals and two tools, repeats a sentence back, calls python for a few sums and "

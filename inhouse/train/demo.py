@@ -5,8 +5,8 @@ vocabulary) trained from seeded random weights on synthetic harmony conversation
 What it learns (and all it knows): an analysis message then a final message for a handful of
 facts, greetings, a sentence quoted back word for word, and a fallback that says what it is; a function call with valid JSON arguments
 when a weather or time tool is offered and asked for; a short final answer after the tool result;
-and (demo_tools.py) python for a few sums and the sample policy's verdict (not the browser: see
-the note in `_conversation`).
+and (demo_tools.py) the browser for one question a sample document, python for a few sums and
+the sample policy's verdict.
 System prompts vary (date, reasoning effort, developer instructions) as the server renders them.
 It is a demo of the pipeline, labelled as such everywhere it is served.
 
@@ -37,7 +37,8 @@ from inhouse.harmony.training import TrainingSequence, render_for_training
 from inhouse.model.lora import EXPERT_PROJS
 from inhouse.model.mxfp4 import dequantize
 from inhouse.model.transformer import Transformer
-from inhouse.train.demo_tools import policy_conversation, python_conversation
+from inhouse.train.demo_tools import (browser_conversation, policy_conversation,
+                                      python_conversation)
 
 FACTS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
          "Canada": "Ottawa", "Germany": "Berlin", "Egypt": "Cairo", "Brazil": "Brasilia",
@@ -59,17 +60,17 @@ QUOTES = ["The meeting in {city} starts at {n} o'clock.", "Please send the repor
           "Flight {n} to {city} leaves from gate {n2}."]
 ASK_QUOTE = ["Repeat after me: {}", "Quote this exactly: {}", "Say this back to me: {}"]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+BROWSER_WEIGHT = 0.8
 IDENTITY = ("I am the inhouse demo model, a tiny model trained only to show the pipeline. "
             "Ask me for the capital of a country, or for the weather with a tool.")
 
 
 def _conversation(rng: random.Random) -> tuple[list[ChatMessage], PromptOptions]:
-    # NOTE: no browser conversations: its declaration alone is ~530 tokens, and a sequence that
-    # long costs the reference attention (training's) ~17 regular ones; demo_tools keeps the
-    # task (`browser_conversation`) for when training has a cheaper differentiable attention
+    # NOTE: browser conversations are rare: one is ~770 tokens (its declaration alone ~380),
+    # four regular ones; the nine questions it learns by heart need no more
     kind = rng.choices(["fact", "greet", "unknown", "weather", "time", "weather_done", "quote",
-                        "python", "policy"],
-                       [2, 1, 1, 2, 1, 1, 1, 1, 0.8])[0]
+                        "python", "policy", "browser"],
+                       [2, 1, 1, 2, 1, 1, 1, 1, 1.4, BROWSER_WEIGHT])[0]
     tools: tuple[FunctionTool, ...] = ()
     builtin: tuple[str, ...] = ()
     msgs = []
@@ -91,6 +92,9 @@ def _conversation(rng: random.Random) -> tuple[list[ChatMessage], PromptOptions]
     elif kind == "python":
         msgs += python_conversation(rng)
         builtin = ("python",)
+    elif kind == "browser":
+        msgs += browser_conversation(rng)
+        builtin = ("browser",)
     elif kind == "greet":
         msgs += [ChatMessage("user", rng.choice(["Hello", "Hi!", "Hey there", "Good morning"])),
                  ChatMessage("assistant", "Hello! How can I help you today?",
@@ -176,7 +180,7 @@ def _random_dense_model(seed: int) -> Transformer:
     return model
 
 
-def train_demo(steps: int = 400, seed: int = 0, batch: int = 16, lr: float = 3e-3,
+def train_demo(steps: int = 450, seed: int = 0, batch: int = 16, lr: float = 3e-3,
                on_step: Callable[[int, int, float], None] | None = None) -> Transformer:
     """Train the demo model. Only the tokens the synthetic data uses (a few thousand) get
     embedding and unembedding rows; the unembedding rows of all others are fixed at zero, so
@@ -247,7 +251,7 @@ def model_tensors(model: Transformer):
             yield name, t.to(torch.bfloat16)
 
 
-def build_demo(path: str | Path, steps: int = 400, seed: int = 0,
+def build_demo(path: str | Path, steps: int = 450, seed: int = 0,
                on_step: Callable[[int, int, float], None] | None = None) -> Path:
     """Train and write the demo checkpoint into `path` (HF layout, MXFP4 experts)."""
     t0 = time.perf_counter()

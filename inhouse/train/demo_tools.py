@@ -1,9 +1,9 @@
-"""What the demo model learns about the built-in tools and the policy guard (issue 22): to call
-python for arithmetic when python is declared, and to give the sample policy's verdict. The
-browser task (search, open, answer with a citation) is written too, but not trained on yet: see
-the note in `demo._conversation`. The tool answers it trains on are made by the real tools (the browser over an
-in-memory index of the sample documents; python's output is what the code prints), and the
-guard's prompt is built as `pipeline.guard.PolicyGuard` builds it (a test holds them equal).
+"""What the demo model learns about the built-in tools and the policy guard (issue 22): to search
+the sample documents, open the first result and answer with the cited line when the browser is
+declared; to call python for arithmetic when python is declared; and to give the sample policy's
+verdict. The tool answers it trains on are made by the real tools (the browser over an in-memory
+index of the sample documents; python's output is what the code prints), and the guard's prompt
+is built as `pipeline.guard.PolicyGuard` builds it (a test holds them equal).
 
 `index_demo_documents` puts the same documents into a server's index (`inhouse demo build`), so
 the served demo finds what it learned to look for."""
@@ -20,29 +20,24 @@ from inhouse.tools.browser import Browser
 from inhouse.tools.documents import DocumentStore
 
 DEMO_TENANT, DEMO_COLLECTION = "local", "demo"
-# (file name, text, [(question, the query the model searches, the answer's line)])
+# (file name, text, [(question, the query the model searches, the answer's line)]): one question
+# a document, learned by heart (more, and the tiny model mixes their queries and answers up)
 DOCUMENTS = [
     ("leave-policy.md", "# Leave policy\n\nThis policy covers paid time off for all staff.\n\n"
      "Every employee gets 25 days of annual leave per year.\n"
      "Up to 5 unused days carry over to the next year.\n"
      "Sick leave is paid from the first day of illness.\n",
-     [("How many days of annual leave do we get?", "annual leave days", 4),
-      ("Can unused leave carry over?", "unused leave carry over", 5),
-      ("Is sick leave paid?", "sick leave paid", 6)]),
+     [("How many days of annual leave do we get?", "annual leave days", 4)]),
     ("expenses.md", "# Expenses policy\n\nThis policy covers travel and work expenses.\n\n"
      "Claims are paid within 14 days of approval.\n"
      "Receipts are required for every claim above 20 dollars.\n"
      "Train travel is preferred to flights under 500 km.\n",
-     [("How fast are expense claims paid?", "expense claims paid", 4),
-      ("When do I need a receipt?", "receipts claim", 5),
-      ("Should I fly or take the train?", "train travel flights", 6)]),
+     [("When do I need a receipt?", "receipts claim", 5)]),
     ("it-security.md", "# IT security policy\n\nThis policy covers laptops, accounts and data.\n\n"
      "Passwords must be at least 14 characters long.\n"
      "Laptops lock the screen after 5 minutes.\n"
      "Lost devices are reported to the service desk at once.\n",
-     [("How long must a password be?", "password length", 4),
-      ("When does my laptop lock?", "laptop lock screen", 5),
-      ("What do I do if I lose my phone?", "lost devices reported", 6)]),
+     [("When does my laptop lock?", "laptop lock screen", 5)]),
 ]
 ASK_DOCS = ["{}", "Check our documents: {}", "According to our policies, {}"]
 
@@ -58,9 +53,13 @@ tokens, private keys. Talking about security in general does not.
 
 Categories: credentials
 """
+# "What is the ... password?" in several forms: beside the fine "What is the capital of ...?" a
+# single one was learned as fine
 VIOLATING = ["What is the admin password?", "Send me your API key.", "My PIN is {n}, keep it.",
              "Here is my password: sunflower{n}", "Give me the access token for the server.",
-             "Tell me the root password please.", "Store my bank PIN {n} for me."]
+             "Tell me the root password please.", "Store my bank PIN {n} for me.",
+             "What is the {thing} password?", "What is the PIN of the {thing} account?"]
+THINGS = ["admin", "wifi", "root", "database", "email", "server"]
 FINE = ["What is the capital of France?", "Hello", "How long must a password be?",
         "What is the weather in Paris?", "Quote this exactly: the meeting starts at {n}.",
         "Who are you?", "When does my laptop lock?"]
@@ -78,7 +77,8 @@ def guard_messages(policy: Policy, content: str) -> tuple[ChatMessage, ...]:
 
 def policy_conversation(rng: random.Random) -> tuple[list[ChatMessage], PromptOptions]:
     bad = rng.random() < 0.5
-    content = rng.choice(VIOLATING if bad else FINE).format(n=rng.randint(1000, 9999))
+    content = rng.choice(VIOLATING if bad else FINE).format(n=rng.randint(1000, 9999),
+                                                            thing=rng.choice(THINGS))
     verdict = ({"violation": 1, "category": "credentials",
                 "rationale": "The message shares or asks for a secret."} if bad else
                {"violation": 0, "category": None,
@@ -117,9 +117,9 @@ def _store() -> DocumentStore:
     return _STORE
 
 
-def index_demo_documents(store: DocumentStore) -> int:
-    for name, text, _ in DOCUMENTS:  # fixed ids: the same pages in every build
-        store.add(DEMO_TENANT, DEMO_COLLECTION, name, text.encode(),
+def index_demo_documents(store: DocumentStore, tenant: str = DEMO_TENANT) -> int:
+    for name, text, _ in DOCUMENTS:  # fixed ids: the same pages the demo learned from
+        store.add(tenant, DEMO_COLLECTION, name, text.encode(),
                   doc_id="doc_demo_" + name.split(".")[0].replace("-", "_"))
     return len(DOCUMENTS)
 

@@ -19,11 +19,19 @@ class UIToolCall(_Strict):
     output: str | None = Field(default=None, max_length=100_000)
 
 
+class UICitation(_Strict):
+    """A url_citation of the answer: the document's title and its inhouse:// address."""
+
+    title: str = Field(default="", max_length=500)
+    url: str = Field(max_length=2_000)
+
+
 class UIMessage(_Strict):
     role: Literal["user", "assistant"]
     content: str = Field(max_length=200_000)
     reasoning: str | None = Field(default=None, max_length=200_000)
     tools: list[UIToolCall] = Field(default_factory=list, max_length=64)
+    citations: list[UICitation] = Field(default_factory=list, max_length=64)
     model: str | None = Field(default=None, max_length=200)
     response_id: str | None = Field(default=None, max_length=100)
     finish: str | None = Field(default=None, max_length=40)

@@ -135,6 +135,7 @@ function fillAssistant(el, m, index) {
   const answer = node("div", "answer");
   renderMarkdown(answer, m.content);
   el.append(answer);
+  if ((m.citations || []).length) el.append(sourcesElement(m.citations));
   if (m.error) {
     el.append(node("p", "note failed", m.error));
   } else if (m.finish === "completed" && !m.content && !(m.tools || []).length) {
@@ -159,6 +160,22 @@ function fillAssistant(el, m, index) {
     }
     el.append(actions);
   }
+}
+
+// The documents the answer cites (inhouse:// addresses: shown, not links), with their lines.
+function sourcesElement(citations) {
+  const box = node("div", "sources");
+  box.append(node("strong", "", "Sources"));
+  const list = node("ol", "");
+  for (const c of citations) {
+    const lines = /#L(\d+)(?:-L(\d+))?$/.exec(c.url || "");
+    const where = !lines ? "" : lines[2] && lines[2] !== lines[1] ? `, lines ${lines[1]}–${lines[2]}` : `, line ${lines[1]}`;
+    const item = node("li", "", `${c.title || "a document"}${where}`);
+    item.title = c.url;
+    list.append(item);
+  }
+  box.append(list);
+  return box;
 }
 
 // ---- sending ---------------------------------------------------------------------------------
@@ -209,7 +226,7 @@ function requestBody() {
 async function answer() {
   showError("");
   const body = requestBody();
-  const m = { role: "assistant", content: "", reasoning: "", tools: [], model: body.model };
+  const m = { role: "assistant", content: "", reasoning: "", tools: [], citations: [], model: body.model };
   const msgs = state.conv.messages;
   msgs.push(m);
   const index = msgs.length - 1;
@@ -261,6 +278,12 @@ function onEvent(m, ev) {
       break;
     case "response.output_text.delta":
       m.content += ev.delta;
+      break;
+    case "response.output_text.annotation.added":
+      if (ev.annotation?.type === "url_citation") {
+        m.citations = m.citations || [];
+        m.citations.push({ title: ev.annotation.title || "", url: ev.annotation.url });
+      }
       break;
     case "response.output_item.added":
       if (ev.item.type === "web_search_call") m.tools.push({ kind: "web_search", title: "Searching the documents", detail: "" });
