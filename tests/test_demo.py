@@ -75,47 +75,42 @@ CONTROL = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "
 def test_hot_sampling_never_breaks_the_answer_nor_leaks_control_tokens(demo):
     """Issue 17, finding 4, as the hostile user found it: on the demo model, seed 0, temperature
     2, max_tokens 300, "zq xv 9 ## ramble" put a <|start|> among the parser's pending tokens:
-    a 500, an SSE stream cut with no [DONE], and control tokens' text in `content`."""
+    a 500, an SSE stream cut with no [DONE], and control tokens' text in `content`. That request,
+    streamed and not, and 16 more seeds, all at once on a batched-mode engine (what is checked
+    is the parser's and the server's, not the arithmetic's: batched mode decodes them in one)."""
+    import concurrent.futures as cf
+
     import httpx
     openai = pytest.importorskip("openai")
-    client = AsyncEngine(LLMEngine(load_model(demo), EngineConfig()))
+    client = AsyncEngine(LLMEngine(load_model(demo), EngineConfig(mode="batched")))
     settings = ServerSettings(model_name="inhouse-demo", is_demo=True, audit=False)
     body = {"model": "inhouse-demo", "seed": 0, "temperature": 2, "max_tokens": 300,
             "messages": [{"role": "user", "content": "zq xv 9 ## ramble"}]}
-    import concurrent.futures as cf
-
-    def streamed(url: str) -> list[str]:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body | {"stream": True},
-                          timeout=120) as s:
-            return [x for x in s.iter_lines() if x.startswith("data:")]
-
     try:
-        with running_server(build_app(client, settings)) as url, cf.ThreadPoolExecutor(2) as pool:
-            # both at once: the engine decodes them in one batch (reproducible mode: each as alone)
-            lines = pool.submit(streamed, url)
-            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
-            assert r.status_code == 200, r.text
-            lines = lines.result()
-            assert lines[-1] == "data: [DONE]" and not any('"error"' in x for x in lines)
-    finally:
-        client.shutdown()
-    # 16 more seeds, all at once on a batched-mode engine (what is checked is the parser's and
-    # the server's, not the arithmetic's: batched mode decodes the 16 several times faster)
-
-    client = AsyncEngine(LLMEngine(load_model(demo), EngineConfig(mode="batched")))
-    try:
-        with running_server(build_app(client, settings)) as url:
+        with running_server(build_app(client, settings)) as url, cf.ThreadPoolExecutor(18) as pool:
             api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+            def streamed() -> list[str]:
+                with httpx.stream("POST", f"{url}/v1/chat/completions",
+                                  json=body | {"stream": True}, timeout=120) as s:
+                    return [x for x in s.iter_lines() if x.startswith("data:")]
 
             def hot(seed: int) -> str:
                 m = api.chat.completions.create(**body | {"seed": seed, "max_tokens": 120}
                                                 ).choices[0].message
                 return (m.content or "") + (m.model_extra.get("reasoning") or "")
 
-            with cf.ThreadPoolExecutor(16) as pool:
-                texts = list(pool.map(hot, range(16)))
-            for seed, text in enumerate(texts):
+            lines = pool.submit(streamed)
+            plain = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120)
+            texts = list(pool.map(hot, range(1, 17)))
+            r = plain.result()
+            assert r.status_code == 200, r.text
+            lines = lines.result()
+            assert lines[-1] == "data: [DONE]" and not any('"error"' in x for x in lines)
+            for seed, text in enumerate(texts, start=1):
                 assert not any(c in text for c in CONTROL), (seed, text)
+            assert not any(c in (r.json()["choices"][0]["message"]["content"] or "")
+                           for c in CONTROL)
     finally:
         client.shutdown()
 
