@@ -72,7 +72,7 @@ class RayEngineClient(EngineClient):
 
         gen = self._stream.generate.remote(request_id, list(prompt_ids), params)
         self._live[request_id] = gen
-        finished, sent = False, 0
+        finished, sent, yielded = False, 0, False
         try:
             while True:
                 try:
@@ -86,7 +86,7 @@ class RayEngineClient(EngineClient):
                     elif isinstance(e, RayTaskError) and sent == 0 \
                             and isinstance(e.cause, Exception):
                         raise e.cause from None  # raised in the replica: InvalidRequest, ...
-                    elif sent == 0:
+                    elif not yielded:  # the caller has seen nothing of it: it may run again
                         lost.append(e)
                     else:
                         log.warning("request %s: engine replica lost after %d tokens (%s)",
@@ -96,6 +96,7 @@ class RayEngineClient(EngineClient):
                                           f"({type(e).__name__})")
                     return
                 sent += len(out.new_token_ids)
+                yielded = True
                 yield out
                 if out.finished:
                     finished = True
