@@ -102,7 +102,8 @@ def random_moe_layer(dtype: torch.dtype, seed: int = 0, num_experts: int = 6,
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory) -> Path:
     """An INHOUSE_CACHE holding the trained demo model, built once per session by the CLI
-    (`inhouse demo build`, about two minutes): test_demo.py and test_structured.py share it."""
+    (`inhouse demo build`, about three minutes on 2 cores): the demo, structured-output, web UI
+    and Ray tests share it."""
     from typer.testing import CliRunner
 
     from inhouse.cli import app as cli

@@ -147,15 +147,20 @@ def test_the_composer_stays_in_view_under_a_long_conversation(page, served):
     assert last["y"] < 600
 
 
+def ask_with_tool(pg, served, tool: str, question: str) -> None:
+    """Alice asks with one built-in tool ticked and waits for the whole answer."""
+    s, keys, _ = served
+    sign_in(pg, s.url, keys["alice"])
+    pg.get_by_label(tool).check()
+    ask(pg, question)
+    pg.locator(".message.assistant .msg-actions").wait_for(timeout=60_000)
+
+
 def test_a_python_tool_call_is_shown_with_its_code_and_output(page, served):
     """The demo calls python for a sum it learned (its numbers are not always the user's: a tiny
     model copies numbers poorly, as test_demo says); the page shows the code, what the sandbox
     printed, and the answer after it."""
-    s, keys, _ = served
-    sign_in(page, s.url, keys["alice"])
-    page.get_by_label("Python").check()
-    ask(page, "What is 17 times 23?")
-    page.locator(".message.assistant .msg-actions").wait_for(timeout=60_000)
+    ask_with_tool(page, served, "Python", "What is 17 times 23?")
     tool = page.locator(".message.assistant .tool.code_interpreter")
     assert tool.locator("strong").inner_text() == "Ran Python"
     m = re.fullmatch(r"print\((\d+) ([*+-]) (\d+)\)", tool.locator("pre").first.inner_text())
@@ -170,11 +175,7 @@ def test_a_document_search_is_shown_and_its_answer_cites_the_document(page, serv
     """With "Search documents" on, the demo searches the tenant's documents for a question it
     learned, opens the first result and answers with the line; the page shows both steps and the
     cited document, and the sources stay with the conversation on the server."""
-    s, keys, _ = served
-    sign_in(page, s.url, keys["alice"])
-    page.get_by_label("Search documents").check()
-    ask(page, "When do I need a receipt?")
-    page.locator(".message.assistant .msg-actions").wait_for(timeout=60_000)
+    ask_with_tool(page, served, "Search documents", "When do I need a receipt?")
     steps = page.locator(".message.assistant .tool.web_search strong")
     assert steps.all_inner_texts() == ["Searched the documents", "Opened a document"]
     answer = page.locator(".message.assistant .answer").inner_text()
