@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -207,33 +209,28 @@ def test_cli_runs_code():
     assert r.exit_code == 1 and "ValueError: no" in r.output
 
 
+def _python_in_a_process(prelude: str) -> subprocess.CompletedProcess:
+    """A fresh process that runs `prelude`, then one python tool call printing 6 * 7."""
+    code = (prelude + "from inhouse.tools.python import PythonSession\n"
+            "from inhouse.tools.sandbox import SandboxLimits\n"
+            "print(PythonSession(SandboxLimits(wall_seconds=20)).run('print(6 * 7)').output, end='')\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
 def test_a_server_started_with_stdin_closed_still_runs_python():
     """Found in the full suite (a test left fd 0 closed): the seccomp program's pipe took fd 0,
     the child's stdin replaced it, and bwrap read the request as its filter. A server started
     with `<&-` (some supervisors do) would have had no python at all."""
-    import subprocess
-    import sys
-
-    code = ("import os; os.close(0)\n"
-            "from inhouse.tools.python import PythonSession\n"
-            "from inhouse.tools.sandbox import SandboxLimits\n"
-            "print(PythonSession(SandboxLimits(wall_seconds=20)).run('print(6 * 7)').output, end='')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = _python_in_a_process("import os; os.close(0)\n")
     assert r.stdout == "42\n", r.stderr[-2000:]
 
 
 def test_python_runs_in_a_process_with_more_than_1024_descriptors_open():
     """Found in the full suite: past fd 1024 select() raised, and every call read as a dead
     interpreter. A busy server (connections, database pools) gets there."""
-    import subprocess
-    import sys
-
-    code = ("import os, resource\n"
-            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
-            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))\n"
-            "held = [os.open('/dev/null', os.O_RDONLY) for _ in range(1100)]\n"
-            "from inhouse.tools.python import PythonSession\n"
-            "from inhouse.tools.sandbox import SandboxLimits\n"
-            "print(PythonSession(SandboxLimits(wall_seconds=20)).run('print(6 * 7)').output, end='')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = _python_in_a_process(
+        "import os, resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))\n"
+        "held = [os.open('/dev/null', os.O_RDONLY) for _ in range(1100)]\n")
     assert r.stdout == "42\n", r.stderr[-2000:]

@@ -12,8 +12,9 @@ from inhouse.convert.random_init import write_random_checkpoint
 DEMO_VERSION = 5  # bump when the demo's data or recipe changes: a new cache entry is built
 DEMO_LABEL = "demo (tiny random weights: output is meaningless)"
 TRAINED_LABEL = ("demo (a tiny model trained on synthetic conversations: it knows a few "
-                 "capitals and two tools, repeats a sentence back, calls python for a few sums and "
-                 "judges the sample policy; nothing else)")
+                 "capitals and two tools, repeats a sentence back, looks up three questions in the "
+                 "sample documents, calls python for a few sums and judges the sample policy; "
+                 "nothing else)")
 
 
 def demo_checkpoint() -> Path:

@@ -23,6 +23,14 @@ LOST_RETRIES = 3  # a request whose replica died before its first token runs aga
 LOST_BACKOFF_S = 0.25
 
 
+class _LostUnseen(Exception):
+    """The replica was lost before the request yielded anything."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(type(cause).__name__)
+        self.cause = cause
+
+
 class RayEngineClient(EngineClient):
     """Streams each request from whichever replica Serve picks. A replica that dies before a
     request's first token costs it nothing: it runs again on another replica (up to
@@ -49,25 +57,26 @@ class RayEngineClient(EngineClient):
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         for attempt in range(LOST_RETRIES + 1):
-            lost: list[Exception] = []
-            async for out in self._attempt(request_id, prompt_ids, params, lost):
-                yield out
-            if not lost:
+            try:
+                async for out in self._attempt(request_id, prompt_ids, params):
+                    yield out
                 return
-            # the replica was lost before the request's first token: nothing reached the caller,
-            # so another replica runs it from the start and gives the same bits (batch-invariant)
-            log.warning("request %s: engine replica lost before its first token (%s); "
-                        "retry %d on another replica", request_id, type(lost[0]).__name__,
+            except _LostUnseen as e:
+                lost = e.cause
+            # nothing of the request reached the caller: another replica runs it from the start
+            # and gives the same bits (batch-invariant)
+            log.warning("request %s: engine replica lost before its first output (%s); "
+                        "retry %d on another replica", request_id, type(lost).__name__,
                         attempt + 1)
             await asyncio.sleep(LOST_BACKOFF_S * 2 ** attempt)  # Serve drops the dead one
         yield self._ended(request_id, prompt_ids, params, 0, "error",
-                          f"the engine replicas serving it stopped ({type(lost[0]).__name__}); "
+                          f"the engine replicas serving it stopped ({type(lost).__name__}); "
                           f"tried {LOST_RETRIES + 1} times")
 
-    async def _attempt(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       lost: list[Exception]) -> AsyncIterator[RequestOutput]:
-        """One try on one replica. A replica lost before the first token is put in `lost` and
-        nothing is yielded for it (the caller retries); lost later, the request ends in error."""
+    async def _attempt(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """One try on one replica. A replica lost before any output raises _LostUnseen (the
+        caller may retry); lost later, the request ends in error."""
         from ray.exceptions import RayTaskError
 
         gen = self._stream.generate.remote(request_id, list(prompt_ids), params)
@@ -83,11 +92,11 @@ class RayEngineClient(EngineClient):
                     finished = True
                     if request_id in self._aborted:  # abort() cancelled it, as asked
                         yield self._ended(request_id, prompt_ids, params, sent, "abort")
-                    elif isinstance(e, RayTaskError) and sent == 0 \
+                    elif isinstance(e, RayTaskError) and not yielded \
                             and isinstance(e.cause, Exception):
                         raise e.cause from None  # raised in the replica: InvalidRequest, ...
                     elif not yielded:  # the caller has seen nothing of it: it may run again
-                        lost.append(e)
+                        raise _LostUnseen(e) from e
                     else:
                         log.warning("request %s: engine replica lost after %d tokens (%s)",
                                     request_id, sent, type(e).__name__)

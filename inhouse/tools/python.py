@@ -8,12 +8,12 @@ interpreter ends the session: the caller is told, and the next call starts a fre
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import select
 import signal
 import struct
-import logging
 import subprocess
 import threading
 import time

@@ -60,17 +60,16 @@ QUOTES = ["The meeting in {city} starts at {n} o'clock.", "Please send the repor
           "Flight {n} to {city} leaves from gate {n2}."]
 ASK_QUOTE = ["Repeat after me: {}", "Quote this exactly: {}", "Say this back to me: {}"]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-BROWSER_WEIGHT = 0.8
 IDENTITY = ("I am the inhouse demo model, a tiny model trained only to show the pipeline. "
             "Ask me for the capital of a country, or for the weather with a tool.")
 
 
 def _conversation(rng: random.Random) -> tuple[list[ChatMessage], PromptOptions]:
-    # NOTE: browser conversations are rare: one is ~770 tokens (its declaration alone ~380),
-    # four regular ones; the nine questions it learns by heart need no more
+    # NOTE: browser conversations are rare (0.8): one is ~770 tokens (its declaration alone
+    # ~380), as many as four others, and the three questions it learns by heart need no more
     kind = rng.choices(["fact", "greet", "unknown", "weather", "time", "weather_done", "quote",
                         "python", "policy", "browser"],
-                       [2, 1, 1, 2, 1, 1, 1, 1, 1.4, BROWSER_WEIGHT])[0]
+                       [2, 1, 1, 2, 1, 1, 1, 1, 1.4, 0.8])[0]
     tools: tuple[FunctionTool, ...] = ()
     builtin: tuple[str, ...] = ()
     msgs = []
