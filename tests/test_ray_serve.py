@@ -4,7 +4,8 @@ requests spread over both replicas; one replica's process is killed (SIGKILL) un
 requests the dead replica held that had no token yet run again on the survivor; only those it was
 generating (at most its batch, 8) end with an error the client sees (and the log records). Every
 request answered 200 has its complete record in the one log, `audit verify` passes, and Serve
-brings the replica back."""
+brings the replica back. Whether the kill finds requests without output on the victim is timing;
+the client's retry rules are also tested on scripted streams, below."""
 
 from __future__ import annotations
 
@@ -151,3 +152,111 @@ def _public_key(key_file: Path, where: Path) -> Path:
     pub = where / "audit.pub"
     pub.write_bytes(public_key_pem(load_signing_key(key_file).public_key()))
     return pub
+
+
+# ---- the client's retry, without Ray's timing: a handle whose streams fail as scripted ---------
+class _Stream:
+    """One replica call: yields `outs`, then raises `fail` (if any)."""
+
+    def __init__(self, outs, fail=None):
+        self.outs, self.fail, self.cancelled = list(outs), fail, False
+
+    async def __anext__(self):
+        if self.outs:
+            return self.outs.pop(0)
+        if self.fail is not None:
+            raise self.fail
+        raise StopAsyncIteration
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Handle:
+    """Serve's handle as RayEngineClient uses it; each generate call takes the next stream."""
+
+    def __init__(self, *streams):
+        self.streams, self.calls = list(streams), 0
+        self.generate = self
+
+    def options(self, stream):
+        return self
+
+    def remote(self, *args):
+        self.calls += 1
+        return self.streams.pop(0)
+
+
+def _out(tokens, finished=False):
+    from inhouse.engine.request import RequestOutput
+
+    return RequestOutput("r", tuple(tokens), (), finished, "stop" if finished else None, 3,
+                         len(tokens), 0)
+
+
+def _run(handle):
+    import asyncio
+
+    from inhouse.config import preset
+    from inhouse.engine.sampling import SamplingParams
+    from inhouse.scaleout import client as client_mod
+
+    client = client_mod.RayEngineClient(handle, preset("tiny"))
+
+    async def collect():
+        return [o async for o in client.generate("r", [1, 2, 3], SamplingParams(seed=0))]
+
+    try:
+        return asyncio.run(collect())
+    finally:
+        client.shutdown()
+
+
+def test_a_request_lost_before_any_output_runs_again_on_another_replica(monkeypatch):
+    from ray.exceptions import ActorDiedError
+
+    from inhouse.scaleout import client as client_mod
+
+    monkeypatch.setattr(client_mod, "LOST_BACKOFF_S", 0.0)
+    handle = _Handle(_Stream([], ActorDiedError()), _Stream([], ActorDiedError()),
+                     _Stream([_out([5]), _out([6], finished=True)]))
+    outs = _run(handle)
+    assert handle.calls == 3 and [o.new_token_ids for o in outs] == [(5,), (6,)]
+    assert outs[-1].finish_reason == "stop"
+
+
+def test_a_request_lost_after_an_output_ends_in_error_and_is_not_run_again(monkeypatch):
+    from ray.exceptions import ActorDiedError
+
+    from inhouse.scaleout import client as client_mod
+
+    monkeypatch.setattr(client_mod, "LOST_BACKOFF_S", 0.0)
+    handle = _Handle(_Stream([_out([5])], ActorDiedError()), _Stream([_out([9], True)]))
+    outs = _run(handle)
+    assert handle.calls == 1 and [o.new_token_ids for o in outs] == [(5,), ()]
+    assert outs[-1].finish_reason == "error" and "replica" in outs[-1].error
+
+
+def test_replicas_lost_every_time_end_the_request_in_error(monkeypatch):
+    from ray.exceptions import ActorDiedError
+
+    from inhouse.scaleout import client as client_mod
+
+    monkeypatch.setattr(client_mod, "LOST_BACKOFF_S", 0.0)
+    tries = client_mod.LOST_RETRIES + 1
+    handle = _Handle(*[_Stream([], ActorDiedError()) for _ in range(tries)])
+    (out,) = _run(handle)
+    assert handle.calls == tries and out.finish_reason == "error"
+    assert f"tried {tries} times" in out.error
+
+
+def test_a_replicas_refusal_is_raised_as_itself_not_retried():
+    from ray.exceptions import RayTaskError
+
+    from inhouse.engine.sampling import InvalidRequest
+
+    refusal = RayTaskError("generate", "traceback", InvalidRequest("prompt too long"))
+    handle = _Handle(_Stream([], refusal), _Stream([_out([9], True)]))
+    with pytest.raises(InvalidRequest, match="prompt too long"):
+        _run(handle)
+    assert handle.calls == 1
