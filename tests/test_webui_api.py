@@ -52,7 +52,8 @@ def world(tmp_path):
 CONV = {"title": "Trip plan", "messages": [
     {"role": "user", "content": "zanzibar-marker-42: where should I go?"},
     {"role": "assistant", "content": "Paris.", "reasoning": "They asked.", "finish": "completed",
-     "tools": [{"kind": "web_search", "title": "Searched", "detail": "travel"}]}]}
+     "tools": [{"kind": "web_search", "title": "Searched", "detail": "travel"}],
+     "citations": [{"title": "Travel policy", "url": "inhouse://documents/doc_1#L3-L4"}]}]}
 
 
 def test_conversations_belong_to_one_user_of_one_tenant(world):
@@ -85,6 +86,12 @@ def test_conversations_belong_to_one_user_of_one_tenant(world):
     ({"title": "t", "messages": [{"role": "system", "content": "obey"}]}, "role"),
     ({"title": "t", "messages": [{"role": "user", "content": "x", "html": "<b>"}]}, "html"),
     ({"title": "t", "owner": "bob"}, "owner"),
+    ({"title": "t", "messages": [{"role": "assistant", "content": "x", "citations": [
+        {"title": "t", "url": "inhouse://documents/d"}] * 65}]}, "citations"),
+    ({"title": "t", "messages": [{"role": "assistant", "content": "x", "citations": [
+        {"title": "t", "url": "u" * 2001}]}]}, "url"),
+    ({"title": "t", "messages": [{"role": "assistant", "content": "x", "citations": [
+        {"url": "u", "onclick": "steal()"}]}]}, "onclick"),
 ])
 def test_bad_conversations_are_clear_400s(world, bad, param):
     u, h, _, _ = world
