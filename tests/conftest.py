@@ -13,6 +13,11 @@ from inhouse.convert import LAYOUTS, write_random_checkpoint
 
 SEED = 1234
 
+# The cuda backend's Triton kernels run on CPU tensors through Triton's interpreter where there is
+# no GPU (tests/test_cuda_kernels.py); triton reads this when it is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu",

@@ -8,7 +8,16 @@ import torch
 from torch import nn
 
 from inhouse.config import ModelConfig
+from inhouse.kernels.backend import Seams
 from inhouse.model import attend_kernel, rows_kernel
+
+
+def seam(seams: Seams | None, name: str):
+    """The backend's function for seam `name`, or None: none set, or gradients wanted (the
+    backend's kernels have no backward; training takes the model's own paths)."""
+    if seams is None or torch.is_grad_enabled():
+        return None
+    return getattr(seams, name)
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,14 +35,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32))
         self.eps = eps
+        self.seams: Seams | None = None  # the backend's kernels (Transformer.use_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = seam(self.seams, "rmsnorm")
+        if fast is not None:
+            return fast(x, self.weight, self.eps)
         if rows_kernel.applies(x, self.weight):
             return rows_kernel.rmsnorm(x, self.weight, self.eps)
         return rmsnorm_reference(x, self.weight, self.eps)
 
     def rows_independent(self, rows: int) -> bool:
         """Is each result row computed exactly as that row alone (by_rows)?"""
+        if seam(self.seams, "rmsnorm") is not None:
+            return True  # a program per row
         return (rows_kernel.available() and self.weight.device.type == "cpu"
                 and not torch.is_grad_enabled())
 

@@ -31,7 +31,8 @@ def target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dt
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, mmap: bool = False) -> Transformer:
+               dtype: torch.dtype = torch.float32, mmap: bool = False,
+               backend: str = "auto") -> Transformer:
     """Load a gpt-oss checkpoint (HF single/sharded, MXFP4 or dense, or original/) for inference.
 
     Every tensor is read into memory of its own at load (see resident.py: a decode step never
@@ -40,6 +41,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     runs) as views of the memory-mapped files: no copy, pages load as they are first used, and the
     OS may drop them again (for machines with less RAM than the model). Weights larger than the
     memory available now are kept mapped, with a warning, rather than copied into an OOM kill.
+    `backend` (kernels.backend): whose kernels the model runs; "auto" takes Triton's on CUDA.
     """
     info = find_checkpoint(path)
     free = resident.available_memory()
@@ -48,11 +50,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                     "them memory-mapped (pages load as they are used; decode may wait for the "
                     "disk)", info.root, info.num_bytes / 2**30, free / 2**30)
         mmap = True
-    return build_model(info, read_tensors(info), device, dtype, mapped=not mmap)
+    return build_model(info, read_tensors(info), device, dtype, mapped=not mmap, backend=backend)
 
 
 def build_model(info: CheckpointInfo, tensors: dict[str, torch.Tensor],
-                device: str | torch.device, dtype: torch.dtype, mapped: bool = False) -> Transformer:
+                device: str | torch.device, dtype: torch.dtype, mapped: bool = False,
+                backend: str = "auto") -> Transformer:
     """mapped=True: `tensors` are views of memory-mapped files (read_tensors), each to be copied
     out of its mapping (resident.copy_out); the dict is emptied as they are."""
     device = torch.device(device)
@@ -70,5 +73,6 @@ def build_model(info: CheckpointInfo, tensors: dict[str, torch.Tensor],
     model.rotary.to(device)
     model.eval()
     model.requires_grad_(False)
+    model.use_backend(backend)
     model.source = info
     return model

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from inhouse.config import ModelConfig
-from inhouse.model.layers import swiglu
+from inhouse.kernels.backend import Seams
+from inhouse.model.layers import seam, swiglu
 from inhouse.model import dense_kernel, mxfp4_kernel, rows_kernel
 from inhouse.model.mxfp4 import BYTES_PER_BLOCK, BLOCK_SIZE, dequantize
 
@@ -131,6 +132,7 @@ class MXFP4Experts(Experts):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.int16_rows = False
+        self.seams: Seams | None = None  # the backend's kernels (Transformer.use_backend)
         E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
         u8 = torch.uint8
         self.register_buffer("gate_up_proj_blocks",
@@ -152,6 +154,13 @@ class MXFP4Experts(Experts):
         roundings as Experts.forward, without a PyTorch op per expert); the rest through
         Experts.forward. The choice depends only on the group itself (batch invariance)."""
         N = x.shape[0]
+        fast = seam(self.seams, "experts")
+        if fast is not None and (self.lora is None or not self.lora.adapted_rows(N)):
+            # a row's arithmetic never depends on the batch there: all groups in one call
+            return fast(x, weights, indices,
+                        (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias),
+                        (self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias),
+                        self.alpha, self.limit)
         groups = groups or [slice(0, N)]
         if not (mxfp4_kernel.available() and x.device.type == "cpu" and not torch.is_grad_enabled()
                 and x.dtype in (torch.bfloat16, torch.float32)):

@@ -12,11 +12,13 @@ from torch.utils.checkpoint import checkpoint
 
 from inhouse.config import ModelConfig
 from inhouse.errors import InhouseError
+from inhouse.kernels import backend as backends
+from inhouse.kernels.backend import Seams
 from inhouse.model import decode_step, dense_kernel
 from inhouse.model.attention import attention
 from inhouse.model.dense_kernel import Linear
 from inhouse.model.kv_cache import KVCache
-from inhouse.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from inhouse.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, seam
 from inhouse.model.moe import MLP
 
 
@@ -65,6 +67,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * D, H)
         self.sinks = nn.Parameter(torch.empty(self.num_heads))
         self.lora = None  # an AttentionLoRA once adapters are attached (lora.attach)
+        self.seams: Seams | None = None  # the backend's kernels (Transformer.use_backend)
 
     def _proj(self, name: str, x: torch.Tensor, groups: list[slice] | None) -> torch.Tensor:
         y = by_rows(getattr(self, name), x, groups)
@@ -95,6 +98,7 @@ class Attention(nn.Module):
         k = k.view(N, self.num_kv_heads, self.head_dim)
         v = v.view(N, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        attend = seam(self.seams, "attention") or attention
         outs = []
         for seg in segments:
             rows = slice(seg.row0, seg.row0 + seg.num_tokens)
@@ -102,7 +106,7 @@ class Attention(nn.Module):
             k_start = seg.start
             if seg.cache is not None:
                 ks, vs, k_start = seg.cache.layers[layer].extend(ks, vs)
-            outs.append(attention(q[rows], ks, vs, self.sinks, seg.start, k_start, self.window,
+            outs.append(attend(q[rows], ks, vs, self.sinks, seg.start, k_start, self.window,
                                   self.scale))  # (T, Hq*D)
         return self._proj("o_proj", outs[0] if len(outs) == 1 else torch.cat(outs), groups)
 
@@ -152,6 +156,7 @@ class Transformer(nn.Module):
         self.lora_routing = None  # set by lora.attach
         self.gradient_checkpointing = False  # recompute each layer in backward (training)
         self.step_plan = None  # decode_step's table of weight pointers, built at first use
+        self.backend = "cpu"  # whose kernels run the seams (use_backend)
         self.register_load_state_dict_post_hook(Transformer._forget_step_plan)
         with torch.device("cpu"):  # NOTE: not on meta even when the rest is built there
             self.rotary = RotaryEmbedding(config)
@@ -167,6 +172,17 @@ class Transformer(nn.Module):
         """nn.Module's (.to, .float, ...), which may move tensors: the step plan is dropped."""
         self._forget_step_plan()
         return super()._apply(fn, *args, **kwargs)
+
+    def use_backend(self, name: str = "auto") -> str:
+        """Plug backend `name` (kernels.backend: "auto", "cpu", "cuda") into every attention,
+        norm and experts module, once; returns the name chosen."""
+        self.backend = backends.select(self.device, name)
+        seams = backends.seams(self.backend)
+        plugged = None if self.backend == "cpu" else seams
+        for module in self.modules():
+            if hasattr(module, "seams"):
+                module.seams = plugged
+        return self.backend
 
     @property
     def device(self) -> torch.device:
@@ -244,7 +260,8 @@ class Transformer(nn.Module):
             routing.assignment = [(slice(s.row0, s.row0 + s.num_tokens), s.adapter)
                                   for s in segments]
         try:
-            fused = decode_step.run(self, x, cos, sin, segments)  # decode: all layers, one call
+            fused = (decode_step.run(self, x, cos, sin, segments)  # decode: all layers, one call
+                     if self.backend == "cpu" else None)
             x = fused if fused is not None else self._layers(x, cos, sin, segments, groups)
         finally:
             if routing is not None:

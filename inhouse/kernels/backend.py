@@ -1,0 +1,67 @@
+"""Choosing a model's backend once, at load, and the seams a backend plugs into.
+
+"cpu": the model's own paths (the C kernels in model/ where built, else PyTorch), as before.
+"cuda": the Triton kernels of kernels/cuda at the attention, experts and norm seams; the rest
+(projections, rotary, router, embedding) stays PyTorch on the device. It also runs on CPU tensors
+under Triton's interpreter (TRITON_INTERPRET=1): how the default suite tests it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+NAMES = ("auto", "cpu", "cuda")
+# The arithmetic id audit records carry for the cuda backend: its kernels sum in their own order
+# (see kernels/cuda), so a record made there replays bit for bit only there.
+CUDA_PATH = "cuda-triton-v1"
+
+
+@dataclass(frozen=True)
+class Seams:
+    """The functions a backend puts in place of the model's own; None keeps the model's.
+
+    attention: model.attention.attention's contract (q (T, Hq, D), k/v (Hkv, S, D), ...).
+    experts: (x, weights, indices, gate_up (blocks, scales, bias), down (...), alpha, limit)
+             -> (N, H), for MXFP4-packed experts without an adapter.
+    rmsnorm: (x, weight, eps) -> x's shape and dtype."""
+
+    name: str
+    attention: Callable | None = None
+    experts: Callable | None = None
+    rmsnorm: Callable | None = None
+
+
+def triton_available() -> bool:
+    """Can the Triton kernels run here: triton importable, and CUDA or the interpreter."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def select(device: torch.device, requested: str = "auto") -> str:
+    """The backend for a model on `device`: "auto" takes "cuda" on a CUDA device where Triton
+    can run, else "cpu"."""
+    if requested not in NAMES:
+        raise ValueError(f"backend must be one of {', '.join(NAMES)}, not {requested!r}")
+    if requested != "auto":
+        if requested == "cuda" and not triton_available():
+            raise ValueError("backend 'cuda' needs triton and a CUDA device "
+                             "(or TRITON_INTERPRET=1 to run its kernels on CPU)")
+        return requested
+    return "cuda" if device.type == "cuda" and triton_available() else "cpu"
+
+
+def seams(name: str) -> Seams:
+    """The seams of backend `name` (its kernels imported only now)."""
+    if name == "cuda":
+        from inhouse.kernels.cuda import attention, mxfp4_moe, norm
+        return Seams("cuda", attention=attention.attention, experts=mxfp4_moe.moe,
+                     rmsnorm=norm.rmsnorm)
+    if name == "cpu":
+        return Seams("cpu")
+    raise ValueError(f"no backend {name!r}")
