@@ -1,0 +1,24 @@
+"""benchmarks/gpu.py is run by whoever is lent a GPU, once, with no time to debug it: its --smoke
+mode (the tiny shape through Triton's interpreter on CPU) runs the same code here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_benchmark_runs_end_to_end_in_smoke_mode():
+    out = ROOT / "benchmarks" / "results" / "gpu-smoke.json"
+    out.unlink(missing_ok=True)
+    r = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    decode = [x for x in data["results"] if "users" in x]
+    assert {(x["mode"], x["users"]) for x in decode} == {("batched", 2), ("reproducible", 2)}
+    assert all(x["decode_tokens"] > 0 and x["tokens_per_s"] > 0 for x in decode)
+    assert [x["kind"] for x in data["results"] if "kind" in x] == ["prefill"]
