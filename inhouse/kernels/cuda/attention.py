@@ -29,7 +29,8 @@ PAGE = 16  # key positions per block
 
 @triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, o_ptr,
-                      q_row0_ptr, num_q_ptr, q_pos0_ptr, k_pos0_ptr, num_k_ptr,
+                      q_row0_ptr, num_q_ptr, q_pos0_ptr, num_k_ptr,
+                      one_num_q, one_q_pos0, one_k_pos0, one_num_k,
                       table_ptr, table_stride,
                       stride_qt, stride_qh, stride_kp, stride_kh, stride_kt,
                       stride_vp, stride_vh, stride_vt, stride_ot, stride_oh,
@@ -39,13 +40,20 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, o_ptr,
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     tile = tl.program_id(2)
-    num_q = tl.load(num_q_ptr + seq)
+    if PAGED:  # per sequence, from the device; keys from position 0
+        num_q = tl.load(num_q_ptr + seq)
+        q_row0 = tl.load(q_row0_ptr + seq).to(tl.int64)
+        q_pos0 = tl.load(q_pos0_ptr + seq)
+        k_pos0 = 0
+        k_end = tl.load(num_k_ptr + seq)
+    else:  # one sequence, its numbers as arguments (nothing copied to the device per call)
+        num_q = one_num_q
+        q_row0 = 0
+        q_pos0 = one_q_pos0
+        k_pos0 = one_k_pos0
+        k_end = one_k_pos0 + one_num_k
     if tile * BLOCK_M >= num_q * G:
         return
-    q_row0 = tl.load(q_row0_ptr + seq).to(tl.int64)
-    q_pos0 = tl.load(q_pos0_ptr + seq)
-    k_pos0 = tl.load(k_pos0_ptr + seq)
-    k_end = k_pos0 + tl.load(num_k_ptr + seq)
     r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     t, g = r // G, r % G
     row_ok = t < num_q
@@ -101,17 +109,21 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, o_ptr,
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _launch(q, k, v, sinks, meta, table, paged: bool, window: int | None, scale: float,
-            k_strides, v_strides, max_q: int) -> torch.Tensor:
+def _launch(q, k, v, sinks, per_seq, one, table, window: int | None, scale: float,
+            k_strides, v_strides, num_seqs: int, max_q: int) -> torch.Tensor:
+    """per_seq: (q_row0, num_q, q_start, num_k) device tensors (paged), or None and `one`:
+    (num_q, q_start, k_start, num_k) ints (contiguous)."""
     rows, Hq, D = q.shape
     Hkv = k.shape[-3]
     G = Hq // Hkv
-    q_row0, num_q, q_pos0, k_pos0, num_k = meta
+    paged = per_seq is not None
+    per_seq = per_seq if paged else (q, q, q, q)  # unread placeholders
+    one = one or (0, 0, 0, 0)
     out = torch.empty_like(q)
-    grid = (num_q.shape[0], Hkv, triton.cdiv(max(max_q, 1) * G, BLOCK_M))
+    grid = (num_seqs, Hkv, triton.cdiv(max(max_q, 1) * G, BLOCK_M))
     _attention_kernel[grid](
-        q, k, v, sinks, out, q_row0, num_q, q_pos0, k_pos0, num_k,
-        table, table.stride(0) if table.dim() == 2 else 0,
+        q, k, v, sinks, out, *per_seq, *one,
+        table, table.stride(0) if paged else 0,
         q.stride(0), q.stride(1), *k_strides, *v_strides, out.stride(0), out.stride(1),
         float(scale), int(window or 0),
         G=G, D=D, BLOCK_M=BLOCK_M, PAGE=PAGE, PAGED=paged, IEEE=dot_in_fp32(q.dtype))
@@ -126,10 +138,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     q = q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    meta = [torch.tensor([x], dtype=torch.int32, device=q.device)
-            for x in (0, T, q_start, k_start, k.shape[1])]
-    out = _launch(q, k, v, sinks, meta, meta[0], False, window, scale,
-                  (0, k.stride(0), k.stride(1)), (0, v.stride(0), v.stride(1)), T)
+    out = _launch(q, k, v, sinks, None, (T, q_start, k_start, k.shape[1]), q, window, scale,
+                  (0, k.stride(0), k.stride(1)), (0, v.stride(0), v.stride(1)), 1, T)
     return out.reshape(T, Hq * D)
 
 
@@ -143,9 +153,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     (num_pages, Hkv, PAGE, D) at slot p % PAGE. Pages wholly before a sliding window may be
     unset (never read). `max_q`: the most queries of a sequence (1 at decode; None: asked of
     num_q, which waits for the device). -> (rows, Hq, D)."""
-    zeros = torch.zeros_like(num_q)
-    return _launch(q.contiguous(), k_pages, v_pages, sinks, (q_row0, num_q, q_start, zeros, num_k),
-                   block_table, True, window, scale,
+    return _launch(q.contiguous(), k_pages, v_pages, sinks, (q_row0, num_q, q_start, num_k), None,
+                   block_table, window, scale,
                    (k_pages.stride(0), k_pages.stride(1), k_pages.stride(2)),
-                   (v_pages.stride(0), v_pages.stride(1), v_pages.stride(2)),
+                   (v_pages.stride(0), v_pages.stride(1), v_pages.stride(2)), num_q.shape[0],
                    int(num_q.max()) if max_q is None else max_q)
