@@ -18,7 +18,7 @@ $(VENV)/.torch: | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	@touch $@
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard inhouse/model/csrc/*.[ch]) $(VENV)/.torch
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard inhouse/kernels/cpu/csrc/*.[ch]) $(VENV)/.torch
 	$(PIP) install -e .
 	@touch $@
 

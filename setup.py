@@ -1,4 +1,4 @@
-"""Builds the optional C kernels (plain C, OpenMP) as one library, inhouse.model._kernels
+"""Builds the optional C kernels (plain C, OpenMP) as one library, inhouse.kernels.cpu._native
 (metadata lives in pyproject.toml):
 
   mxfp4.c   fused MXFP4 matmul (experts straight from the packed blocks), a whole MoE layer
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 
-CSRC = "inhouse/model/csrc"
+CSRC = "inhouse/kernels/cpu/csrc"
 KERNELS = Extension(
-    "inhouse.model._kernels",
+    "inhouse.kernels.cpu._native",
     sources=[f"{CSRC}/{name}.c"
              for name in ("mxfp4", "mxfp4_a16", "dense", "attend", "rows", "step")],
     depends=[str(p) for p in Path(CSRC).glob("*.h")],

@@ -113,7 +113,8 @@ def inhouse_child(path: Path, threads: int, args) -> dict:
 
     from inhouse.config import EngineConfig
     from inhouse.engine import LLMEngine
-    from inhouse.model import kernels, load_model
+    from inhouse.kernels import arithmetic
+    from inhouse.model import load_model
 
     torch.set_num_threads(threads)
     model = load_model(path, dtype=torch.bfloat16)
@@ -139,7 +140,7 @@ def inhouse_child(path: Path, threads: int, args) -> dict:
               f"{b['ttft_s']:.1f} s cached ({b['cached']} reused), batched mode "
               f"{c['ttft_s']:.1f} s ({c['cached']} reused), only-new "
               f"{turns[-1]['only_new_s']:.1f} s", flush=True)
-    out = {"turns": turns, "kernels": kernels.path_name()}
+    out = {"turns": turns, "kernels": arithmetic.path_name()}
     if not args.skip_drafts:
         out["drafts"] = drafts_20b(model, args)
     return out

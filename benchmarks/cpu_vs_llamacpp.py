@@ -134,7 +134,7 @@ def compute_gmacs(threads: int, rows: int) -> float:
     stays in cache (1024 x 2880): what the cores can multiply when memory is not the limit."""
     import torch
 
-    from inhouse.model import dense_kernel
+    from inhouse.kernels.cpu import dense_kernel
 
     torch.set_num_threads(threads)
     w = torch.randn(1024, 2880).bfloat16()
@@ -172,7 +172,8 @@ def run_inhouse(path: Path, threads: int, prompt: list[int], decode: int,
                 batch: int = 8) -> dict:
     import torch
 
-    from inhouse.model import kernels, load_model
+    from inhouse.kernels import arithmetic
+    from inhouse.model import load_model
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -192,7 +193,7 @@ def run_inhouse(path: Path, threads: int, prompt: list[int], decode: int,
             steps.append(time.perf_counter() - t)
         batch_tok_s = batch_decode(model, batch, 16) if batch > 1 else None
     return {"load_s": load_s, "ttft_s": ttft, "decode_s": sum(steps), "steps_s": steps,
-            "kernels": kernels.path_name(), "batch": batch, "batch_tok_s": batch_tok_s}
+            "kernels": arithmetic.path_name(), "batch": batch, "batch_tok_s": batch_tok_s}
 
 
 def child(args) -> None:

@@ -12,7 +12,8 @@ from inhouse.engine import LLMEngine, SamplingParams
 from inhouse.errors import InhouseError
 from inhouse.governance.audit_log import AuditLog
 from inhouse.governance.replay_plan import ReplayReport, compare, plan_replay
-from inhouse.model import find_checkpoint, kernels, load_model
+from inhouse.kernels import arithmetic
+from inhouse.model import find_checkpoint, load_model
 from inhouse.model.digest import checkpoint_digest
 from inhouse.model.peft_format import attach_adapter
 
@@ -26,7 +27,7 @@ def replay(log: AuditLog, record_id: str, model_path: Path,
     if digest != plan.model_digest:
         raise InhouseError(f"refusing to replay: the model at {model_path} has digest {digest}, "
                            f"the record was produced by {plan.model_digest}")
-    here = kernels.path_name(info.int8)
+    here = arithmetic.path_name(info.int8)
     if plan.kernel and plan.kernel != here:
         raise InhouseError(f"refusing to replay: the record ran the '{plan.kernel}' "
                            f"kernel path, this machine runs '{here}' for this model (different "

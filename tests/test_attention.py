@@ -78,7 +78,7 @@ def test_a_large_sink_absorbs_the_attention():
     assert out.abs().max() < 1e-6
 
 
-from inhouse.model import attend_kernel, rows_kernel  # noqa: E402
+from inhouse.kernels.cpu import attend_kernel, rows_kernel  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(not attend_kernel.available(), reason="kernel not built")
 

@@ -13,7 +13,8 @@ from inhouse.convert import write_random_checkpoint
 from inhouse.convert.convert import convert
 from inhouse.convert.quantize import quantize_int8, quantize_mxfp4, quantize_mxfp4_reference
 from inhouse.errors import InhouseError
-from inhouse.model import dense_kernel, load_model, lora
+from inhouse.kernels.cpu import dense_kernel
+from inhouse.model import load_model, lora
 from inhouse.model.int8 import Int8Linear, int8_kernel_reference, int8_linear_reference
 from inhouse.model.mxfp4 import dequantize
 from inhouse.model.peft_format import attach_adapter, save_adapter
@@ -85,7 +86,7 @@ def test_int8_kernel_matches_its_reference():
 def test_int8_prefill_converts_the_weights_a_slab_at_a_time(monkeypatch, dtype, tol):
     """Rows above the decode kernel's: weights converted SLAB_ROWS output rows at a time (so
     the unembedding is never converted whole), the same products as the reference."""
-    from inhouse.model import dense_kernel
+    from inhouse.kernels.cpu import dense_kernel
 
     monkeypatch.setattr(dense_kernel, "SLAB_ROWS", 16)
     g = torch.Generator().manual_seed(3)

@@ -186,6 +186,9 @@ def test_rmsnorm_matches_the_reference(dev, dtype):
 
 
 def test_select_backend():
+    from inhouse.kernels import arithmetic
+
+    assert arithmetic.path_name(backend="cuda") == backend.CUDA_PATH != arithmetic.path_name()
     assert backend.select(torch.device("cpu")) == "cpu"
     assert backend.select(torch.device("cpu"), "cuda") == "cuda"  # the interpreter, here
     with pytest.raises(ValueError, match="backend must be one of"):

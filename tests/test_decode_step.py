@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from inhouse.model import decode_step, load_model, lora, rows_kernel
+from inhouse.kernels.cpu import rows_kernel
+from inhouse.model import decode_step, load_model, lora
 from inhouse.model.moe import route_reference
 from inhouse.model.transformer import Segment
 from tests.conftest import random_ids

@@ -184,7 +184,8 @@ def test_a_tool_loops_steps_each_replay_bit_for_bit(demo, tmp_path):
     from inhouse.config import cache_root
     from inhouse.governance.audit_log import AuditLog, load_signing_key
     from inhouse.harmony.grammar import GrammarBackend
-    from inhouse.model import find_checkpoint, kernels
+    from inhouse.kernels import arithmetic
+    from inhouse.model import find_checkpoint
     from inhouse.model.digest import checkpoint_digest
 
     url = f"sqlite:///{tmp_path / 'audit.db'}"
@@ -192,7 +193,7 @@ def test_a_tool_loops_steps_each_replay_bit_for_bit(demo, tmp_path):
     settings = ServerSettings(model_name="inhouse-demo", audit_content="full",
                               engine_mode="reproducible", model_dtype="float32",
                               model_digest=checkpoint_digest(find_checkpoint(demo)),
-                              kernel=kernels.path_name())
+                              kernel=arithmetic.path_name())
     engine = AsyncEngine(LLMEngine(load_model(demo), EngineConfig(mode="reproducible"),
                                    grammars=GrammarBackend()))
     try:

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from inhouse.model import decode_step, dense_kernel
+from inhouse.kernels.cpu import dense_kernel
+from inhouse.model import decode_step
 
 pytestmark = pytest.mark.skipif(not dense_kernel.available(), reason="kernel not built")
 

@@ -6,7 +6,9 @@ decode step alike."""
 import pytest
 import torch
 
-from inhouse.model import kernels, load_model, mxfp4_kernel
+from inhouse.kernels import arithmetic
+from inhouse.kernels.cpu import mxfp4_kernel
+from inhouse.model import load_model
 from inhouse.model.int8 import a16_kernel_reference, int16_rows
 from inhouse.model.moe import MXFP4Experts
 from inhouse.model.mxfp4 import dequantize_reference
@@ -119,5 +121,5 @@ def test_int8_models_and_only_they_run_int16_rows(checkpoints, int8_checkpoint):
     assert experts(int8) and all(e.int16_rows for e in experts(int8))
     assert experts(plain) and not any(e.int16_rows for e in experts(plain))
     # the audit path names it, so replay refuses records of the other arithmetic
-    assert "+experts-a16+" in kernels.path_name(int8=True)
-    assert "experts-a16" not in kernels.path_name()
+    assert "+experts-a16+" in arithmetic.path_name(int8=True)
+    assert "experts-a16" not in arithmetic.path_name()

@@ -4,7 +4,7 @@ SIMD path this CPU has ("1" is the best one: AVX-512 BF16 for bf16 rows where pr
 import pytest
 import torch
 
-from inhouse.model import mxfp4_kernel
+from inhouse.kernels.cpu import mxfp4_kernel
 from inhouse.model.mxfp4 import dequantize_reference
 from tests.conftest import random_moe_layer
 
@@ -175,3 +175,10 @@ def test_groups_choose_their_path_by_their_own_size(monkeypatch):
         alone = torch.cat([mlp.experts(x[g], w[g], i[g]) for g in groups])
     assert calls[0] == 4
     assert torch.equal(together, alone)
+
+
+def test_the_kernels_block_format_is_the_models():
+    from inhouse.model import mxfp4
+
+    assert (mxfp4_kernel.BLOCK_SIZE, mxfp4_kernel.BYTES_PER_BLOCK) == (mxfp4.BLOCK_SIZE,
+                                                                       mxfp4.BYTES_PER_BLOCK)

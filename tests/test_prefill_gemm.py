@@ -6,7 +6,8 @@ fp32, tile by tile for the experts, against the exact products."""
 import pytest
 import torch
 
-from inhouse.model import dense_kernel, kernels, mxfp4_kernel
+from inhouse.kernels import arithmetic
+from inhouse.kernels.cpu import dense_kernel, mxfp4_kernel
 from inhouse.model.moe import Experts, PackedExpert, fused_max_rows
 from inhouse.model.mxfp4 import dequantize, dequantize_reference
 from tests.conftest import random_moe_layer
@@ -54,7 +55,7 @@ def test_bf16_prefill_projections_multiply_in_fp32_where_bf16_gemms_are_slow(mon
         got = dense_kernel.linear(x, w, b)
     fp32 = dense_kernel._level() < 3
     assert dense_kernel.gemm_dtype(x) == (torch.float32 if fp32 else torch.bfloat16)
-    assert ("+gemm-f32+" in kernels.path_name()) == fp32
+    assert ("+gemm-f32+" in arithmetic.path_name()) == fp32
     if fp32:
         slabs = torch.cat([x.float() @ w[o:o + 16].float().T for o in range(0, 50, 16)], -1)
         assert torch.equal(got, (slabs + b.float()).bfloat16())

@@ -94,7 +94,7 @@ def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
     from inhouse.engine import AsyncEngine, LLMEngine
     from inhouse.model import find_checkpoint, load_model
     from inhouse.model.digest import checkpoint_digest
-    from inhouse.model import kernels
+    from inhouse.kernels import arithmetic
     from inhouse.config import EngineConfig
 
     path = checkpoints["hf"]
@@ -103,7 +103,7 @@ def test_replay_reproduces_a_served_answer_bit_for_bit(checkpoints, tmp_path):
     log = AuditLog(url, key)
     settings = ServerSettings(model_name=MODEL, audit_content="full", engine_mode="reproducible",
                               model_digest=checkpoint_digest(find_checkpoint(path)),
-                              model_dtype="float32", kernel=kernels.path_name())
+                              model_dtype="float32", kernel=arithmetic.path_name())
     from inhouse.harmony.grammar import GrammarBackend
 
     engine = AsyncEngine(LLMEngine(load_model(path), EngineConfig(mode="reproducible"),

@@ -14,7 +14,8 @@ from inhouse.config import EngineConfig, ServerSettings, cache_root
 from inhouse.engine import AsyncEngine, LLMEngine
 from inhouse.governance.audit_log import AuditLog, load_signing_key
 from inhouse.governance.keys import KeyStore
-from inhouse.model import find_checkpoint, kernels, load_model
+from inhouse.kernels import arithmetic
+from inhouse.model import find_checkpoint, load_model
 from inhouse.model.digest import checkpoint_digest
 from inhouse.server import build_app
 from tests.server_utils import running_server
@@ -37,7 +38,7 @@ def served(checkpoints, tmp_path_factory):
     settings = ServerSettings(model_name=MODEL, database_url=url, audit_database_url=url,
                               audit_content="full", engine_mode="reproducible",
                               model_digest=checkpoint_digest(find_checkpoint(path)),
-                              model_dtype="float32", kernel=kernels.path_name())
+                              model_dtype="float32", kernel=arithmetic.path_name())
     engine = AsyncEngine(LLMEngine(load_model(path), EngineConfig(
         mode="reproducible", prefill_chunk=16, block_size=16)))
     with running_server(build_app(engine, settings, audit_log=log, key_store=keys)) as u:

@@ -19,7 +19,8 @@ from inhouse.governance.audit_log import AuditLog, load_signing_key
 from inhouse.harmony import ChatMessage, FunctionTool, PromptOptions, decode, render_prompt
 from inhouse.harmony.conversation import ToolCall
 from inhouse.harmony.training import render_for_training
-from inhouse.model import find_checkpoint, kernels, load_model, lora
+from inhouse.kernels import arithmetic
+from inhouse.model import find_checkpoint, load_model, lora
 from inhouse.model.digest import checkpoint_digest
 from inhouse.model.peft_format import adapter_digest, attach_adapter, load_adapter
 from inhouse.server import build_app
@@ -227,7 +228,7 @@ def test_the_server_serves_the_adapter_and_returns_its_tool_call(trained, base, 
     settings = ServerSettings(model_name="base", adapters=(("ft", digest),), audit_content="full",
                               model_digest=checkpoint_digest(find_checkpoint(base)),
                               engine_mode="reproducible", model_dtype="float32",
-                              kernel=kernels.path_name())
+                              kernel=arithmetic.path_name())
     client = AsyncEngine(LLMEngine(model, EngineConfig()))
     try:
         with running_server(build_app(client, settings, audit_log=log)) as url:

@@ -189,7 +189,8 @@ def test_replay_runs_on_the_servers_engine_and_refuses_another_model(checkpoints
     from inhouse.config import EngineConfig
     from inhouse.engine import AsyncEngine, LLMEngine
     from inhouse.harmony.grammar import GrammarBackend
-    from inhouse.model import find_checkpoint, kernels, load_model
+    from inhouse.kernels import arithmetic
+    from inhouse.model import find_checkpoint, load_model
     from inhouse.model.digest import checkpoint_digest
 
     path = checkpoints["hf"]
@@ -199,7 +200,7 @@ def test_replay_runs_on_the_servers_engine_and_refuses_another_model(checkpoints
     _, auditor = keys.create("dpo", "auditor")
     settings = ServerSettings(model_name=MODEL, audit_content="full", engine_mode="reproducible",
                               model_digest=checkpoint_digest(find_checkpoint(path)),
-                              model_dtype="float32", kernel=kernels.path_name(),
+                              model_dtype="float32", kernel=arithmetic.path_name(),
                               database_url=f"sqlite:///{tmp_path / 'server.db'}")
     engine = AsyncEngine(LLMEngine(load_model(path), EngineConfig(mode="reproducible"),
                                    grammars=GrammarBackend()))

@@ -92,7 +92,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     from inhouse.model import find_checkpoint, load_model
     from inhouse.server import UVICORN_IMPL, build_app
 
-    from inhouse.model import kernels
+    from inhouse.kernels import arithmetic
     from inhouse.model.digest import checkpoint_digest
 
     patterns = []
@@ -138,7 +138,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               is_demo=demo, api_keys=tuple(api_keys), log_bodies=log_bodies,
                               database_url=database_url, audit_database_url=database_url,
                               audit_content=audit_content, model_digest=checkpoint_digest(info),
-                              engine_mode=mode, model_dtype=dtype.value, kernel=kernels.path_name(info.int8),
+                              engine_mode=mode, model_dtype=dtype.value, kernel=arithmetic.path_name(info.int8),
                               retain_days=retain_days, pii_mode=pii_mode,
                               pii_patterns=tuple(patterns),
                               metrics_require_key=metrics_require_key,

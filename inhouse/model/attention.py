@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from inhouse.model import attend_kernel
+from inhouse.kernels.cpu import attend_kernel
 
 _NEG_INF = float("-inf")
 # Elements of (queries x keys x heads-per-group) in one chunk of the fast path's score tile.

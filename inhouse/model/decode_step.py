@@ -1,8 +1,8 @@
 """A whole decode step through every decoder layer in one native call (csrc/step.c).
 
 At decode each layer is a dozen small kernel calls (norms, q/k/v, rotary, cache, attention,
-o_proj, router, experts, residuals) and their Python wrappers: about 10 ms per token on the 20b
-shape, a tenth of a step, that no kernel speed-up removes. `run` makes the same kernel calls with
+o_proj, router, experts, residuals) and their Python wrappers: a tenth of a step on the 20b shape
+(docs/performance.md), that no kernel speed-up removes. `run` makes the same kernel calls with
 the same arguments from C, so its result is the same bits as the module path
 (transformer.DecoderLayer), which stays the reference the tests compare it with. It takes decode
 steps of up to dense_kernel.MAX_ROWS sequences, one new token each, of a bf16 model with bf16 or
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inhouse.model import attend_kernel, dense_kernel, mxfp4_kernel, native, rows_kernel
+from inhouse.kernels.cpu import attend_kernel, dense_kernel, mxfp4_kernel, native, rows_kernel
 from inhouse.model.attention import allowed_keys
 from inhouse.model.moe import MXFP4Experts
-from inhouse.model.native import as_dtype
+from inhouse.kernels.cpu.native import as_dtype
 
 _p, _i64, _f, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 

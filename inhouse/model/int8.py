@@ -5,8 +5,8 @@ int8`): each output row is int8 with one scale, W[o, :] ~= weight[o, :] * weight
 matrix-vector kernel (dense_kernel.int8_matmul) at decode (up to 16 rows; a byte per weight read
 once at close to the memory bandwidth, rows independent of the batch). For more rows (prefill) it
 converts the int8 weights (exact in bf16 and fp32) to the GEMM's dtype (dense_kernel.gemm_dtype)
-a slab at a time and uses torch's GEMM: 39 ms for 512 rows x a 4096x2880 projection on a Zen 4,
-against 85 ms for torch's weight-only int8 kernel (`_weight_int8pack_mm`). Gradients (LoRA
+a slab at a time and uses torch's GEMM, about twice as fast as torch's weight-only int8 kernel
+(`_weight_int8pack_mm`; docs/performance.md, "8-bit attention and unembedding"). Gradients (LoRA
 training on an int8 base) take the reference. The decode kernel rounds each input row to int16
 first (`int16_rows`); `int8_kernel_reference` is that arithmetic in PyTorch, bit for bit.
 The packed experts of an int8 model meet int16 rows too (mxfp4_kernel's a16 path), reproduced bit
@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inhouse.model import dense_kernel, mxfp4
+from inhouse.kernels.cpu import dense_kernel
+from inhouse.model import mxfp4
 from inhouse.model.moe import MXFP4Experts
-from inhouse.model.native import as_dtype
+from inhouse.kernels.cpu.native import as_dtype
 
 
 def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

@@ -9,7 +9,7 @@ from torch import nn
 
 from inhouse.config import ModelConfig
 from inhouse.kernels.backend import Seams
-from inhouse.model import attend_kernel, rows_kernel
+from inhouse.kernels.cpu import attend_kernel, rows_kernel
 
 
 def seam(seams: Seams | None, name: str):

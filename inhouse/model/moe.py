@@ -17,17 +17,15 @@ from torch import nn
 from inhouse.config import ModelConfig
 from inhouse.kernels.backend import Seams
 from inhouse.model.layers import seam, swiglu
-from inhouse.model import dense_kernel, mxfp4_kernel, rows_kernel
+from inhouse.kernels.cpu import dense_kernel, mxfp4_kernel, rows_kernel
 from inhouse.model.mxfp4 import BYTES_PER_BLOCK, BLOCK_SIZE, dequantize
 
 # Up to this many rows (of one sequence, routed to one expert) the fused kernel multiplies straight
 # from the packed blocks; above it, decoding the expert once and using a dense matmul is faster
-# (5760x2880 expert, 2 cores of a Zen 4: kernel 11 / 28 / 136 ms at 32 / 64 / 128 rows, decode +
-# bf16 matmul 34-38 ms from 64 rows up).
+# (docs/performance.md, "Where the fused expert kernel stops").
 KERNEL_MAX_ROWS = 64
 # Where bf16 rows multiply in fp32 (dense_kernel.gemm_dtype: no AVX-512 BF16) the fused kernel
-# takes fp32 rows at about 15 GMAC/s and a tiled decode + fp32 GEMM wins earlier (2 cores of an
-# Ice Lake, the same expert: fused 14.6 / 39 ms at 32 / 64 rows, tiled 16.2 / 24 ms).
+# is slower per row and a tiled decode + fp32 GEMM wins earlier (the same section).
 KERNEL_MAX_ROWS_F32_GEMM = 40
 
 

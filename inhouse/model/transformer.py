@@ -14,9 +14,10 @@ from inhouse.config import ModelConfig
 from inhouse.errors import InhouseError
 from inhouse.kernels import backend as backends
 from inhouse.kernels.backend import Seams
-from inhouse.model import decode_step, dense_kernel
+from inhouse.kernels.cpu import dense_kernel
+from inhouse.model import decode_step
 from inhouse.model.attention import attention
-from inhouse.model.dense_kernel import Linear
+from inhouse.kernels.cpu.dense_kernel import Linear
 from inhouse.model.kv_cache import KVCache
 from inhouse.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, seam
 from inhouse.model.moe import MLP

@@ -19,8 +19,8 @@ import functools
 import torch
 from torch import nn
 
-from inhouse.model import native
-from inhouse.model.native import as_dtype
+from inhouse.kernels.cpu import native
+from inhouse.kernels.cpu.native import as_dtype
 
 # The dtypes argument of the kernel (csrc/kernels.h): which of the rows, the biases and the
 # results are bf16 (else fp32).

@@ -17,8 +17,8 @@ import functools
 
 import torch
 
-from inhouse.model import native
-from inhouse.model.native import as_dtype
+from inhouse.kernels.cpu import native
+from inhouse.kernels.cpu.native import as_dtype
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,9 +16,12 @@ import functools
 
 import torch
 
-from inhouse.model import native
-from inhouse.model.native import as_dtype
-from inhouse.model.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK
+from inhouse.kernels.cpu import native
+from inhouse.kernels.cpu.native import as_dtype
+
+# The MXFP4 format (model/mxfp4.py says it in full): 32 values per E8M0 scale, 16 bytes of codes.
+BLOCK_SIZE = 32
+BYTES_PER_BLOCK = 16
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from inhouse.model import native
+from inhouse.kernels.cpu import native
 
 
 @functools.lru_cache(maxsize=1)

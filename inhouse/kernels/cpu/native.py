@@ -30,11 +30,11 @@ def max_level(name: str) -> int:
 
 
 def load(name: str) -> ctypes.CDLL | None:
-    """The built kernels library (`inhouse.model._kernels`, all the kernels in one) for kernel
+    """The built kernels library (`inhouse.kernels.cpu._native`, all the kernels in one) for kernel
     `name`, or None (not built, or this kernel turned off)."""
     if setting(name) == "0":
         return None
-    spec = importlib.util.find_spec("inhouse.model._kernels")
+    spec = importlib.util.find_spec("inhouse.kernels.cpu._native")
     if spec is None or spec.origin is None:
         return None
     return ctypes.CDLL(spec.origin)

@@ -1,4 +1,4 @@
-/* The entry points of the kernels (one shared library, `inhouse.model._kernels`), declared once:
+/* The entry points of the kernels (one shared library, `inhouse.kernels.cpu._native`), declared once:
  * step.c calls them in sequence for a whole decode step, and each kernel's file includes this to
  * keep its definitions and these declarations the same. Their comments are at the definitions. */
 #ifndef INHOUSE_KERNELS_H
