@@ -20,6 +20,7 @@ from inhouse.engine.sampling import (InvalidRequest, SamplingParams, check_promp
 from inhouse.engine.scheduler import ScheduledChunk, Scheduler
 from inhouse.model import Transformer, decode_step
 from inhouse.model.lora import adapter_names
+from inhouse.model.paged_cache import PagedPools
 
 log = logging.getLogger("inhouse.engine")
 
@@ -55,6 +56,10 @@ class LLMEngine:
                   if config.prefix_caching else None)
         self.kv = KVBlockManager(layout, config.kv_budget_bytes, prefix)
         self.scheduler = Scheduler(config, self.kv)
+        if model.backend == "cuda" and model.pages is None:  # its attention reads pages
+            model.use_paged_kv(PagedPools.sized(mc, model.dtype, model.device,
+                                                config.kv_budget_bytes, config.max_num_seqs,
+                                                config.max_num_batched_tokens))
         self.runner = ModelRunner(model, config.mode)
         self._seqs: dict[str, Sequence] = {}
         # drafts only where verifying them shares the weights' reads (else they cost a step each)

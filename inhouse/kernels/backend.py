@@ -19,6 +19,8 @@ NAMES = ("auto", "cpu", "cuda")
 # The arithmetic id audit records carry for the cuda backend: its kernels sum in their own order
 # (see kernels/cuda), so a record made there replays bit for bit only there.
 CUDA_PATH = "cuda-triton-v1"
+# Positions per KV page (model.paged_cache's pages, the cuda attention kernel's key blocks).
+PAGE_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,15 @@ class Seams:
     attention: model.attention.attention's contract (q (T, Hq, D), k/v (Hkv, S, D), ...).
     experts: (x, weights, indices, gate_up (blocks, scales, bias), down (...), alpha, limit)
              -> (N, H), for MXFP4-packed experts without an adapter.
-    rmsnorm: (x, weight, eps) -> x's shape and dtype."""
+    rmsnorm: (x, weight, eps) -> x's shape and dtype.
+    paged_attention: kernels.cuda.attention.paged_attention's contract (several sequences over
+             pages of PAGE_SIZE positions, one call per layer)."""
 
     name: str
     attention: Callable | None = None
     experts: Callable | None = None
     rmsnorm: Callable | None = None
+    paged_attention: Callable | None = None
 
 
 def triton_available() -> bool:
@@ -61,7 +66,7 @@ def seams(name: str) -> Seams:
     if name == "cuda":
         from inhouse.kernels.cuda import attention, mxfp4_moe, norm
         return Seams("cuda", attention=attention.attention, experts=mxfp4_moe.moe,
-                     rmsnorm=norm.rmsnorm)
+                     rmsnorm=norm.rmsnorm, paged_attention=attention.paged_attention)
     if name == "cpu":
         return Seams("cpu")
     raise ValueError(f"no backend {name!r}")

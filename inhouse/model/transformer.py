@@ -19,6 +19,7 @@ from inhouse.model import decode_step
 from inhouse.model.attention import attention
 from inhouse.kernels.cpu.dense_kernel import Linear
 from inhouse.model.kv_cache import KVCache
+from inhouse.model.paged_cache import PagedBatch, PagedKVCache, PagedPools
 from inhouse.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, seam
 from inhouse.model.moe import MLP
 
@@ -89,16 +90,19 @@ class Attention(nn.Module):
         return [self.lora.delta(name, x, y) for name, y in zip(names, together)]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                segments: list[Segment], groups: list[slice] | None = None) -> torch.Tensor:
+                segments: list[Segment], groups: list[slice] | None = None,
+                paged: PagedBatch | None = None) -> torch.Tensor:
         """x (N, H): the rows of all segments; cos/sin (N, D/2) at each row's position -> (N, H).
         Projections run over all rows at once (or per group); attention runs per segment against
-        its own cache."""
+        its own cache, or, over paged caches, for all segments in one call."""
         N = x.shape[0]
         q, k, v = self._qkv(x, groups)
         q = q.view(N, self.num_heads, self.head_dim)
         k = k.view(N, self.num_kv_heads, self.head_dim)
         v = v.view(N, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if paged is not None:
+            return self._proj("o_proj", self._paged(q, k, v, layer, paged).view(N, -1), groups)
         attend = seam(self.seams, "attention") or attention
         outs = []
         for seg in segments:
@@ -112,6 +116,19 @@ class Attention(nn.Module):
         return self._proj("o_proj", outs[0] if len(outs) == 1 else torch.cat(outs), groups)
 
 
+    def _paged(self, q, k, v, layer: int, paged: PagedBatch) -> torch.Tensor:
+        """The new keys and values written to their pages, then every segment's queries in one
+        call of the backend's paged attention -> (N, Hq, D)."""
+        attend = seam(self.seams, "paged_attention")
+        if attend is None:
+            raise InhouseError("paged KV caches are read by the cuda backend's kernels only")
+        k_pages, v_pages, table, write = paged.layer(layer)
+        k_pages[write, :, paged.write_slot] = k  # (N, Hkv, D) into (pages, Hkv, P, D)
+        v_pages[write, :, paged.write_slot] = v
+        return attend(q, k_pages, v_pages, self.sinks, table, paged.q_row0, paged.num_q,
+                      paged.q_start, paged.num_k, self.window, self.scale, paged.max_q)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, experts_format: str) -> None:
         super().__init__()
@@ -120,9 +137,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, experts_format)
 
-    def forward(self, x, cos, sin, layer, segments, groups):
+    def forward(self, x, cos, sin, layer, segments, groups, paged=None):
         h = by_rows(self.input_layernorm, x, groups)
-        x = x + self.self_attn(h, cos, sin, layer, segments, groups)
+        x = x + self.self_attn(h, cos, sin, layer, segments, groups, paged)
         return x + self.mlp(by_rows(self.post_attention_layernorm, x, groups), groups)
 
 
@@ -158,6 +175,7 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False  # recompute each layer in backward (training)
         self.step_plan = None  # decode_step's table of weight pointers, built at first use
         self.backend = "cpu"  # whose kernels run the seams (use_backend)
+        self.pages: PagedPools | None = None  # new caches are paged when set (use_paged_kv)
         self.register_load_state_dict_post_hook(Transformer._forget_step_plan)
         with torch.device("cpu"):  # NOTE: not on meta even when the rest is built there
             self.rotary = RotaryEmbedding(config)
@@ -189,7 +207,16 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def new_cache(self, max_tokens: int | None = None) -> KVCache:
+    def use_paged_kv(self, pools: PagedPools | None) -> None:
+        """Give new caches pages from `pools` (the cuda backend's attention reads them in one
+        call for a whole batch); None: contiguous caches again."""
+        if pools is not None and self.backend != "cuda":
+            raise InhouseError("paged KV caches need the cuda backend")
+        self.pages = pools
+
+    def new_cache(self, max_tokens: int | None = None) -> KVCache | PagedKVCache:
+        if self.pages is not None:
+            return PagedKVCache(self.pages)
         return KVCache(self.config, self.dtype, self.device, max_tokens)
 
     def forward(self, token_ids: torch.Tensor, cache: KVCache | None = None,
@@ -263,7 +290,12 @@ class Transformer(nn.Module):
         try:
             fused = (decode_step.run(self, x, cos, sin, segments)  # decode: all layers, one call
                      if self.backend == "cpu" else None)
-            x = fused if fused is not None else self._layers(x, cos, sin, segments, groups)
+            if fused is None:
+                paged = (PagedBatch.build(segments, self.device)
+                         if all(isinstance(s.cache, PagedKVCache) for s in segments) else None)
+                x = self._layers(x, cos, sin, segments, groups, paged)
+            else:
+                x = fused
         finally:
             if routing is not None:
                 routing.assignment = None
@@ -273,12 +305,14 @@ class Transformer(nn.Module):
         return x
 
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                segments: list[Segment], groups: list[slice] | None) -> torch.Tensor:
+                segments: list[Segment], groups: list[slice] | None,
+                paged: PagedBatch | None = None) -> torch.Tensor:
         """x (N, H) through the decoder layers, module by module (decode_step.run is the same
         in one native call, where it applies)."""
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, i, segments, groups, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, i, segments, groups, paged,
+                               use_reentrant=False)
             else:
-                x = layer(x, cos, sin, i, segments, groups)
+                x = layer(x, cos, sin, i, segments, groups, paged)
         return x

@@ -23,8 +23,9 @@ import triton.language as tl
 
 from inhouse.kernels.cuda import dot_in_fp32
 
+from inhouse.kernels.backend import PAGE_SIZE as PAGE  # key positions per block (and per page)
+
 BLOCK_M = 16  # rows (query, head) per program: tl.dot's smallest M
-PAGE = 16  # key positions per block
 
 
 @triton.jit
@@ -153,7 +154,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     (num_pages, Hkv, PAGE, D) at slot p % PAGE. Pages wholly before a sliding window may be
     unset (never read). `max_q`: the most queries of a sequence (1 at decode; None: asked of
     num_q, which waits for the device). -> (rows, Hq, D)."""
-    return _launch(q.contiguous(), k_pages, v_pages, sinks, (q_row0, num_q, q_start, num_k), None,
+    per_seq = tuple(t.contiguous() for t in (q_row0, num_q, q_start, num_k))  # read as rows
+    return _launch(q.contiguous(), k_pages, v_pages, sinks, per_seq, None,
                    block_table, window, scale,
                    (k_pages.stride(0), k_pages.stride(1), k_pages.stride(2)),
                    (v_pages.stride(0), v_pages.stride(1), v_pages.stride(2)), num_q.shape[0],
