@@ -8,8 +8,8 @@ For a GPU machine with torch and triton and no network. Each model is built stra
 memory with random weights in the real shapes (no files: random_tensors on the device, experts
 packed MXFP4). Printed and written to benchmarks/results/gpu.json:
 - decode tokens/s for 1, 8 and 64 users in batched and reproducible mode (the engine, seeded
-  sampling, steps where every request decodes), the reproducible mode's cost (time per token
-  over the batched mode's);
+  sampling, steps where every request decodes, CUDA graphs on), the reproducible mode's cost
+  (time per token over the batched mode's), and one user without the CUDA graphs;
 - prefill tokens/s of one long prompt;
 - each decode figure's share of the bandwidth bound: bytes a step reads (the weights every token
   touches: attention, router, the routed experts' packed bytes, the unembedding; experts read once
@@ -61,10 +61,12 @@ def sync(device: str) -> None:
 
 def decode(model, mode: str, users: int, tokens: int, prompt_tokens: int, device: str) -> dict:
     """The engine with `users` seeded requests: decode tokens/s over the steps where every
-    request decodes (prefill timed apart)."""
+    request decodes (prefill timed apart). KV: 8 GiB on a GPU (the paged pools are allocated
+    whole), 64 MiB for the smoke run."""
     cfg = EngineConfig(mode=mode, max_num_seqs=users,
                        max_num_batched_tokens=max(512, users * prompt_tokens),
-                       prefill_chunk=prompt_tokens, kv_budget_bytes=8 << 30)
+                       prefill_chunk=prompt_tokens,
+                       kv_budget_bytes=(8 << 30) if device == "cuda" else (64 << 20))
     engine = LLMEngine(model, cfg)
     g = torch.Generator().manual_seed(users)
     for i in range(users):
@@ -90,7 +92,8 @@ def prefill(model, prompt_tokens: int, device: str) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (prompt_tokens,),
                         generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        model(ids[:16].to(device), model.new_cache(), last_only=True)  # warm-up (compiles)
+        if device == "cuda":  # warm-up (compiles the prefill's kernels)
+            model(ids[:16].to(device), model.new_cache(), last_only=True)
         sync(device)
         t0 = time.perf_counter()
         model(ids.to(device), model.new_cache(), last_only=True)
@@ -163,7 +166,8 @@ def main() -> None:
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if args.smoke:
-        args.models, args.users, args.tokens, args.prefill_tokens = "tiny", "2", 2, 24
+        args.models, args.users, args.tokens, args.prefill_tokens = "tiny", "2", 2, 16
+        args.modes = "reproducible"
         args.prompt_tokens, args.no_transformers = 8, True
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/gpu.py needs a CUDA device (or --smoke)")
@@ -173,7 +177,8 @@ def main() -> None:
         t0 = time.perf_counter()
         model = random_model(name, device, "cuda")
         rows.append((f"{name} built on the device", f"{time.perf_counter() - t0:.0f} s"))
-        decode(model, "batched", 1, 2, args.prompt_tokens, device)  # warm-up: compiles kernels
+        if device == "cuda":  # warm-up: compiles the kernels, captures a graph
+            decode(model, "batched", 1, 2, args.prompt_tokens, device)
         by_key = {}
         for users in map(int, args.users.split(",")):
             for mode in args.modes.split(","):
@@ -186,6 +191,13 @@ def main() -> None:
                 rows.append((f"{name} decode x{users} {mode}",
                              f"{rate:.1f} tok/s ({rate / bound:.0%} of bound)"))
                 print(rows[-1], flush=True)
+            if users == 1:  # what the CUDA graphs are worth: the same step launch by launch
+                graphs, model.decode_graphs = model.decode_graphs, None
+                r = decode(model, "batched", 1, args.tokens, args.prompt_tokens, device)
+                model.decode_graphs = graphs
+                results.append(r | {"model": name, "cuda_graphs": False})
+                rows.append((f"{name} decode x1 batched, no CUDA graphs",
+                             f"{r['tokens_per_s']:.1f} tok/s"))
             a, b = by_key.get(("reproducible", users)), by_key.get(("batched", users))
             if a and b and a["tokens_per_s"] and b["tokens_per_s"]:
                 rows.append((f"{name} x{users} reproducible time / batched",

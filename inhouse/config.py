@@ -410,6 +410,9 @@ class EngineConfig:
     # where the model's decode step verifies several rows in one read of the weights (bf16 on
     # the native CPU kernels): elsewhere a draft costs more than it saves.
     num_draft_tokens: int = 4
+    # the cuda backend on a GPU: decode steps of up to 64 sequences replayed from CUDA graphs
+    # (model/cuda_graphs.py); False runs them launch by launch
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for f in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "kv_budget_bytes",

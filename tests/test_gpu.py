@@ -93,3 +93,23 @@ def test_seeded_requests_are_bit_identical_alone_or_batched_on_the_gpu(cuda, che
     cfg = EngineConfig(prefill_chunk=8, max_num_batched_tokens=24, mode="reproducible")
     alone, others = _invariance_runs(model, cfg)
     assert all(o == alone for o in others)
+
+
+def test_captured_decode_steps_give_the_eager_steps_bits(cuda, checkpoints):
+    """CUDA graphs (the engine's default on the cuda backend) against launch-by-launch steps:
+    the same kernels, so the same ids and logprob floats."""
+    from inhouse.engine import LLMEngine, SamplingParams
+    from inhouse.model import load_model
+    from tests.test_engine import prompt, run_all
+
+    outs = []
+    for graphs in (True, False):
+        model = load_model(checkpoints["hf"], device=cuda, dtype=torch.bfloat16)
+        engine = LLMEngine(model, EngineConfig(prefill_chunk=8, cuda_graphs=graphs))
+        assert (model.decode_graphs is not None) == graphs
+        reqs = [(f"r{i}", prompt(i, 9 + 5 * i), SamplingParams(max_tokens=24, seed=i, logprobs=0))
+                for i in range(3)]
+        outs.append(run_all(engine, {0: reqs}, True))
+        if graphs:
+            assert model.decode_graphs.steps  # some steps were replayed
+    assert outs[0] == outs[1]

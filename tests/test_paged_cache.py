@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inhouse.config import EngineConfig, preset
-from inhouse.engine import LLMEngine, SamplingParams
+from inhouse.config import preset
 from inhouse.errors import InhouseError
 from inhouse.model import load_model
 from inhouse.model.paged_cache import PagedKVCache, PagedPools
@@ -112,30 +111,3 @@ def test_the_model_on_pages_gives_the_contiguous_caches_logits(models, tiny_conf
         assert third.num_tokens == 7
         third.truncate(6)  # the second draft row rejected
         assert torch.allclose(ours(other[6:7], third, last_only=True)[0], want[3], atol=1e-4)
-
-
-def test_the_engine_on_pages_answers_as_on_the_cpu_and_returns_every_page(models, tiny_config):
-    ours, cpu = models
-    prompts = [random_ids(n, tiny_config.vocab_size, seed=n).tolist() for n in (21, 9, 21)]
-    prompts[2] = prompts[0][:18] + prompts[2][18:]  # shares 16 tokens (a block) with the first
-    cfg = EngineConfig(prefill_chunk=8, max_num_batched_tokens=24, block_size=16,
-                       prefix_caching=True, max_num_seqs=4, kv_budget_bytes=1 << 22)
-    results = []
-    for model in (ours, cpu):
-        engine = LLMEngine(model, cfg)
-        for i, p in enumerate(prompts[:2]):
-            engine.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0))
-        out = {}
-        while engine.has_unfinished():
-            for o in engine.step():
-                out.setdefault(o.request_id, []).extend(o.new_token_ids)
-        engine.add_request("r2", prompts[2], SamplingParams(max_tokens=4, temperature=0))
-        while engine.has_unfinished():
-            for o in engine.step():
-                out.setdefault(o.request_id, []).extend(o.new_token_ids)
-        results.append((out, engine.stats().prefix_hit_tokens))
-    assert results[0] == results[1]
-    assert results[0][1] == 16  # the third request reused the first one's block, on pages too
-    pools = ours.pages
-    assert len(pools.full.free) == pools.full.num_pages
-    assert len(pools.sliding.free) == pools.sliding.num_pages

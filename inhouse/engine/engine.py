@@ -20,6 +20,7 @@ from inhouse.engine.sampling import (InvalidRequest, SamplingParams, check_promp
 from inhouse.engine.scheduler import ScheduledChunk, Scheduler
 from inhouse.model import Transformer, decode_step
 from inhouse.model.lora import adapter_names
+from inhouse.model.cuda_graphs import graphs_for
 from inhouse.model.paged_cache import PagedPools
 
 log = logging.getLogger("inhouse.engine")
@@ -60,6 +61,8 @@ class LLMEngine:
             model.use_paged_kv(PagedPools.sized(mc, model.dtype, model.device,
                                                 config.kv_budget_bytes, config.max_num_seqs,
                                                 config.max_num_batched_tokens))
+            if config.cuda_graphs:
+                model.decode_graphs = graphs_for(model)
         self.runner = ModelRunner(model, config.mode)
         self._seqs: dict[str, Sequence] = {}
         # drafts only where verifying them shares the weights' reads (else they cost a step each)

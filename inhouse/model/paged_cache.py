@@ -14,6 +14,7 @@ through `PagedBatch`, the device-side tables of one forward, built once for all 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -110,10 +111,15 @@ class PagedLayer:
 
 
 class PagedKVCache:
-    """One sequence's pages. `full`, `sliding`: its block tables (-1: given back)."""
+    """One sequence's pages. `full`, `sliding`: its block tables (-1: given back). `serial`:
+    unique for the process's life (an id() may come back after a cache is dropped)."""
+
+    _serials = itertools.count()
 
     def __init__(self, pools: PagedPools) -> None:
         self.pools = pools
+        self.serial = next(self._serials)
+        self.version = 0  # bumped whenever a table gains or loses a page
         self.num_tokens = 0
         self.full: list[int] = []
         self.sliding: list[int] = []
@@ -132,6 +138,7 @@ class PagedKVCache:
             if pool.num_pages:
                 while len(table) < need:
                     table.append(pool.allocate())
+                    self.version += 1
         self._release_behind()
 
     def _release_behind(self) -> None:
@@ -156,7 +163,9 @@ class PagedKVCache:
             for page in table[keep:]:
                 if page >= 0:
                     pool.release(page)
-            del table[keep:]
+            if len(table) > keep:
+                del table[keep:]
+                self.version += 1
         self.num_tokens = num_tokens
 
     def load_prefix(self, layers: list[list[tuple[torch.Tensor, torch.Tensor]]],

@@ -176,6 +176,7 @@ class Transformer(nn.Module):
         self.step_plan = None  # decode_step's table of weight pointers, built at first use
         self.backend = "cpu"  # whose kernels run the seams (use_backend)
         self.pages: PagedPools | None = None  # new caches are paged when set (use_paged_kv)
+        self.decode_graphs = None  # a cuda_graphs.DecodeGraphs: decode steps replayed whole
         self.register_load_state_dict_post_hook(Transformer._forget_step_plan)
         with torch.device("cpu"):  # NOTE: not on meta even when the rest is built there
             self.rotary = RotaryEmbedding(config)
@@ -185,7 +186,7 @@ class Transformer(nn.Module):
 
     def __getstate__(self) -> dict:
         """A copy (deepcopy, pickle) builds its own step plan: addresses do not carry over."""
-        return {**self.__dict__, "step_plan": None}
+        return {**self.__dict__, "step_plan": None, "decode_graphs": None}
 
     def _apply(self, fn, *args, **kwargs):
         """nn.Module's (.to, .float, ...), which may move tensors: the step plan is dropped."""
@@ -213,6 +214,7 @@ class Transformer(nn.Module):
         if pools is not None and self.backend != "cuda":
             raise InhouseError("paged KV caches need the cuda backend")
         self.pages = pools
+        self.decode_graphs = None  # they hold the old pools' tables
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache | PagedKVCache:
         if self.pages is not None:
@@ -223,6 +225,11 @@ class Transformer(nn.Module):
                 last_only: bool = False, adapter: str | None = None) -> torch.Tensor:
         if token_ids.dim() != 1:
             raise InhouseError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
+        if (self.decode_graphs is not None and last_only and adapter is None
+                and cache is not None):
+            logits = self.decode_graphs.run([(token_ids, cache)], False)
+            if logits is not None:
+                return logits
         start = cache.num_tokens if cache is not None else 0
         x = self._hidden(token_ids, [Segment(0, token_ids.shape[0], start, cache, adapter)])
         if last_only:
@@ -256,8 +263,12 @@ class Transformer(nn.Module):
         are then made room for first (`KVCache.make_room`), so that `truncate` can take back
         the rejected ones.
         """
-        segments, row = [], 0
         adapters = adapters or [None] * len(batch)
+        if self.decode_graphs is not None and not any(adapters):  # a step replayed whole
+            logits = self.decode_graphs.run(batch, independent)
+            if logits is not None:
+                return logits
+        segments, row = [], 0
         fed: dict[int, int] = {}  # id(cache) -> positions given to it earlier in this batch
         for (ids, cache), adapter in zip(batch, adapters, strict=True):
             start = cache.num_tokens + fed.get(id(cache), 0)
@@ -271,7 +282,11 @@ class Transformer(nn.Module):
         x = self._hidden(torch.cat([ids for ids, _ in batch]), segments, groups)
         last = [s.row0 + s.num_tokens - 1 for s in segments]
         finals = [slice(i, i + 1) for i in range(len(last))] if independent else None
-        return by_rows(self.lm_head, by_rows(self.model.norm, x[last], finals), finals)
+        return self.logits_of(x[last], finals)
+
+    def logits_of(self, x: torch.Tensor, groups: list[slice] | None = None) -> torch.Tensor:
+        """Final norm and unembedding of rows x (N, H) -> (N, V), group by group if given."""
+        return by_rows(self.lm_head, by_rows(self.model.norm, x, groups), groups)
 
     def _hidden(self, token_ids: torch.Tensor, segments: list[Segment],
                 groups: list[slice] | None = None) -> torch.Tensor:

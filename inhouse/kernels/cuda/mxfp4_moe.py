@@ -164,7 +164,10 @@ def plan(indices: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
     N, k = indices.shape
     flat = indices.reshape(-1)
     pair_slot = torch.argsort(flat, stable=True)  # (N*k,)
-    counts = torch.bincount(flat, minlength=num_experts)  # (E,)
+    # NOTE: not torch.bincount, which reads the largest index back to the host on CUDA (a sync,
+    # and no CUDA graph could hold it); integer scatter-adds give the same counts every time
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat.long(), torch.ones_like(flat, dtype=torch.long))  # (E,)
     ends = torch.cumsum(counts, 0)
     tiles = (counts + BLOCK_M - 1) // BLOCK_M
     tile_ends = torch.cumsum(tiles, 0)
