@@ -13,13 +13,14 @@ from inhouse.errors import InhouseError
 from inhouse.governance.audit_log import AuditLog
 from inhouse.governance.replay_plan import ReplayReport, compare, plan_replay
 from inhouse.kernels import arithmetic
+from inhouse.kernels.backend import CUDA_PATH, device_and_backend
 from inhouse.model import find_checkpoint, load_model
 from inhouse.model.digest import checkpoint_digest
 from inhouse.model.peft_format import attach_adapter
 
 
 def replay(log: AuditLog, record_id: str, model_path: Path,
-           adapter_dir: Path | None = None) -> ReplayReport:
+           adapter_dir: Path | None = None, device: str = "cpu") -> ReplayReport:
     """`adapter_dir`: the LoRA adapter the record names (checked by digest), if it used one."""
     plan = plan_replay(record_id, log.get(record_id))
     info = find_checkpoint(model_path)
@@ -27,13 +28,18 @@ def replay(log: AuditLog, record_id: str, model_path: Path,
     if digest != plan.model_digest:
         raise InhouseError(f"refusing to replay: the model at {model_path} has digest {digest}, "
                            f"the record was produced by {plan.model_digest}")
-    here = arithmetic.path_name(info.int8)
+    try:
+        torch_device, backend = device_and_backend(device)
+    except ValueError as e:
+        raise InhouseError(f"--device: {e}") from None
+    here = arithmetic.path_name(info.int8, backend)
     if plan.kernel and plan.kernel != here:
+        hint = " (pass --device cuda)" if plan.kernel == CUDA_PATH else ""
         raise InhouseError(f"refusing to replay: the record ran the '{plan.kernel}' "
                            f"kernel path, this machine runs '{here}' for this model (different "
-                           "arithmetic)")
+                           f"arithmetic){hint}")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(plan.dtype, torch.bfloat16)
-    model = load_model(info.root, dtype=dtype)
+    model = load_model(info.root, device=torch_device, dtype=dtype)
     wanted = plan.adapter_digest
     if wanted and adapter_dir is None:
         raise InhouseError(f"record {record_id} was produced with adapter '{plan.adapter}' "

@@ -104,62 +104,26 @@ def random_moe_layer(dtype: torch.dtype, seed: int = 0, num_experts: int = 6,
     return mlp
 
 
-# The trained demo model takes about three minutes to build on 2 cores. It is built once per run,
-# by `inhouse demo build` in a background process at low priority that starts when collection is
-# done, and the tests that need it run last: the rest of the suite runs meanwhile, in the CPU
-# time the build leaves (the same bits as building it in-process: the same command and threads).
-_DEMO_BUILD: dict = {}
-
-
-def _uses_demo(item) -> bool:
-    return "demo_cache" in getattr(item, "fixturenames", ())
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
-    items[:] = [i for i in items if not _uses_demo(i)] + [i for i in items if _uses_demo(i)]
-
-
-def pytest_collection_finish(session):
-    if (os.environ.get("INHOUSE_TEST_DEMO_CACHE") or session.config.option.collectonly
-            or not any(map(_uses_demo, session.items))):
-        return
-    import subprocess
-    import sys
-    import tempfile
-
-    cache = Path(tempfile.mkdtemp(prefix="inhouse-test-demo-"))
-    log = open(cache / "build.log", "w")  # noqa: SIM115 - closed at session end
-    command = [sys.executable, "-c", "from inhouse.cli import main; main()", "demo", "build"]
-    proc = subprocess.Popen(command, env={**os.environ, "INHOUSE_CACHE": str(cache)},
-                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
-    _DEMO_BUILD.update(cache=cache, proc=proc, log=log)
-
-
-def pytest_sessionfinish(session):
-    if _DEMO_BUILD:
-        import shutil
-
-        proc = _DEMO_BUILD["proc"]
-        if proc.poll() is None:  # the run stopped before the demo tests
-            proc.kill()
-            proc.wait()
-        _DEMO_BUILD["log"].close()
-        shutil.rmtree(_DEMO_BUILD["cache"], ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
-def demo_cache() -> Path:
-    """An INHOUSE_CACHE holding the trained demo model (the background build above, waited for):
-    the demo, structured-output, web UI and Ray tests share it."""
+def demo_cache(tmp_path_factory) -> Path:
+    """An INHOUSE_CACHE holding the trained demo model, built once per session by the CLI
+    (`inhouse demo build`, about three minutes on 2 cores): the demo, structured-output, web UI
+    and Ray tests share it.
+    NOTE: built in this process, in turn. Built beside the rest of the suite in a background
+    process it made the run no shorter (10:37 niced, 19:52 not: the suite is CPU-bound on 2
+    cores, and two processes of torch threads spin against each other)."""
+    from typer.testing import CliRunner
+
+    from inhouse.cli import app as cli
+
     if os.environ.get("INHOUSE_TEST_DEMO_CACHE"):  # a developer's prebuilt cache (never CI's)
         return Path(os.environ["INHOUSE_TEST_DEMO_CACHE"])
-    if not _DEMO_BUILD:
-        pytest.fail("the demo build was not started (pytest_collection_finish)")
-    code = _DEMO_BUILD["proc"].wait()
-    _DEMO_BUILD["log"].flush()
-    assert code == 0, (_DEMO_BUILD["cache"] / "build.log").read_text()[-4000:]
-    return _DEMO_BUILD["cache"]
+    cache = tmp_path_factory.mktemp("democache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INHOUSE_CACHE", str(cache))
+        r = CliRunner().invoke(cli, ["demo", "build"])
+    assert r.exit_code == 0, r.output
+    return cache
 
 
 @pytest.hookimpl(hookwrapper=True)

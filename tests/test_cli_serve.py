@@ -58,3 +58,19 @@ def test_replica_options_without_replicas_are_one_clear_line():
         assert result.exit_code == 1, result.output
         lines = [l for l in result.output.splitlines() if l.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: --"), result.output
+
+
+def test_a_device_this_machine_lacks_is_one_clear_line(tmp_path):
+    import torch
+
+    cases = [("tpu", "unknown device 'tpu'"), ("mps", "inhouse runs on cpu or cuda")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "no CUDA device"))
+    for device, says in cases:
+        for args in (["serve", "--device", device],
+                     ["audit", "replay", "r1", "--model", str(tmp_path), "--device", device]):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code != 0, result.output
+            lines = [l for l in result.output.splitlines() if l.strip()]
+            assert len(lines) == 1 and lines[0].startswith("error: --device") and says in lines[0], \
+                (args, result.output)

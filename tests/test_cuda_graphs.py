@@ -5,7 +5,6 @@ kernels). `pytest -m gpu` (test_gpu.py) checks the captured graphs."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from inhouse.config import EngineConfig
 from inhouse.engine import LLMEngine, SamplingParams

@@ -391,6 +391,10 @@ def serve(
         min=0.1, help="CPUs Ray reserves for each replica (its torch threads).")] = 1.0,
     gpus_per_replica: Annotated[float, typer.Option(
         min=0, help="GPUs Ray reserves for each replica.")] = 0.0,
+    device: Annotated[str, typer.Option(
+        help="cpu, or cuda[:N]: the model on a GPU with the cuda backend (Triton kernels, paged "
+             "KV, CUDA graphs); audit records name that arithmetic, and replay them with "
+             "`audit replay --device cuda`.")] = "cpu",
 ) -> None:
     """Serve the OpenAI-compatible API (Chat Completions, Responses) and the web UI on
     HOST:PORT."""
@@ -409,7 +413,7 @@ def serve(
                policy_action=policy_action, guard_model=guard_model, web_ui=web_ui,
                scaling=replica_scaling(replicas, max_replicas, cpus_per_replica,
                                        gpus_per_replica, max_batch, ray_address),
-               ray_address=ray_address)
+               ray_address=ray_address, device=device)
 
 
 @app.command()

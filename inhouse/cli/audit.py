@@ -159,13 +159,21 @@ def replay(record_id: Annotated[str, typer.Argument(help="The record id to repla
            model: Annotated[Path, typer.Option(help="The checkpoint the record was produced by.")],
            adapter: Annotated[Path | None, typer.Option(help="The LoRA adapter directory the "
                                                         "record used, if any.")] = None,
-           database_url: DbOpt = None, key: KeyOpt = None) -> None:
+           database_url: DbOpt = None, key: KeyOpt = None,
+           device: Annotated[str, typer.Option(help="cpu, or cuda[:N] for a record the cuda "
+                                               "backend produced.")] = "cpu") -> None:
     """Re-run a logged request (prompt ids, params, seed) in reproducible mode and report whether
     the output ids are bit-identical. Refuses if the model's digest differs from the record's."""
+    from inhouse.errors import InhouseError
+    from inhouse.kernels.backend import device_and_backend
     from inhouse.replay import replay as run_replay
 
+    try:  # before anything is opened: a device this machine lacks is said first
+        device_and_backend(device)
+    except ValueError as e:
+        raise InhouseError(f"--device: {e}") from None
     log, _ = _open(database_url, key)
-    r = run_replay(log, record_id, model, adapter)
+    r = run_replay(log, record_id, model, adapter, device=device)
     if r.identical:
         out.print(f"[green]identical[/green]: {r.num_replayed} output tokens reproduced bit for bit")
         return

@@ -84,7 +84,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
           builtin_tools: str = "", python_timeout: float = 120.0,
           python_memory_mib: int = 1024, policy: Path | None = None, policy_on: str = "input",
           policy_action: str = "flag", guard_model: Path | None = None,
-          web_ui: bool = True, scaling=None, ray_address: str | None = None) -> None:
+          web_ui: bool = True, scaling=None, ray_address: str | None = None,
+          device: str = "cpu") -> None:
     import uvicorn
 
     from inhouse.config import EngineConfig, ServerSettings
@@ -93,7 +94,16 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     from inhouse.server import UVICORN_IMPL, build_app
 
     from inhouse.kernels import arithmetic
+    from inhouse.kernels.backend import device_and_backend
     from inhouse.model.digest import checkpoint_digest
+
+    try:
+        torch_device, backend = device_and_backend(device)
+    except ValueError as e:
+        raise InhouseError(f"--device: {e}") from None
+    if scaling is not None and torch_device.type != "cpu":
+        raise InhouseError("--device applies to the engine in this process; replicas take "
+                           "--gpus-per-replica")
 
     patterns = []
     for spec in pii_patterns or []:
@@ -138,7 +148,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
                               is_demo=demo, api_keys=tuple(api_keys), log_bodies=log_bodies,
                               database_url=database_url, audit_database_url=database_url,
                               audit_content=audit_content, model_digest=checkpoint_digest(info),
-                              engine_mode=mode, model_dtype=dtype.value, kernel=arithmetic.path_name(info.int8),
+                              engine_mode=mode, model_dtype=dtype.value, kernel=arithmetic.path_name(info.int8, backend),
                               retain_days=retain_days, pii_mode=pii_mode,
                               pii_patterns=tuple(patterns),
                               metrics_require_key=metrics_require_key,
@@ -161,7 +171,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
         client = start_replicas(spec, scaling, info.config, ray_address)
     else:
         err.print(f"[dim]loading {path} ...[/dim]")
-        loaded = load_model(path, dtype=dtype.torch, mmap=mmap)
+        loaded = load_model(path, device=torch_device, dtype=dtype.torch, mmap=mmap)
         digests = tuple((n, attach_adapter(loaded, n, d, contents)) for n, d, contents in read)
         from inhouse.harmony.grammar import GrammarBackend
 
@@ -176,7 +186,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
             err.print(f"[dim]loading the guard model {guard_model} ...[/dim]")
             guard_info = find_checkpoint(guard_model)
             guard_client = AsyncEngine(LLMEngine(
-                load_model(guard_info.root, dtype=dtype.torch, mmap=mmap),
+                load_model(guard_info.root, device=torch_device, dtype=dtype.torch, mmap=mmap),
                 EngineConfig(max_num_seqs=4, kv_budget_bytes=int(kv_budget_gib * 2**30) // 4,
                              mode=mode), grammars=GrammarBackend()))
             guard_name = f"guard:{guard_model.name}@{checkpoint_digest(guard_info)[:19]}"

@@ -61,6 +61,20 @@ def select(device: torch.device, requested: str = "auto") -> str:
     return "cuda" if device.type == "cuda" and triton_available() else "cpu"
 
 
+def device_and_backend(device: str) -> tuple[torch.device, str]:
+    """A --device value ("cpu", "cuda", "cuda:1") -> (the device, the backend "auto" picks for
+    it); ValueError, in words, for a name torch does not know or a GPU this machine lacks."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r} (cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: inhouse runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA device torch can use")
+    return dev, select(dev)
+
+
 def seams(name: str) -> Seams:
     """The seams of backend `name` (its kernels imported only now)."""
     if name == "cuda":
