@@ -64,27 +64,37 @@ def _decode_tile(blocks_ptr, scales_ptr, offs_n, mask_n, k0, K,
 
 
 @triton.jit
-def _tile(tile_expert_ptr, tile_start_ptr, tile_end_ptr, t):
-    return tl.load(tile_expert_ptr + t), tl.load(tile_start_ptr + t), tl.load(tile_end_ptr + t)
+def _tile(tile_expert_ptr, tile_start_ptr, tile_end_ptr, OUT, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """This program's tile: its expert, pair range [start, end), and output columns."""
+    t = tl.program_id(0)
+    e, start = tl.load(tile_expert_ptr + t), tl.load(tile_start_ptr + t)
+    end = tl.load(tile_end_ptr + t)
+    offs_m = start + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return e, start, end, offs_m, offs_m < end, offs_n, offs_n < OUT
 
 
 @triton.jit
-def _product(a_ptr, a_rows, mask_m, stride_a, blocks_ptr, scales_ptr, offs_n, mask_n, K,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             IEEE: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) fp32: rows a_rows of A (stride_a apart) times one expert's W^T
-    (blocks_ptr, scales_ptr: that expert's)."""
+def _expert_rows(a_ptr, a_rows, mask_m, e, blocks_ptr, scales_ptr, bias_ptr, offs_n, mask_n, K,
+                 OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32: rows a_rows of A (K apart) times expert e's W^T, plus its bias."""
+    e64 = e.to(tl.int64)
+    blocks_ptr += e64 * OUT * (K // 2)
+    scales_ptr += e64 * OUT * (K // 32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + a_rows.to(tl.int64)[:, None] * stride_a + offs_k[None, :],
+        a = tl.load(a_ptr + a_rows.to(tl.int64)[:, None] * K + offs_k[None, :],
                     mask=mask_m[:, None], other=0.0)
         w = _decode_tile(blocks_ptr, scales_ptr, offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K)
         if IEEE:
             acc += tl.dot(a.to(tl.float32), tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(a, tl.trans(w.to(a.dtype)))
-    return acc
+    bias = tl.load(bias_ptr + e64 * OUT + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return acc + bias[None, :]
 
 
 @triton.jit
@@ -92,19 +102,13 @@ def _gate_up_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, h_ptr, pair_row_ptr
                     tile_expert_ptr, tile_start_ptr, tile_end_ptr, K, OUT, alpha, limit,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     IEEE: tl.constexpr):
-    e, start, end = _tile(tile_expert_ptr, tile_start_ptr, tile_end_ptr, tl.program_id(0))
+    e, start, end, offs_m, mask_m, offs_n, mask_n = _tile(
+        tile_expert_ptr, tile_start_ptr, tile_end_ptr, OUT, BLOCK_M, BLOCK_N)
     if start >= end:
         return
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
     rows = tl.load(pair_row_ptr + offs_m, mask=mask_m, other=0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < OUT
-    e64 = e.to(tl.int64)
-    acc = _product(x_ptr, rows, mask_m, K, blocks_ptr + e64 * OUT * (K // 2),
-                   scales_ptr + e64 * OUT * (K // 32), offs_n, mask_n, K,
-                   BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-    acc += tl.load(bias_ptr + e64 * OUT + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = _expert_rows(x_ptr, rows, mask_m, e, blocks_ptr, scales_ptr, bias_ptr, offs_n, mask_n,
+                       K, OUT, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # even, odd columns
     gate = tl.minimum(gate, limit)
     up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -120,18 +124,12 @@ def _down_kernel(h_ptr, blocks_ptr, scales_ptr, bias_ptr, y_ptr, pair_slot_ptr, 
                  tile_expert_ptr, tile_start_ptr, tile_end_ptr, K, OUT,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  IEEE: tl.constexpr):
-    e, start, end = _tile(tile_expert_ptr, tile_start_ptr, tile_end_ptr, tl.program_id(0))
+    e, start, end, offs_m, mask_m, offs_n, mask_n = _tile(
+        tile_expert_ptr, tile_start_ptr, tile_end_ptr, OUT, BLOCK_M, BLOCK_N)
     if start >= end:
         return
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < OUT
-    e64 = e.to(tl.int64)
-    acc = _product(h_ptr, offs_m, mask_m, K, blocks_ptr + e64 * OUT * (K // 2),
-                   scales_ptr + e64 * OUT * (K // 32), offs_n, mask_n, K,
-                   BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-    acc += tl.load(bias_ptr + e64 * OUT + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = _expert_rows(h_ptr, offs_m, mask_m, e, blocks_ptr, scales_ptr, bias_ptr, offs_n, mask_n,
+                       K, OUT, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
     weight = tl.load(pair_weight_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
     slots = tl.load(pair_slot_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     tl.store(y_ptr + slots[:, None] * OUT + offs_n[None, :], acc * weight[:, None],
