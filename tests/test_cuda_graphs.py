@@ -80,3 +80,25 @@ def test_seeded_graph_steps_are_the_same_bits_alone_or_batched(graphed, tiny_con
         assert alone["r0"] == together[f"r{i}"], i
     # batched: bucket 2 row by row (reproducible); alone: the one-sequence step
     assert set(graphed.decode_graphs.steps) == {(2, True), (1, False)}
+
+
+def test_a_step_that_cannot_be_captured_runs_without_graphs(graphed, tiny_config, monkeypatch,
+                                                            caplog):
+    """A GPU stack whose capture fails (an op it cannot record, a driver limit) must still serve:
+    the step runs launch by launch, and the engine says why once."""
+    from inhouse.model import cuda_graphs
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "_Step", refuse)
+    monkeypatch.setattr(graphed, "decode_graphs", DecodeGraphs(graphed, capture=False))
+    prompt = random_ids(9, tiny_config.vocab_size, seed=3).tolist()
+    cfg = EngineConfig(prefill_chunk=16)
+    with caplog.at_level("WARNING", logger="inhouse.engine"):
+        out = _run(graphed, [prompt], [SamplingParams(max_tokens=3, temperature=0)], cfg)
+    assert len(out["r0"]) == 3
+    assert graphed.decode_graphs.failure.startswith("RuntimeError: operation not permitted")
+    assert [r.message for r in caplog.records].count(
+        "CUDA graph capture failed (RuntimeError: operation not permitted when stream is "
+        "capturing); decode steps run launch by launch") == 1

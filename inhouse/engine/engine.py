@@ -64,6 +64,7 @@ class LLMEngine:
             if config.cuda_graphs:
                 model.decode_graphs = graphs_for(model)
         self.runner = ModelRunner(model, config.mode)
+        self._graph_failure_logged = False
         self._seqs: dict[str, Sequence] = {}
         # drafts only where verifying them shares the weights' reads (else they cost a step each)
         self.drafting = config.num_draft_tokens > 0 and decode_step.verifies_rows_together(model)
@@ -143,6 +144,11 @@ class LLMEngine:
         except Exception:  # noqa: BLE001 - a failed step fails only the requests that fail alone
             log.exception("engine step of %d sequences failed", len(plan.chunks))
             rows = self._run_alone(plan.chunks)
+        graphs = getattr(self.model, "decode_graphs", None)
+        if graphs is not None and graphs.failure and not self._graph_failure_logged:
+            log.warning("CUDA graph capture failed (%s); decode steps run launch by launch",
+                        graphs.failure)
+            self._graph_failure_logged = True
         outputs = []
         for chunk, row in zip(plan.chunks, rows):
             seq = chunk.seq

@@ -98,20 +98,27 @@ class DecodeGraphs:
                         pools.sliding.allocate() if pools.sliding.num_pages else 0)
         self.steps: dict[tuple[int, bool], _Step] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        # why a capture failed ("TypeError: ..."), after which every step runs launch by
+        # launch: a GPU stack that cannot capture a step must still serve (the engine logs it)
+        self.failure: str | None = None
 
     def run(self, feeds: list[tuple[torch.Tensor, PagedKVCache]],
             independent: bool) -> torch.Tensor | None:
         rows = bucket_of(len(feeds))
         caches = [c for _, c in feeds]
-        if (rows is None or any(ids.shape[0] != 1 for ids, _ in feeds)
+        if (rows is None or self.failure is not None or any(ids.shape[0] != 1 for ids, _ in feeds)
                 or not all(isinstance(c, PagedKVCache) for c in caches)
                 or len({id(c) for c in caches}) < len(caches) or torch.is_grad_enabled()
                 or any(c.num_tokens + 1 > self.max_tokens for c in caches)):
             return None
         key = (rows, independent)
         if key not in self.steps:
-            self.steps[key] = _Step(self.model, rows, self.width, independent, self.capture,
-                                    self.pool, self.scratch)
+            try:
+                self.steps[key] = _Step(self.model, rows, self.width, independent,
+                                        self.capture, self.pool, self.scratch)
+            except Exception as e:  # noqa: BLE001 - any capture error: run without graphs
+                self.failure = f"{type(e).__name__}: {e}"
+                return None
         step = self.steps[key]
         self._fill(step, key, feeds)
         logits = step.run()
