@@ -230,3 +230,24 @@ def test_model_on_the_cuda_backend_gives_the_cpu_backend_logits(dev, checkpoints
         assert torch.allclose(got.cpu(), want, atol=1e-4, rtol=1e-4)
     layers = tiny_config.num_hidden_layers  # 5 calls of the model, the batch's two in one
     assert calls == {"attention": 6 * layers, "moe": 5 * layers, "rmsnorm": 5 * (2 * layers + 1)}
+
+
+def test_the_self_check_passes_here_and_catches_a_wrong_kernel(dev, monkeypatch):
+    """`select("auto")` runs it once per device before choosing the cuda backend."""
+    from inhouse.kernels.cuda import check
+
+    assert check.self_check(torch.device(dev)) is None
+    real = mxfp4_moe.moe
+    monkeypatch.setattr(mxfp4_moe, "moe", lambda *a: real(*a) * 1.01)
+    assert check.self_check(torch.device(dev)) == "the MXFP4 experts differ from their reference"
+    monkeypatch.setattr(norm, "rmsnorm", lambda *a: (_ for _ in ()).throw(RuntimeError("PTX")))
+    with pytest.raises(RuntimeError):
+        check.self_check(torch.device(dev))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
+def test_auto_on_a_gpu_whose_kernels_fail_takes_the_pytorch_paths():
+    backend.cuda_failure.cache_clear()
+    assert backend.select(torch.device("cuda")) == "cpu"  # triton interprets, but no device
+    assert backend.cuda_failure("cuda").startswith(("RuntimeError", "AssertionError"))
+    backend.cuda_failure.cache_clear()

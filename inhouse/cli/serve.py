@@ -101,6 +101,12 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
         torch_device, backend = device_and_backend(device)
     except ValueError as e:
         raise InhouseError(f"--device: {e}") from None
+    if torch_device.type == "cuda" and backend != "cuda":
+        from inhouse.kernels.backend import cuda_failure, triton_available
+
+        why = cuda_failure(str(torch_device)) if triton_available() else "triton is not installed"
+        err.print(f"[yellow]warning: the cuda backend's kernels cannot run here ({why}); "
+                  f"the model runs its PyTorch paths on {torch_device} (slow)[/yellow]")
     if scaling is not None and torch_device.type != "cpu":
         raise InhouseError("--device applies to the engine in this process; replicas take "
                            "--gpus-per-replica")

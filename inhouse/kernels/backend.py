@@ -8,6 +8,7 @@ under Triton's interpreter (TRITON_INTERPRET=1): how the default suite tests it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -48,9 +49,22 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_failure(device: str) -> str | None:
+    """Why the Triton kernels cannot serve on `device` (their self-check, kernels/cuda/check.py,
+    failed or raised), or None; asked once per device."""
+    from inhouse.kernels.cuda.check import self_check
+
+    try:
+        return self_check(torch.device(device))
+    except Exception as e:  # noqa: BLE001 - any failure to compile or run: not this backend
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def select(device: torch.device, requested: str = "auto") -> str:
     """The backend for a model on `device`: "auto" takes "cuda" on a CUDA device where Triton
-    can run, else "cpu"."""
+    can run and its kernels pass their self-check (else the PyTorch paths: `cuda_failure` says
+    why), and "cpu" elsewhere."""
     if requested not in NAMES:
         raise ValueError(f"backend must be one of {', '.join(NAMES)}, not {requested!r}")
     if requested != "auto":
@@ -58,7 +72,9 @@ def select(device: torch.device, requested: str = "auto") -> str:
             raise ValueError("backend 'cuda' needs triton and a CUDA device "
                              "(or TRITON_INTERPRET=1 to run its kernels on CPU)")
         return requested
-    return "cuda" if device.type == "cuda" and triton_available() else "cpu"
+    if device.type == "cuda" and triton_available() and cuda_failure(str(device)) is None:
+        return "cuda"
+    return "cpu"
 
 
 def device_and_backend(device: str) -> tuple[torch.device, str]:
