@@ -1,6 +1,8 @@
 """Choosing a model's backend once, at load, and the seams a backend plugs into.
 
-"cpu": the model's own paths (the C kernels in model/ where built, else PyTorch), as before.
+"cpu": the model's own paths (the C kernels of kernels/cpu where built, else PyTorch).
+"reference": PyTorch only, the model's slow references at every seam (no native code at all): the
+arithmetic to compare the others with, and a model that runs anywhere torch does.
 "cuda": the Triton kernels of kernels/cuda at the attention, experts and norm seams; the rest
 (projections, rotary, router, embedding) stays PyTorch on the device. It also runs on CPU tensors
 under Triton's interpreter (TRITON_INTERPRET=1): how the default suite tests it.
@@ -16,7 +18,7 @@ from typing import Callable
 
 import torch
 
-NAMES = ("auto", "cpu", "cuda")
+NAMES = ("auto", "cpu", "cuda", "reference")
 # The arithmetic id audit records carry for the cuda backend: its kernels sum in their own order
 # (see kernels/cuda), so a record made there replays bit for bit only there.
 CUDA_PATH = "cuda-triton-v1"
@@ -32,6 +34,8 @@ class Seams:
     experts: (x, weights, indices, gate_up (blocks, scales, bias), down (...), alpha, limit)
              -> (N, H), for MXFP4-packed experts without an adapter.
     rmsnorm: (x, weight, eps) -> x's shape and dtype.
+    The "reference" backend's seams are the model's own PyTorch references (model/ builds them:
+    kernels/ may not import the model).
     paged_attention: kernels.cuda.attention.paged_attention's contract (several sequences over
              pages of PAGE_SIZE positions, one call per layer)."""
 
@@ -40,6 +44,12 @@ class Seams:
     experts: Callable | None = None
     rmsnorm: Callable | None = None
     paged_attention: Callable | None = None
+    linear: Callable | None = None  # F.linear's contract (projections, router, unembedding)
+    rotary: Callable | None = None  # (x (T, H, D), cos, sin) -> x rotated
+    route: Callable | None = None  # (logits (N, E), k) -> (weights, experts)
+    # are the row-wise seams' rows computed each as if alone (reproducible mode may then run
+    # all sequences' rows in one call)?
+    rows_independent: bool = False
 
 
 def triton_available() -> bool:
@@ -96,7 +106,8 @@ def seams(name: str) -> Seams:
     if name == "cuda":
         from inhouse.kernels.cuda import attention, mxfp4_moe, norm
         return Seams("cuda", attention=attention.attention, experts=mxfp4_moe.moe,
-                     rmsnorm=norm.rmsnorm, paged_attention=attention.paged_attention)
+                     rmsnorm=norm.rmsnorm, paged_attention=attention.paged_attention,
+                     rows_independent=True)
     if name == "cpu":
         return Seams("cpu")
     raise ValueError(f"no backend {name!r}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from inhouse.config import cache_root
 from inhouse.model.weights import CheckpointInfo

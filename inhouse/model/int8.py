@@ -108,10 +108,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(out_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
+    seams = None  # the backend's (Transformer.use_backend): "reference" takes the reference
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], x if x.dim() == 2 else x.reshape(-1, self.in_features)
         fast = (x2.is_cpu and x2.dtype in (torch.float32, torch.bfloat16)
-                and not (torch.is_grad_enabled() and x2.requires_grad))
+                and not (torch.is_grad_enabled() and x2.requires_grad)
+                and (self.seams is None or self.seams.linear is None))
         if not fast:
             return int8_linear_reference(x2, self.weight, self.weight_scale, self.bias) \
                 .reshape(*lead, self.out_features)
@@ -125,6 +128,8 @@ class Int8Linear(nn.Module):
 
     def rows_independent(self, rows: int) -> bool:
         """Is each result row of a `rows`-row call computed exactly as that row alone?"""
+        if self.seams is not None and self.seams.linear is not None:
+            return False
         return dense_kernel.rows_independent(self.weight, rows)
 
 

@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
     def rows_independent(self, rows: int) -> bool:
         """Is each result row computed exactly as that row alone (by_rows)?"""
         if seam(self.seams, "rmsnorm") is not None:
-            return True  # a program per row
+            return self.seams.rows_independent
         return (rows_kernel.available() and self.weight.device.type == "cpu"
                 and not torch.is_grad_enabled())
 

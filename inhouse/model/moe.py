@@ -43,16 +43,39 @@ def route_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return torch.softmax(values.float(), dim=-1).to(logits.dtype), experts
 
 
+def moe_reference(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                  gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                  down: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                  alpha: float, limit: float) -> torch.Tensor:
+    """The experts seam's contract (kernels/backend.Seams) in PyTorch: each routed expert
+    decoded with `dequantize` into x's dtype, its rows multiplied densely, the results summed
+    into the rows in expert order (Experts.forward's arithmetic with decoded weights)."""
+    (b1, s1, c1), (b2, s2, c2) = gate_up, down
+    out = torch.zeros_like(x)
+    flat_w, flat_e = weights.reshape(-1), indices.reshape(-1)
+    for e in torch.unique(flat_e).tolist():
+        slots = (flat_e == e).nonzero().squeeze(1)  # (n,): slot s is row s // k
+        rows = slots // indices.shape[1]
+        h = x[rows] @ dequantize(b1[e], s1[e], x.dtype).T + c1[e]  # (n, 2I)
+        y = swiglu(h, alpha, limit) @ dequantize(b2[e], s2[e], x.dtype).T + c2[e]  # (n, H)
+        out.index_add_(0, rows, y * flat_w[slots][:, None])
+    return out
+
+
 class Router(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.top_k = config.experts_per_token
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.bias = nn.Parameter(torch.empty(config.num_experts))
+        self.seams: Seams | None = None  # the backend's kernels (Transformer.use_backend)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> weights (N, k) summing to 1, expert indices (N, k)."""
-        logits = dense_kernel.linear(x, self.weight, self.bias)  # (N, E)
+        linear, route = seam(self.seams, "linear"), seam(self.seams, "route")
+        logits = (linear or dense_kernel.linear)(x, self.weight, self.bias)  # (N, E)
+        if route is not None:
+            return route(logits, self.top_k)
         if rows_kernel.route_applies(logits):  # one call, not four ops (decode)
             return rows_kernel.route(logits, self.top_k)
         return route_reference(logits, self.top_k)

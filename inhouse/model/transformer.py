@@ -16,12 +16,13 @@ from inhouse.kernels import backend as backends
 from inhouse.kernels.backend import Seams
 from inhouse.kernels.cpu import dense_kernel
 from inhouse.model import decode_step
-from inhouse.model.attention import attention
+from inhouse.model.attention import attention, attention_reference
 from inhouse.kernels.cpu.dense_kernel import Linear
 from inhouse.model.kv_cache import KVCache
 from inhouse.model.paged_cache import PagedBatch, PagedKVCache, PagedPools
-from inhouse.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, seam
-from inhouse.model.moe import MLP
+from inhouse.model.layers import (RMSNorm, RotaryEmbedding, apply_rotary, apply_rotary_reference,
+                                  rmsnorm_reference, seam)
+from inhouse.model.moe import MLP, moe_reference, route_reference
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,13 @@ def by_rows(fn, x: torch.Tensor, groups: list[slice] | None) -> torch.Tensor:
     return torch.cat([fn(x[g]) for g in groups])
 
 
+def reference_seams() -> Seams:
+    """The "reference" backend: the model's PyTorch references at every seam."""
+    return Seams("reference", attention=attention_reference, experts=moe_reference,
+                 rmsnorm=rmsnorm_reference, linear=nn.functional.linear,
+                 rotary=apply_rotary_reference, route=route_reference)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -81,7 +89,8 @@ class Attention(nn.Module):
         names = ("q_proj", "k_proj", "v_proj")
         layers = [getattr(self, name) for name in names]
         together = None
-        if all(one_call(layer, x.shape[0], groups) for layer in layers):
+        if seam(self.seams, "linear") is None and all(one_call(layer, x.shape[0], groups)
+                                                      for layer in layers):
             together = dense_kernel.linear_many(x, layers)
         if together is None:
             return [self._proj(name, x, groups) for name in names]
@@ -100,7 +109,8 @@ class Attention(nn.Module):
         q = q.view(N, self.num_heads, self.head_dim)
         k = k.view(N, self.num_kv_heads, self.head_dim)
         v = v.view(N, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        rotary = seam(self.seams, "rotary") or apply_rotary
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         if paged is not None:
             return self._proj("o_proj", self._paged(q, k, v, layer, paged).view(N, -1), groups)
         attend = seam(self.seams, "attention") or attention
@@ -194,11 +204,14 @@ class Transformer(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def use_backend(self, name: str = "auto") -> str:
-        """Plug backend `name` (kernels.backend: "auto", "cpu", "cuda") into every attention,
-        norm and experts module, once; returns the name chosen."""
+        """Plug backend `name` (kernels.backend: "auto", "cpu", "cuda", "reference") into every
+        module with seams (attention, norms, router, experts, linears), once; returns the name
+        chosen."""
         self.backend = backends.select(self.device, name)
-        seams = backends.seams(self.backend)
-        plugged = None if self.backend == "cpu" else seams
+        if self.backend == "reference":
+            plugged = reference_seams()
+        else:
+            plugged = None if self.backend == "cpu" else backends.seams(self.backend)
         for module in self.modules():
             if hasattr(module, "seams"):
                 module.seams = plugged

@@ -211,11 +211,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) whose decode-sized calls take the kernel."""
+    """nn.Linear (same parameters and state-dict names) whose decode-sized calls take the kernel,
+    unless its backend's seams (kernels.backend.Seams, set by Transformer.use_backend) give
+    another `linear`."""
+
+    seams = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.seams is not None and self.seams.linear is not None:
+            return self.seams.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)
 
     def rows_independent(self, rows: int) -> bool:
         """Is each result row of a `rows`-row call computed exactly as that row alone?"""
+        if self.seams is not None and self.seams.linear is not None:
+            return False
         return rows_independent(self.weight, rows)
