@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import pytest
 import torch
@@ -302,6 +303,36 @@ def test_async_streams_concurrent_requests_and_cancels(model):
         a, b, got = asyncio.run(main())
         assert a == greedy(model, prompt(1, 9), 7) and b == greedy(model, prompt(2, 14), 5)
         assert got == 3 and client.engine.kv.num_held == 0
+    finally:
+        client.shutdown()
+
+
+def test_a_cancel_reaches_a_consumer_the_engine_is_ahead_of(model):
+    """Ctrl-C in `inhouse chat` cancels the task that prints the answer. When printing is
+    slower than decoding (a slow terminal), the queue is never empty; the stream must still
+    stop at the next output, not run on to max_tokens."""
+    client = AsyncEngine(LLMEngine(model))
+
+    async def slow_reader():
+        outputs, cancelled = 0, False
+        try:
+            async for _ in client.generate("s", prompt(4, 8), SamplingParams(max_tokens=300)):
+                outputs += 1
+                time.sleep(0.02)  # printing, blocking the loop: the engine thread runs ahead
+                if outputs == 5:
+                    asyncio.current_task().cancel()  # what the SIGINT handler does
+        except asyncio.CancelledError:
+            cancelled = True
+        return outputs, cancelled
+
+    try:
+        outputs, cancelled = asyncio.run(slow_reader())
+        assert cancelled and outputs == 5, outputs  # cancelled at once, not after more outputs
+        for _ in range(100):  # and the abort reaches the engine thread
+            if not client.engine.kv.holds("s"):
+                break
+            time.sleep(0.01)
+        assert not client.engine.kv.holds("s")
     finally:
         client.shutdown()
 

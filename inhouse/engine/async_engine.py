@@ -49,6 +49,11 @@ class AsyncEngine(EngineClient):
                 if out.finished:
                     finished = True
                     return
+                # NOTE: a suspension point per output. `queue.get()` on a non-empty queue does
+                # not suspend, and a task that never suspends never sees a cancel (Ctrl-C in the
+                # chat, a client gone): with the engine ahead of a slow consumer (a slow
+                # terminal) the answer streamed on to max_tokens.
+                await asyncio.sleep(0)
         finally:
             if not finished:
                 self._send(("abort", request_id))
