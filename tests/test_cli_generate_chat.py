@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import sys
 import time
 
@@ -71,10 +72,14 @@ def test_chat_in_a_real_terminal(checkpoints):
 def test_ctrl_c_stops_the_answer_not_the_chat(checkpoints):
     pexpect = pytest.importorskip("pexpect")
     env = dict(os.environ, TERM="xterm", COLUMNS="120")
+    # NOTE: Ctrl-C as a terminal gives it. A shell's background job (`make test &`) ignores
+    # SIGINT, and an ignored signal stays ignored through exec: without this the chat would
+    # never see the Ctrl-C (a fresh-clone run launched that way failed here twice).
     child = pexpect.spawn(sys.executable, ["-m", "inhouse.cli", "chat", "--model",
                                            str(checkpoints["hf"]), "--max-tokens", "100000",
                                            "--dtype", "float32"], env=env, encoding="utf-8",
-                          timeout=60)
+                          timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect("you>")
         child.sendline("Tell me a long story")
