@@ -28,10 +28,7 @@ def replay(log: AuditLog, record_id: str, model_path: Path,
     if digest != plan.model_digest:
         raise InhouseError(f"refusing to replay: the model at {model_path} has digest {digest}, "
                            f"the record was produced by {plan.model_digest}")
-    try:
-        torch_device, backend = device_and_backend(device)
-    except ValueError as e:
-        raise InhouseError(f"--device: {e}") from None
+    torch_device, backend = device_and_backend(device)
     here = arithmetic.path_name(info.int8, backend)
     if plan.kernel and plan.kernel != here:
         hint = " (pass --device cuda)" if plan.kernel == CUDA_PATH else ""
@@ -39,7 +36,7 @@ def replay(log: AuditLog, record_id: str, model_path: Path,
                            f"kernel path, this machine runs '{here}' for this model (different "
                            f"arithmetic){hint}")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(plan.dtype, torch.bfloat16)
-    model = load_model(info.root, device=torch_device, dtype=dtype)
+    model = load_model(info.root, device=torch_device, dtype=dtype, backend=backend)
     wanted = plan.adapter_digest
     if wanted and adapter_dir is None:
         raise InhouseError(f"record {record_id} was produced with adapter '{plan.adapter}' "

@@ -97,10 +97,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     from inhouse.kernels.backend import device_and_backend
     from inhouse.model.digest import checkpoint_digest
 
-    try:
-        torch_device, backend = device_and_backend(device)
-    except ValueError as e:
-        raise InhouseError(f"--device: {e}") from None
+    torch_device, backend = device_and_backend(device)
     if torch_device.type == "cuda" and backend != "cuda":
         from inhouse.kernels.backend import cuda_failure, triton_available
 
@@ -177,7 +174,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
         client = start_replicas(spec, scaling, info.config, ray_address)
     else:
         err.print(f"[dim]loading {path} ...[/dim]")
-        loaded = load_model(path, device=torch_device, dtype=dtype.torch, mmap=mmap)
+        loaded = load_model(path, device=torch_device, dtype=dtype.torch, mmap=mmap,
+                            backend=backend)
         digests = tuple((n, attach_adapter(loaded, n, d, contents)) for n, d, contents in read)
         from inhouse.harmony.grammar import GrammarBackend
 
@@ -192,7 +190,8 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
             err.print(f"[dim]loading the guard model {guard_model} ...[/dim]")
             guard_info = find_checkpoint(guard_model)
             guard_client = AsyncEngine(LLMEngine(
-                load_model(guard_info.root, device=torch_device, dtype=dtype.torch, mmap=mmap),
+                load_model(guard_info.root, device=torch_device, dtype=dtype.torch, mmap=mmap,
+                           backend=backend),
                 EngineConfig(max_num_seqs=4, kv_budget_bytes=int(kv_budget_gib * 2**30) // 4,
                              mode=mode), grammars=GrammarBackend()))
             guard_name = f"guard:{guard_model.name}@{checkpoint_digest(guard_info)[:19]}"

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from inhouse.errors import InhouseError
+
 NAMES = ("auto", "cpu", "cuda", "reference")
 # The arithmetic id audit records carry for the cuda backend: its kernels sum in their own order
 # (see kernels/cuda), so a record made there replays bit for bit only there.
@@ -89,15 +91,17 @@ def select(device: torch.device, requested: str = "auto") -> str:
 
 def device_and_backend(device: str) -> tuple[torch.device, str]:
     """A --device value ("cpu", "cuda", "cuda:1") -> (the device, the backend "auto" picks for
-    it); ValueError, in words, for a name torch does not know or a GPU this machine lacks."""
+    it); InhouseError, one line naming --device, for a name torch does not know or a GPU this
+    machine lacks."""
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r} (cpu, cuda or cuda:N)") from None
+        raise InhouseError(f"--device: unknown device {device!r} (cpu, cuda or cuda:N)") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: inhouse runs on cpu or cuda")
+        raise InhouseError(f"--device: device {device!r}: inhouse runs on cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: this machine has no CUDA device torch can use")
+        raise InhouseError(f"--device: device {device!r}: this machine has no CUDA device torch "
+                           "can use")
     return dev, select(dev)
 
 
