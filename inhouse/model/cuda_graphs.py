@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from inhouse.model.paged_cache import PagedBatch, PagedKVCache
+from inhouse.model.paged_cache import PagedBatch, PagedKVCache, block_tables
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -140,11 +140,7 @@ class DecodeGraphs:
             cache.ensure(cache.num_tokens + 1)
         held = tuple((c.serial, c.version) for _, c in feeds)
         if self._tables.get(key) != held:
-            full = torch.zeros(rows, self.width, dtype=torch.int32)
-            sliding = torch.zeros(rows, self.width, dtype=torch.int32)
-            for i, (_, cache) in enumerate(feeds):
-                _row(full[i], cache.full)
-                _row(sliding[i], cache.sliding)
+            full, sliding = block_tables([c for _, c in feeds], rows, self.width)
             full[n:, 0], sliding[n:, 0] = self.scratch  # padding rows: the scratch pages
             step.full.copy_(full, non_blocking=True)
             step.sliding.copy_(sliding, non_blocking=True)
@@ -166,11 +162,6 @@ class DecodeGraphs:
 
 def _entry(table: list[int], page: int) -> int:
     return max(table[page], 0) if table else 0
-
-
-def _row(dst: torch.Tensor, table: list[int]) -> None:
-    if table:
-        dst[:len(table)] = torch.tensor([max(p, 0) for p in table], dtype=torch.int32)
 
 
 def graphs_for(model, max_tokens: int | None = None) -> DecodeGraphs | None:

@@ -211,6 +211,19 @@ class PagedKVCache:
                 f"{sum(1 for p in self.sliding if p >= 0)}, bytes={self.nbytes()})")
 
 
+def block_tables(caches: list[PagedKVCache], rows: int,
+                 width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full and sliding block tables of `caches`, one row each, as int32 (rows, width) on the
+    host: entries given back (-1) and rows or columns past the caches are 0, a page that exists
+    and is never read there (the kernel reads no position past num_k or behind a window)."""
+    tables = torch.zeros(2, rows, width, dtype=torch.int32)
+    for i, cache in enumerate(caches):
+        for t, table in enumerate((cache.full, cache.sliding)):
+            if table:
+                tables[t, i, :len(table)] = torch.tensor(table, dtype=torch.int32).clamp(min=0)
+    return tables[0], tables[1]
+
+
 @dataclass(frozen=True)
 class PagedBatch:
     """The device-side numbers of one forward over paged caches, shared by every layer:
@@ -238,14 +251,9 @@ class PagedBatch:
         for seg in segments:
             seg.cache.ensure(seg.start + seg.num_tokens)
         width = max(1, max(len(s.cache.full or s.cache.sliding) for s in segments))
-
-        def table(name: str) -> torch.Tensor:
-            rows = [[max(p, 0) for p in getattr(s.cache, name)] for s in segments]
-            return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
-
+        full, sliding = block_tables([s.cache for s in segments], len(segments), width)
         positions = torch.cat([torch.arange(s.start, s.start + s.num_tokens) for s in segments])
         owner = torch.cat([torch.full((s.num_tokens,), i) for i, s in enumerate(segments)])
-        full, sliding = table("full"), table("sliding")
         i32 = dict(dtype=torch.int32)
         numbers = torch.tensor([[s.row0 for s in segments], [s.num_tokens for s in segments],
                                 [s.start for s in segments],
