@@ -8,6 +8,7 @@ import torch
 
 from inhouse.config import EngineConfig
 from inhouse.engine import LLMEngine, SamplingParams
+from inhouse.kernels import arithmetic
 from inhouse.kernels.cpu import attend_kernel, dense_kernel, mxfp4_kernel, rows_kernel
 from inhouse.model import load_model
 from tests.conftest import random_ids
@@ -36,6 +37,9 @@ def test_the_reference_backend_runs_no_native_code_and_gives_the_cpu_logits(
     forbid_native(monkeypatch)
     ref = load_model(checkpoints["hf"], dtype=dtype, backend="reference")
     assert ref.backend == "reference"
+    # its records could never replay on the native arithmetic: an id of its own
+    assert arithmetic.path_name(backend="reference") not in (arithmetic.path_name(),
+                                                            arithmetic.path_name(backend="cuda"))
     with torch.no_grad():
         cache = ref.new_cache()
         got = [ref(ids[:37], cache, last_only=True), ref(ids[37:38], cache)]

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 
 from inhouse.kernels.backend import CUDA_PATH
+
+REFERENCE_PATH = "reference-torch"
 from inhouse.kernels.cpu import attend_kernel, dense_kernel, mxfp4_kernel, rows_kernel
 
 
@@ -27,9 +29,12 @@ def path_name(int8: bool = False, backend: str = "cpu") -> str:
     from `convert --quantize int8`): e.g. "avx2-fused+dense-avx512+int8-a16-gemm+attend-c+
     rows-route-c" (+experts-a16 for int8 models); "torch+dense-torch+int8-gemm+torch+torch"
     where nothing was built. A model on the cuda backend (Transformer.backend) runs the Triton
-    kernels' arithmetic at its seams and PyTorch's elsewhere: one id, CUDA_PATH."""
+    kernels' arithmetic at its seams and PyTorch's elsewhere: one id, CUDA_PATH; on the
+    reference backend PyTorch's everywhere, whatever was built: REFERENCE_PATH."""
     if backend == "cuda":
         return CUDA_PATH
+    if backend == "reference":
+        return REFERENCE_PATH
     dense = dense_kernel.path_name()
     projections = "+int8-gemm" if dense == "torch" else "+int8-a16-gemm"
     experts = "+experts-a16" if int8 and mxfp4_kernel.available() else ""
