@@ -113,3 +113,24 @@ def test_captured_decode_steps_give_the_eager_steps_bits(cuda, checkpoints):
         if graphs:
             assert model.decode_graphs.steps  # some steps were replayed
     assert outs[0] == outs[1]
+
+
+def test_the_sampler_at_the_real_vocabulary(cuda):
+    """201,088 logits a row, 64 rows: the reference's draws, and each row's draw alone."""
+    from inhouse.kernels.cuda import sampling
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 201_088, generator=g) * 4
+    keys = torch.tensor([sampling.draw_key(9, i) for i in range(64)])
+    rows = torch.arange(64)
+    args = [(rows % 3 == 0).float() * 0.5 + 0.5, (rows % 4 == 1).int() * 40,
+            torch.where(rows % 5 == 2, 0.9, 1.0), torch.where(rows % 7 == 3, 0.05, 0.0)]
+    dev_args = [a.to(cuda) for a in args]
+    got = sampling.sample(x.to(cuda), *dev_args, keys.to(cuda)).tolist()
+    for i in range(0, 64, 9):
+        assert got[i] == sampling.sample_reference(x[i], float(args[0][i]), int(args[1][i]),
+                                                   float(args[2][i]), float(args[3][i]),
+                                                   int(keys[i]))
+        alone = sampling.sample(x[i:i + 1].to(cuda), *(a[i:i + 1] for a in dev_args),
+                                keys[i:i + 1].to(cuda))
+        assert alone.item() == got[i]

@@ -10,6 +10,8 @@ import torch
 
 from inhouse.config import EngineConfig
 from inhouse.engine.constraint import GrammarCompiler
+from inhouse.engine import device_sampler
+from inhouse.engine.device_sampler import Draw, DrawRequest
 from inhouse.engine.draft import PromptLookup
 from inhouse.engine.kv_manager import KVBlockManager, KVLayout
 from inhouse.engine.prefix_cache import PrefixCache, kv_nbytes
@@ -63,7 +65,9 @@ class LLMEngine:
                                                 config.max_num_batched_tokens))
             if config.cuda_graphs:
                 model.decode_graphs = graphs_for(model)
-        self.runner = ModelRunner(model, config.mode)
+        # the cuda backend draws on the device: its logits never come to the host
+        self.draws_on_device = model.backend == "cuda"
+        self.runner = ModelRunner(model, config.mode, logits_on_host=not self.draws_on_device)
         self._graph_failure_logged = False
         self._seqs: dict[str, Sequence] = {}
         # drafts only where verifying them shares the weights' reads (else they cost a step each)
@@ -149,7 +153,8 @@ class LLMEngine:
             log.warning("CUDA graph capture failed (%s); decode steps run launch by launch",
                         graphs.failure)
             self._graph_failure_logged = True
-        outputs = []
+        outputs: list = []
+        decodes: list[tuple[int, Sequence, torch.Tensor]] = []  # (place in outputs, seq, row)
         for chunk, row in zip(plan.chunks, rows):
             seq = chunk.seq
             if isinstance(row, Exception):
@@ -162,26 +167,25 @@ class LLMEngine:
             self._capture(seq)
             if seq.num_pending:  # mid-prompt: nothing to sample yet
                 continue
-            outputs.append(self._decode(seq, row[-1]))
+            decodes.append((len(outputs), seq, row[-1]))
+            outputs.append(None)
+        drawn = self._draw([(seq, row) for _, seq, row in decodes])  # every row at once
+        for (place, seq, _), result in zip(decodes, drawn):
+            new_ids: list[int] = []
+            new_lp: list = []
+            done = self._take(seq, result, new_ids, new_lp)
+            outputs[place] = done or self._output(seq, tuple(new_ids), tuple(new_lp))
         return outputs
 
-    def _decode(self, seq: Sequence, row: torch.Tensor) -> RequestOutput:
-        """Sample the sequence's next token from its logits; finish it where that ends it."""
-        new_ids: list[int] = []
-        new_lp: list = []
-        done = self._take(seq, row, new_ids, new_lp)
-        return done or self._output(seq, tuple(new_ids), tuple(new_lp))
-
-    def _take(self, seq: Sequence, row: torch.Tensor, new_ids: list[int],
+    def _take(self, seq: Sequence, result, new_ids: list[int],
               new_lp: list) -> RequestOutput | None:
-        """Sample one token from `row` and add it (and its logprob) to the sequence and to
-        new_ids/new_lp; the finishing output where that ends the sequence (its sampling failed,
-        a stop token, max_tokens, the context), else None."""
-        try:
-            token, lp = self._sample(seq, row)
-        except Exception as e:  # noqa: BLE001 - this request's numbers; the others go on
-            log.warning("request %s failed at sampling: %s", seq.request_id, _describe(e))
-            return self._finish(seq, "error", tuple(new_ids), tuple(new_lp), _describe(e))
+        """Add a drawn token (and its logprob) to the sequence and to new_ids/new_lp; the
+        finishing output where that ends the sequence (its draw failed: `result` is the
+        exception; a stop token, max_tokens, the context), else None."""
+        if isinstance(result, Exception):
+            log.warning("request %s failed at sampling: %s", seq.request_id, _describe(result))
+            return self._finish(seq, "error", tuple(new_ids), tuple(new_lp), _describe(result))
+        token, lp = result
         seq.output_ids.append(token)
         new_ids.append(token)
         if lp is not None:
@@ -201,8 +205,8 @@ class LLMEngine:
         base = seq.num_computed  # the pending token's position
         new_ids: list[int] = []
         new_lp: list = []
-        for j in range(rows.shape[0]):
-            done = self._take(seq, rows[j], new_ids, new_lp)
+        for j in range(rows.shape[0]):  # each draw waits for the one before (the grammar)
+            done = self._take(seq, self._draw([(seq, rows[j])])[0], new_ids, new_lp)
             if done:
                 return done
             if j >= len(chunk.draft) or new_ids[-1] != chunk.draft[j]:
@@ -223,20 +227,69 @@ class LLMEngine:
         self._capture(seq)
         return self._output(seq, tuple(new_ids), tuple(new_lp))
 
-    def _sample(self, seq: Sequence, row: torch.Tensor) -> tuple[int, object]:
+    def _draw(self, pairs: list[tuple[Sequence, torch.Tensor]]) -> list:
+        """Per (sequence, logits row): (token, its logprob record or None), or the exception
+        that fails that sequence alone. The grammar's mask is applied and the token consumed.
+        On the cuda backend every row is drawn on the device at once (device_sampler); else on
+        the host, row by row, with each request's generator."""
+        results: list = [None] * len(pairs)
+        masks: list = [None] * len(pairs)
+        for i, (seq, row) in enumerate(pairs):
+            try:
+                masks[i] = self._allowed(seq, row.shape[0])
+            except Exception as e:  # noqa: BLE001 - this request's grammar; the others go on
+                results[i] = e
+        todo = [i for i in range(len(pairs)) if results[i] is None]
+        if self.draws_on_device:
+            for i, d in zip(todo, self._draw_on_device(pairs, masks, todo)):
+                results[i] = d
+        else:
+            for i in todo:
+                results[i] = _attempt(self._draw_on_host, pairs[i][0], pairs[i][1], masks[i])
+        for i, (seq, _) in enumerate(pairs):
+            if (seq.matcher is not None and not isinstance(results[i], Exception)
+                    and not seq.matcher.consume(results[i][0])):
+                results[i] = RuntimeError(f"the grammar refused token {results[i][0]} it had allowed")
+        return results
+
+    def _allowed(self, seq: Sequence, vocab: int):
+        """The grammar's mask of the tokens allowed next, (vocab,) bool, or None (no grammar)."""
+        if seq.matcher is None:
+            return None
+        remaining = min(seq.params.max_tokens - len(seq.output_ids),
+                        self.model.config.max_position_embeddings - seq.num_tokens)
+        allowed = seq.matcher.allowed(remaining)[:vocab]
+        if not allowed.any():
+            raise RuntimeError("the grammar allows no next token")
+        return allowed
+
+    @staticmethod
+    def _draw_on_host(seq: Sequence, row: torch.Tensor, allowed) -> tuple[int, object]:
         if bool(torch.isnan(row).any()) or bool(torch.isposinf(row).any()):
             raise FloatingPointError("the model produced non-finite logits")
-        if seq.matcher is not None:
-            remaining = min(seq.params.max_tokens - len(seq.output_ids),
-                            self.model.config.max_position_embeddings - seq.num_tokens)
-            allowed = torch.from_numpy(seq.matcher.allowed(remaining))[:row.shape[0]]
-            if not bool(allowed.any()):
-                raise RuntimeError("the grammar allows no next token")
-            row = row.masked_fill(~allowed, float("-inf"))
-        token, lp = sample(row, seq.params, seq.generator, seq.output_ids)
-        if seq.matcher is not None and not seq.matcher.consume(token):
-            raise RuntimeError(f"the grammar refused token {token} it had allowed")
-        return token, lp
+        if allowed is not None:
+            row = row.masked_fill(~torch.from_numpy(allowed), float("-inf"))
+        return sample(row, seq.params, seq.generator, seq.output_ids)
+
+    def _draw_on_device(self, pairs, masks, todo: list[int]) -> list:
+        """The rows `todo` drawn in one launch; where that fails, each alone (so that only a
+        row that fails by itself fails)."""
+        def request(i):
+            seq, row = pairs[i]
+            return DrawRequest(row, seq.params, seq.seed, len(seq.output_ids),
+                               tuple(seq.output_ids) if seq.params.has_penalties else (),
+                               masks[i])
+
+        def result(d: Draw):
+            if not d.is_finite:
+                return FloatingPointError("the model produced non-finite logits")
+            return d.token, d.logprob
+
+        try:
+            return [result(d) for d in device_sampler.draw([request(i) for i in todo])]
+        except Exception:  # noqa: BLE001 - retried row by row below
+            log.exception("drawing %d rows on the device failed", len(todo))
+        return [_attempt(lambda i: result(device_sampler.draw([request(i)])[0]), i) for i in todo]
 
     def _run_alone(self, chunks) -> list:
         """After a batched step failed: each sequence recomputed by itself from its own tokens
@@ -319,6 +372,14 @@ class LLMEngine:
                              seq.status == Status.FINISHED, seq.finish_reason,
                              len(seq.prompt_ids), len(seq.output_ids), seq.seed, error,
                              seq.queue_wait_s, seq.num_cached)
+
+
+def _attempt(fn, *args):
+    """fn(*args), or the exception it raised (it then fails one request, not the step)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported on that request alone
+        return e
 
 
 def _describe(e: BaseException) -> str:

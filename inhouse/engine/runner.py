@@ -9,9 +9,10 @@ from inhouse.model import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, mode: str) -> None:
+    def __init__(self, model: Transformer, mode: str, logits_on_host: bool = True) -> None:
         self.model = model
         self.mode = mode
+        self.logits_on_host = logits_on_host
 
     @torch.inference_mode()
     def run(self, chunks: tuple[ScheduledChunk, ...]) -> list[torch.Tensor]:
@@ -19,8 +20,8 @@ class ModelRunner:
         last token (R = 1; used only where the chunk completes the sequence's pending tokens),
         or, for a chunk with a draft, after the pending token and after each draft token
         (R = 1 + len(draft): each draft token is a row of its own, so each row's logits are the
-        bits that token decoded alone would give). Logits come back as fp32 on the CPU, where
-        seeded sampling runs on any device."""
+        bits that token decoded alone would give). Logits are fp32, on the CPU where the engine
+        samples on the host (else left on the model's device)."""
         feeds, adapters, rows = [], [], []
         for c in chunks:
             seq = c.seq
@@ -37,9 +38,12 @@ class ModelRunner:
             rows.append(len(pieces))
         if len(feeds) == 1:
             ids, cache = feeds[0]
-            return [self.model(ids, cache=cache, last_only=True,
-                               adapter=adapters[0]).float().cpu()]
+            return [self._out(self.model(ids, cache=cache, last_only=True, adapter=adapters[0]))]
         # reproducible: row-wise ops per sequence, so numerics never depend on the batch
         logits = self.model.forward_batch(feeds, independent=self.mode == "reproducible",
-                                          adapters=adapters).float().cpu()
-        return list(torch.split(logits, rows))
+                                          adapters=adapters)
+        return list(torch.split(self._out(logits), rows))
+
+    def _out(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return logits.cpu() if self.logits_on_host else logits

@@ -85,37 +85,58 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
+def penalised(x: torch.Tensor, params: SamplingParams, output_ids) -> torch.Tensor:
+    """Logits (V,) less the presence and frequency penalties of the tokens generated so far
+    (on x's device, with no host sync)."""
+    if params.has_penalties and output_ids:
+        ids = torch.tensor(output_ids, device=x.device)
+        counts = torch.zeros_like(x).index_add_(0, ids, torch.ones(len(output_ids), device=x.device))
+        x = x - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    return x
+
+
+def logprob_record(raw: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The drawn token's logprob and the `top` most likely, in the model's distribution before
+    any processing; a token a grammar masked out (-inf) is no alternative (nor valid JSON)."""
+    logprobs = torch.log_softmax(raw, dim=-1)
+    pairs: tuple = ()
+    if top:
+        values, indices = torch.topk(logprobs, top)
+        pairs = tuple((i, v) for i, v in zip(indices.tolist(), values.tolist())
+                      if v != float("-inf"))
+    return TokenLogprob(token, float(logprobs[token]), pairs)
+
+
+def filtered_probs(raw: torch.Tensor, params: SamplingParams,
+                   output_ids: list[int]) -> torch.Tensor:
+    """The distribution `sample` draws from at a temperature (V,) fp32: penalties, temperature,
+    top-k, softmax, min-p, top-p (not renormalised: the draw needs no normalisation)."""
+    x = penalised(raw, params, output_ids) / params.temperature
+    if params.top_k and params.top_k < x.shape[0]:
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        before = sorted_p.cumsum(0) - sorted_p  # mass of strictly more likely tokens
+        cut = before >= params.top_p
+        cut[0] = False  # the most likely token always stays, however small top_p is
+        sorted_p = sorted_p.masked_fill(cut, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return probs
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
            output_ids: list[int]) -> tuple[int, TokenLogprob | None]:
     """logits (V,) of the next position -> (token id, its logprob record if asked for)."""
     raw = logits.float()
-    x = raw
-    if params.has_penalties and output_ids:
-        counts = torch.bincount(torch.tensor(output_ids), minlength=x.shape[0])[: x.shape[0]].float()
-        x = x - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
     if params.temperature < GREEDY_BELOW:
-        token = int(x.argmax())
+        token = int(penalised(raw, params, output_ids).argmax())
     else:
-        x = x / params.temperature
-        if params.top_k and params.top_k < x.shape[0]:
-            kth = torch.topk(x, params.top_k).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        probs = torch.softmax(x, dim=-1)
-        if params.min_p > 0:
-            probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-        if params.top_p < 1:
-            sorted_p, order = probs.sort(descending=True)
-            before = sorted_p.cumsum(0) - sorted_p  # mass of strictly more likely tokens
-            cut = before >= params.top_p
-            cut[0] = False  # the most likely token always stays, however small top_p is
-            sorted_p = sorted_p.masked_fill(cut, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        token = int(torch.multinomial(probs, 1, generator=generator))
+        token = int(torch.multinomial(filtered_probs(raw, params, output_ids), 1,
+                                      generator=generator))
     if params.logprobs is None:
         return token, None
-    logprobs = torch.log_softmax(raw, dim=-1)  # the model's distribution, before any processing
-    top = torch.topk(logprobs, params.logprobs) if params.logprobs else None
-    # a token a grammar masked out has logprob -inf: not an alternative (nor valid JSON)
-    pairs = tuple((i, v) for i, v in zip(top.indices.tolist(), top.values.tolist())
-                  if v != float("-inf")) if top is not None else ()
-    return token, TokenLogprob(token, float(logprobs[token]), pairs)
+    return token, logprob_record(raw, token, params.logprobs)

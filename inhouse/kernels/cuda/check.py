@@ -37,7 +37,23 @@ def self_check(device: torch.device) -> str | None:
                                       None, 0.25, max_q=5)
     if not torch.allclose(paged.reshape(5, -1), want, atol=1e-4):
         return "paged attention differs from its reference"
-    return _check_moe(device, g)
+    return _check_sampling(device, g) or _check_moe(device, g)
+
+
+def _check_sampling(device, g) -> str | None:
+    """The sampler's draws against its reference, which carries its own Philox: a Triton whose
+    tl.randint drew other numbers would make records that replay nowhere else."""
+    from inhouse.kernels.cuda import sampling
+
+    x = torch.randn(4, 300, generator=g) * 2
+    keys = [sampling.draw_key(3, i) for i in range(4)]
+    args = [torch.tensor(v, device=device) for v in
+            ([1.0, 0.7, 1.0, 0.0], [0, 20, 0, 0], [1.0, 1.0, 0.8, 1.0], [0.0, 0.0, 0.05, 0.0])]
+    args[1] = args[1].to(torch.int32)
+    got = sampling.sample(x.to(device), *args, torch.tensor(keys, device=device)).tolist()
+    want = [sampling.sample_reference(x[i], float(args[0][i]), int(args[1][i]), float(args[2][i]),
+                                      float(args[3][i]), keys[i]) for i in range(4)]
+    return None if got == want else "the sampler's draws differ from its reference"
 
 
 def _attention(q, k, v, sinks, q_start):
