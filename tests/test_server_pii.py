@@ -75,3 +75,32 @@ def test_responses_mask_mode_and_custom_patterns(tmp_path):
     assert r.output_text == "File PT-004211 for jane@x.org."
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == \
         "File PT-004211 for jane@x.org."
+
+
+def test_stored_responses_keep_ids_that_look_like_pii(tmp_path, monkeypatch):
+    """About one random id in 300 holds a digit run the detectors take for a SIN: under --pii
+    mask the stored response must keep its ids (and so answer its GET), while the text in it is
+    masked."""
+    from inhouse.governance.pii import detect
+    from inhouse.server.serving import response_builder, responses
+
+    count = iter(range(10**6))
+
+    def sin_like(prefix: str) -> str:
+        return f"{prefix}_d8892c6aaebeb189061658b{next(count):x}"
+
+    assert detect(sin_like("resp"))  # the premise: a detector finds a SIN in such an id
+    monkeypatch.setattr(responses, "new_id", sin_like)
+    monkeypatch.setattr(response_builder, "new_id", sin_like)
+    engine = ScriptedEngine("<|channel|>final<|message|>Noted <SIN_1>.<|return|>")
+    settings = ServerSettings(model_name=MODEL, pii_mode="mask",
+                              database_url=f"sqlite:///{tmp_path / 'store.db'}")
+    app = build_app(engine, settings, audit_log=AuditLog(f"sqlite:///{tmp_path / 'a.db'}"))
+    with running_server(app) as u:
+        c = OpenAI(base_url=f"{u}/v1", api_key="x", max_retries=0)
+        r = c.responses.create(model=MODEL, input="My SIN is 130 692 544", store=True)
+        got = httpx.get(f"{u}/v1/responses/{r.id}")
+    assert got.status_code == 200 and got.json()["id"] == r.id
+    assert [o["id"] for o in got.json()["output"]] == [o.id for o in r.output]
+    assert r.output_text == "Noted 130 692 544."  # restored in the answer,
+    assert "130 692 544" not in got.text and "<SIN_1>" in got.text  # masked in the store
