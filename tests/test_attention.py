@@ -79,6 +79,7 @@ def test_a_large_sink_absorbs_the_attention():
 
 
 from inhouse.kernels.cpu import attend_kernel, rows_kernel  # noqa: E402
+from inhouse.kernels.cpu.seams import attention as cpu_attention  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(not attend_kernel.available(), reason="kernel not built")
 
@@ -93,7 +94,7 @@ def test_decode_kernel_matches_the_reference(dtype, S, q_start, window, Hq, Hkv,
     k_start = q_start + 1 - S
     assert attend_kernel.applies(q, k)
     ref = attention_reference(q, k, v, sinks, q_start, k_start, window, D ** -0.5)
-    got = attention(q, k, v, sinks, q_start, k_start, window, D ** -0.5)
+    got = cpu_attention(q, k, v, sinks, q_start, k_start, window, D ** -0.5)
     assert got.dtype == dtype and got.shape == ref.shape
     if dtype == torch.float32:
         assert torch.allclose(got, ref, atol=2e-6, rtol=1e-5)
@@ -107,12 +108,12 @@ def test_decode_kernel_reads_the_cache_buffer_and_ignores_the_threads():
     q, k, v, sinks = _inputs(1, 64, 8, 2, 32, dtype=torch.bfloat16, seed=3)
     k_view, v_view = k[:, :50], v[:, :50]
     assert not k_view.is_contiguous()
-    got = attention(q, k_view, v_view, sinks, 49, 0, None, 0.2)
-    want = attention(q, k_view.contiguous(), v_view.contiguous(), sinks, 49, 0, None, 0.2)
+    got = cpu_attention(q, k_view, v_view, sinks, 49, 0, None, 0.2)
+    want = cpu_attention(q, k_view.contiguous(), v_view.contiguous(), sinks, 49, 0, None, 0.2)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = attention(q, k_view, v_view, sinks, 49, 0, None, 0.2)
+        single = cpu_attention(q, k_view, v_view, sinks, 49, 0, None, 0.2)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got, want) and torch.equal(got, single)
@@ -139,7 +140,7 @@ def test_decode_kernel_vector_tiles_give_the_plain_loops_bits(monkeypatch, dtype
 @needs_kernel
 def test_decode_kernel_with_no_allowed_key_returns_zeros():
     q, k, v, sinks = _inputs(1, 4, 2, 1, 16)
-    out = attention(q, k, v, sinks, 10, 0, 2, 0.25)  # every key is outside the window
+    out = cpu_attention(q, k, v, sinks, 10, 0, 2, 0.25)  # every key is outside the window
     assert torch.equal(out, torch.zeros(1, 32))
     assert torch.equal(out, attention_reference(q, k, v, sinks, 10, 0, 2, 0.25))
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from inhouse.kernels.cpu import rows_kernel
-from inhouse.model import decode_step, load_model, lora
+from inhouse.kernels.cpu import decode_step
+from inhouse.model import load_model, lora
 from inhouse.model.moe import route_reference
 from inhouse.model.transformer import Segment
 from tests.conftest import random_ids

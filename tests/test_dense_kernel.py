@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from inhouse.kernels.cpu import dense_kernel
-from inhouse.model import decode_step
+from inhouse.model.layers import Linear
+from inhouse.kernels.cpu import decode_step
 
 pytestmark = pytest.mark.skipif(not dense_kernel.available(), reason="kernel not built")
 
@@ -63,7 +64,7 @@ def test_bf16_rows_match_the_reference_and_the_batch(monkeypatch, simd, M, O, K)
 
 
 def test_linear_takes_the_kernel_only_where_it_applies():
-    lin = dense_kernel.Linear(64, 32).to(torch.bfloat16)
+    lin = Linear(64, 32).to(torch.bfloat16)
     few, many = torch.randn(3, 64).bfloat16(), torch.randn(dense_kernel.MAX_ROWS + 1, 64).bfloat16()
     assert not dense_kernel.applies(few, lin.weight)  # grad enabled, weight requires grad
     with torch.no_grad():
@@ -162,7 +163,7 @@ def test_projections_in_one_call_give_each_projection_alone(monkeypatch, simd, M
     monkeypatch.setenv("INHOUSE_DENSE_KERNEL", simd)
     g = torch.Generator().manual_seed(M)
     x = torch.randn(M, 96, generator=g).bfloat16()
-    bf16_layers = [dense_kernel.Linear(96, o, bias=o != 33).bfloat16() for o in (64, 33, 16)]
+    bf16_layers = [Linear(96, o, bias=o != 33).bfloat16() for o in (64, 33, 16)]
     int8_layers = []
     for o in (48, 16, 16):
         layer = Int8Linear(96, o, bias=True)

@@ -4,6 +4,7 @@ SIMD path this CPU has ("1" is the best one: AVX-512 BF16 for bf16 rows where pr
 import pytest
 import torch
 
+from inhouse.kernels.backend import Seams
 from inhouse.kernels.cpu import mxfp4_kernel
 from inhouse.model.mxfp4 import dequantize_reference
 from tests.conftest import random_moe_layer
@@ -97,7 +98,7 @@ def test_path_names_follow_the_setting(monkeypatch):
 
 
 def mxfp4_kernel_max_rows() -> int:
-    from inhouse.model.moe import KERNEL_MAX_ROWS
+    from inhouse.kernels.cpu.seams import KERNEL_MAX_ROWS
     return KERNEL_MAX_ROWS
 
 
@@ -124,7 +125,9 @@ def test_the_model_uses_the_kernel_for_decoding_and_agrees_with_the_decode_path(
         with_kernel = model(torch.tensor([7]), cache=cache)
     # the 20-token prompt and the decoded row went through the one-call MoE layer
     assert calls and max(calls) <= mxfp4_kernel_max_rows() and 1 in calls
-    monkeypatch.setattr(mxfp4_kernel, "available", lambda: False)
+    for module in model.modules():  # the cpu backend where the library is not built
+        if hasattr(module, "seams"):
+            module.seams = Seams("cpu")
     calls.clear()
     with torch.inference_mode():
         cache = model.new_cache()
@@ -159,10 +162,13 @@ def test_the_one_call_moe_layer_matches_the_pytorch_path(monkeypatch, simd, dtyp
 
 
 def test_groups_choose_their_path_by_their_own_size(monkeypatch):
-    from inhouse.model import moe
+    import dataclasses
 
-    monkeypatch.setattr(moe, "KERNEL_MAX_ROWS", 4)
+    from inhouse.kernels.cpu.seams import PACKED, cpu_seams
+
     mlp = random_moe_layer(torch.bfloat16, seed=2)
+    mlp.experts.seams = dataclasses.replace(
+        cpu_seams(), packed_experts=dataclasses.replace(PACKED, layer_max_rows=4))
     x = torch.randn(11, 64).bfloat16()
     calls = []
     real = mxfp4_kernel.moe_rows

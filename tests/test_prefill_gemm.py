@@ -8,7 +8,8 @@ import torch
 
 from inhouse.kernels import arithmetic
 from inhouse.kernels.cpu import dense_kernel, mxfp4_kernel
-from inhouse.model.moe import Experts, PackedExpert, fused_max_rows
+from inhouse.kernels.cpu.seams import PACKED, fused_max_rows
+from inhouse.model.moe import Experts, PackedExpert
 from inhouse.model.mxfp4 import dequantize, dequantize_reference
 from tests.conftest import random_moe_layer
 
@@ -87,7 +88,7 @@ def test_an_expert_chooses_fused_or_tiled_by_its_rows(monkeypatch, simd):
     assert limit == (40 if dense_kernel.gemm_in_fp32(torch.bfloat16) else 64)
     b1, s1 = _packed(32, 2, seed=5)
     b2, s2 = _packed(64, 1, seed=6)
-    expert = PackedExpert(b1, s1, b2, s2, torch.bfloat16)
+    expert = PackedExpert(b1, s1, b2, s2, torch.bfloat16, kernels=PACKED)
     calls = []
     for name in ("matmul", "dense_matmul"):
         real = getattr(mxfp4_kernel, name)

@@ -20,7 +20,7 @@ from inhouse.engine.runner import ModelRunner
 from inhouse.engine.sampling import (InvalidRequest, SamplingParams, check_prompt_length,
                                      sample)
 from inhouse.engine.scheduler import ScheduledChunk, Scheduler
-from inhouse.model import Transformer, decode_step
+from inhouse.model import Transformer
 from inhouse.model.lora import adapter_names
 from inhouse.model.cuda_graphs import graphs_for
 from inhouse.model.paged_cache import PagedPools
@@ -71,7 +71,7 @@ class LLMEngine:
         self._graph_failure_logged = False
         self._seqs: dict[str, Sequence] = {}
         # drafts only where verifying them shares the weights' reads (else they cost a step each)
-        self.drafting = config.num_draft_tokens > 0 and decode_step.verifies_rows_together(model)
+        self.drafting = config.num_draft_tokens > 0 and model.verifies_rows_together()
         self.num_draft_tokens = 0  # draft tokens verified, ever
         self.num_draft_kept = 0  # of which were what was sampled
 

@@ -29,8 +29,30 @@ PAGE_SIZE = 16
 
 
 @dataclass(frozen=True)
+class PackedExpertKernels:
+    """The cpu backend's kernels for MXFP4-packed experts, which the model's expert loop calls
+    (moe.MXFP4Experts, moe.PackedExpert); each may return None for a call it does not take.
+
+    layer: (x, weights, indices, gate_up, down, alpha, limit, a16) -> (M, H): a whole MoE layer
+           for groups (sequences) of up to `layer_max_rows` rows, every row as if alone.
+    fused_max_rows: (dtype) -> up to how many rows of one group `matmul` serves (0: none).
+    matmul: (x, blocks, scales, a16) -> x @ W.T from the packed bytes, rows independent.
+    dense_matmul: (x, blocks, scales) -> many rows against tiles decoded for another GEMM dtype.
+    decode: (blocks, scales, dtype) -> the dense weights (model.mxfp4.dequantize's values)."""
+
+    layer: Callable
+    layer_max_rows: int
+    fused_max_rows: Callable
+    matmul: Callable
+    dense_matmul: Callable
+    decode: Callable
+
+
+@dataclass(frozen=True)
 class Seams:
-    """The functions a backend puts in place of the model's own; None keeps the model's.
+    """The functions a backend puts in place of the model's own; None keeps the model's. A seam
+    function may also return None for a call its kernel does not take (a row count, a dtype): the
+    model then runs its own path for that call.
 
     attention: model.attention.attention's contract (q (T, Hq, D), k/v (Hkv, S, D), ...).
     experts: (x, weights, indices, gate_up (blocks, scales, bias), down (...), alpha, limit)
@@ -49,9 +71,21 @@ class Seams:
     linear: Callable | None = None  # F.linear's contract (projections, router, unembedding)
     rotary: Callable | None = None  # (x (T, H, D), cos, sin) -> x rotated
     route: Callable | None = None  # (logits (N, E), k) -> (weights, experts)
+    linear_many: Callable | None = None  # (x, [modules]) -> their outputs in one call
+    linear_rows_independent: Callable | None = None  # (weight, rows) -> bool
+    int8_linear: Callable | None = None  # (x (M, K), weight int8, scale, bias) -> (M, O)
+    packed_experts: PackedExpertKernels | None = None
+    # (model, x (M, H), cos, sin, segments) -> (M, H) after every layer: a whole decode step
+    decode_step: Callable | None = None
+    # (model) -> do its decode steps read the weights once for several rows of one sequence
+    # (so that speculative drafts pay)?
+    verifies_rows_together: Callable | None = None
     # are the row-wise seams' rows computed each as if alone (reproducible mode may then run
     # all sequences' rows in one call)?
     rows_independent: bool = False
+    # do the seams keep gradients themselves (they decline calls that need one)? Else the model
+    # takes its own paths whenever gradients are on (the kernels have no backward).
+    grad_aware: bool = False
 
 
 def triton_available() -> bool:
@@ -105,6 +139,13 @@ def device_and_backend(device: str) -> tuple[torch.device, str]:
     return dev, select(dev)
 
 
+@functools.lru_cache(maxsize=1)
+def default_seams() -> Seams:
+    """The seams of a module no model has plugged a backend into (one built on its own): the
+    cpu backend's."""
+    return seams("cpu")
+
+
 def seams(name: str) -> Seams:
     """The seams of backend `name` (its kernels imported only now)."""
     if name == "cuda":
@@ -113,5 +154,6 @@ def seams(name: str) -> Seams:
                      rmsnorm=norm.rmsnorm, paged_attention=attention.paged_attention,
                      rows_independent=True)
     if name == "cpu":
-        return Seams("cpu")
+        from inhouse.kernels.cpu.seams import cpu_seams
+        return cpu_seams()
     raise ValueError(f"no backend {name!r}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 
-from inhouse.kernels.cpu import attend_kernel
 
 _NEG_INF = float("-inf")
 # Elements of (queries x keys x heads-per-group) in one chunk of the fast path's score tile.
@@ -38,14 +37,6 @@ def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -
     if window is not None:
         ok &= diff < window
     return ok
-
-
-def allowed_keys(num_keys: int, q_start: int, k_start: int,
-                 window: int | None) -> tuple[int, int]:
-    """The keys lo..hi-1 (of num_keys from position k_start on) that one query row at q_start
-    may see."""
-    lo = 0 if window is None else max(0, q_start - window + 1 - k_start)
-    return lo, max(lo, min(num_keys, q_start - k_start + 1))
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
@@ -73,9 +64,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     """Same contract as `attention_reference`; memory O(chunk x keys), not O(T x S)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad or sinks.requires_grad)
-    if not needs_grad and attend_kernel.applies(q, k):  # one query row: keys lo..hi-1 allowed
-        lo, hi = allowed_keys(k.shape[1], q_start, k_start, window)
-        return attend_kernel.attend_one(q, k, v, sinks, lo, hi, scale)
     if needs_grad:
         return _chunked(_sink_as_key, q, k, v, sinks, q_start, k_start, window, scale)
     if q.device.type != "cpu" or not _has_cpu_flash():

@@ -1,12 +1,12 @@
 """8-bit weights for the attention projections and the unembedding (`inhouse convert --quantize
 int8`): each output row is int8 with one scale, W[o, :] ~= weight[o, :] * weight_scale[o].
 
-`int8_linear_reference` dequantises and multiplies (obvious, slow); `Int8Linear` uses our
-matrix-vector kernel (dense_kernel.int8_matmul) at decode (up to 16 rows; a byte per weight read
-once at close to the memory bandwidth, rows independent of the batch). For more rows (prefill) it
-converts the int8 weights (exact in bf16 and fp32) to the GEMM's dtype (dense_kernel.gemm_dtype)
-a slab at a time and uses torch's GEMM, about twice as fast as torch's weight-only int8 kernel
-(`_weight_int8pack_mm`; docs/performance.md, "8-bit attention and unembedding"). Gradients (LoRA
+`int8_linear_reference` dequantises and multiplies (obvious, slow); `Int8Linear` goes through its
+backend's `int8_linear` seam. The cpu backend's (kernels/cpu/seams.py) is a matrix-vector kernel
+at decode (up to 16 rows; a byte per weight read once at close to the memory bandwidth, rows
+independent of the batch), and for more rows (prefill) the int8 weights (exact in bf16 and fp32)
+converted to the GEMM's dtype a slab at a time for torch's GEMM, about twice as fast as torch's
+weight-only int8 kernel (docs/performance.md, "8-bit attention and unembedding"). Gradients (LoRA
 training on an int8 base) take the reference. The decode kernel rounds each input row to int16
 first (`int16_rows`); `int8_kernel_reference` is that arithmetic in PyTorch, bit for bit.
 The packed experts of an int8 model meet int16 rows too (mxfp4_kernel's a16 path), reproduced bit
@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inhouse.kernels.cpu import dense_kernel
+from inhouse.kernels.backend import Seams
 from inhouse.model import mxfp4
+from inhouse.model.layers import seam, through
 from inhouse.model.moe import MXFP4Experts
-from inhouse.kernels.cpu.native import as_dtype
 
 
 def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -32,14 +32,6 @@ def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
-
-
-def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (N, in) float, weight int8 (out, in), scale (out,) -> (N, out) in x's dtype: torch's
-    GEMM on the weights converted a slab at a time (dense_kernel.gemm: in x's dtype, or fp32 for
-    bf16 rows on CPUs without AVX-512 BF16), then times scale plus bias."""
-    return dense_kernel.gemm(x, weight, bias, scale)
 
 
 def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,29 +100,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(out_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    seams = None  # the backend's (Transformer.use_backend): "reference" takes the reference
+    seams: Seams | None = None  # the backend's (Transformer.use_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        fast = (x2.is_cpu and x2.dtype in (torch.float32, torch.bfloat16)
-                and not (torch.is_grad_enabled() and x2.requires_grad)
-                and (self.seams is None or self.seams.linear is None))
-        if not fast:
-            return int8_linear_reference(x2, self.weight, self.weight_scale, self.bias) \
-                .reshape(*lead, self.out_features)
-        if dense_kernel.applies(x2, self.weight):
-            out = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
-            y = dense_kernel.int8_matmul(x2, self.weight, self.weight_scale, self.bias, out)
-            y = as_dtype(y, x2.dtype)
-            return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
-        y = int8_gemm(x2, self.weight, self.weight_scale, self.bias)
-        return y.reshape(*lead, self.out_features)
+        y = through(self.seams, "int8_linear", x2, self.weight, self.weight_scale, self.bias)
+        if y is None:
+            y = int8_linear_reference(x2, self.weight, self.weight_scale, self.bias)
+        return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
 
     def rows_independent(self, rows: int) -> bool:
         """Is each result row of a `rows`-row call computed exactly as that row alone?"""
-        if self.seams is not None and self.seams.linear is not None:
-            return False
-        return dense_kernel.rows_independent(self.weight, rows)
+        same = seam(self.seams, "linear_rows_independent")
+        return same is not None and same(self.weight, rows)
 
 
 def use_int8(model: nn.Module, names: list[str]) -> None:
@@ -145,4 +127,6 @@ def use_int8(model: nn.Module, names: list[str]) -> None:
         parent_name, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, attr)
-        setattr(parent, attr, Int8Linear(old.in_features, old.out_features, old.bias is not None))
+        new = Int8Linear(old.in_features, old.out_features, old.bias is not None)
+        new.seams = old.seams  # the backend the model runs
+        setattr(parent, attr, new)

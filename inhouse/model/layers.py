@@ -8,16 +8,26 @@ import torch
 from torch import nn
 
 from inhouse.config import ModelConfig
+from inhouse.kernels import backend as backends
 from inhouse.kernels.backend import Seams
-from inhouse.kernels.cpu import attend_kernel, rows_kernel
 
 
 def seam(seams: Seams | None, name: str):
-    """The backend's function for seam `name`, or None: none set, or gradients wanted (the
-    backend's kernels have no backward; training takes the model's own paths)."""
-    if seams is None or torch.is_grad_enabled():
+    """The backend's function for seam `name` (`seams` None: a module on its own, which runs the
+    cpu backend), or None: the backend has none, or gradients are on and its kernels do not
+    decline the calls that need one themselves (they have no backward; training takes the
+    model's own paths)."""
+    if seams is None:
+        seams = backends.default_seams()
+    if torch.is_grad_enabled() and not seams.grad_aware:
         return None
     return getattr(seams, name)
+
+
+def through(seams: Seams | None, name: str, *args):
+    """The backend's result for this call at seam `name`, or None: the model's own path then."""
+    fn = seam(seams, name)
+    return None if fn is None else fn(*args)
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,9 +37,24 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return (t * weight).to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) whose calls go to its backend's `linear`
+    seam (the cpu backend: a kernel for decode's rows)."""
+
+    seams: Seams | None = None  # the backend's kernels (Transformer.use_backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = through(self.seams, "linear", x, self.weight, self.bias)
+        return y if y is not None else nn.functional.linear(x, self.weight, self.bias)
+
+    def rows_independent(self, rows: int) -> bool:
+        """Is each result row of a `rows`-row call computed exactly as that row alone?"""
+        same = seam(self.seams, "linear_rows_independent")
+        return same is not None and same(self.weight, rows)
+
+
 class RMSNorm(nn.Module):
-    """Computed in fp32 whatever the input dtype; the weight stays fp32 (it is tiny). On CPU in
-    one native call (rows_kernel), whose rows do not depend on the batch."""
+    """Computed in fp32 whatever the input dtype; the weight stays fp32 (it is tiny)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -38,18 +63,13 @@ class RMSNorm(nn.Module):
         self.seams: Seams | None = None  # the backend's kernels (Transformer.use_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = seam(self.seams, "rmsnorm")
-        if fast is not None:
-            return fast(x, self.weight, self.eps)
-        if rows_kernel.applies(x, self.weight):
-            return rows_kernel.rmsnorm(x, self.weight, self.eps)
-        return rmsnorm_reference(x, self.weight, self.eps)
+        y = through(self.seams, "rmsnorm", x, self.weight, self.eps)
+        return y if y is not None else rmsnorm_reference(x, self.weight, self.eps)
 
     def rows_independent(self, rows: int) -> bool:
         """Is each result row computed exactly as that row alone (by_rows)?"""
-        if seam(self.seams, "rmsnorm") is not None:
-            return self.seams.rows_independent
-        return (rows_kernel.available() and self.weight.device.type == "cpu"
+        seams = self.seams or backends.default_seams()
+        return (seam(seams, "rmsnorm") is not None and seams.rows_independent
                 and not torch.is_grad_enabled())
 
 
@@ -96,12 +116,13 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos() * self.concentration, freqs.sin() * self.concentration
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D), cos/sin (T, D/2) -> (T, H, D): [x1*cos - x2*sin, x2*cos + x1*sin]. On CPU in
-    one native call (attend_kernel.rotary, the same operations and roundings)."""
-    if attend_kernel.rotary_applies(x):
-        return attend_kernel.rotary(x, cos, sin)
-    return apply_rotary_reference(x, cos, sin)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 seams: Seams | None = None) -> torch.Tensor:
+    """x (T, H, D), cos/sin (T, D/2) -> (T, H, D): [x1*cos - x2*sin, x2*cos + x1*sin], through
+    the backend's `rotary` seam where it takes the call (the cpu backend's one native call has
+    these operations' roundings)."""
+    y = through(seams, "rotary", x, cos, sin)
+    return y if y is not None else apply_rotary_reference(x, cos, sin)
 
 
 def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

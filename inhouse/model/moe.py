@@ -15,23 +15,9 @@ import torch
 from torch import nn
 
 from inhouse.config import ModelConfig
-from inhouse.kernels.backend import Seams
-from inhouse.model.layers import seam, swiglu
-from inhouse.kernels.cpu import dense_kernel, mxfp4_kernel, rows_kernel
+from inhouse.kernels.backend import PackedExpertKernels, Seams
+from inhouse.model.layers import seam, through, swiglu
 from inhouse.model.mxfp4 import BYTES_PER_BLOCK, BLOCK_SIZE, dequantize
-
-# Up to this many rows (of one sequence, routed to one expert) the fused kernel multiplies straight
-# from the packed blocks; above it, decoding the expert once and using a dense matmul is faster
-# (docs/performance.md, "Where the fused expert kernel stops").
-KERNEL_MAX_ROWS = 64
-# Where bf16 rows multiply in fp32 (dense_kernel.gemm_dtype: no AVX-512 BF16) the fused kernel
-# is slower per row and a tiled decode + fp32 GEMM wins earlier (the same section).
-KERNEL_MAX_ROWS_F32_GEMM = 40
-
-
-def fused_max_rows(dtype: torch.dtype) -> int:
-    """Up to how many rows per expert (of one group) the fused kernel runs for rows of dtype."""
-    return KERNEL_MAX_ROWS_F32_GEMM if dense_kernel.gemm_in_fp32(dtype) else KERNEL_MAX_ROWS
 
 
 def route_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,13 +58,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> weights (N, k) summing to 1, expert indices (N, k)."""
-        linear, route = seam(self.seams, "linear"), seam(self.seams, "route")
-        logits = (linear or dense_kernel.linear)(x, self.weight, self.bias)  # (N, E)
-        if route is not None:
-            return route(logits, self.top_k)
-        if rows_kernel.route_applies(logits):  # one call, not four ops (decode)
-            return rows_kernel.route(logits, self.top_k)
-        return route_reference(logits, self.top_k)
+        logits = through(self.seams, "linear", x, self.weight, self.bias)
+        if logits is None:
+            logits = nn.functional.linear(x, self.weight, self.bias)  # (N, E)
+        routed = through(self.seams, "route", logits, self.top_k)
+        return routed if routed is not None else route_reference(logits, self.top_k)
 
 
 class Experts(nn.Module):
@@ -166,39 +150,37 @@ class MXFP4Experts(Experts):
     def expert(self, e: int, dtype: torch.dtype) -> "ExpertProjections":
         return PackedExpert(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e],
                             self.down_proj_blocks[e], self.down_proj_scales[e], dtype,
-                            self.int16_rows)
+                            self.int16_rows, seam(self.seams, "packed_experts"))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 groups: list[slice] | None = None) -> torch.Tensor:
-        """Groups (sequences) of up to KERNEL_MAX_ROWS rows without an adapter here go through
-        one native call for the whole layer (mxfp4_kernel.moe_rows: the same operations and
-        roundings as Experts.forward, without a PyTorch op per expert); the rest through
+        """With the cuda backend, its `experts` seam for all rows in one call. With the cpu
+        backend's packed-expert kernels, groups (sequences) of up to `layer_max_rows` rows
+        without an adapter go through one native call for the whole layer (the same operations
+        and roundings as Experts.forward, without a PyTorch op per expert); the rest through
         Experts.forward. The choice depends only on the group itself (batch invariance)."""
         N = x.shape[0]
         fast = seam(self.seams, "experts")
+        gate_up = (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias)
+        down = (self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias)
         if fast is not None and (self.lora is None or not self.lora.adapted_rows(N)):
             # a row's arithmetic never depends on the batch there: all groups in one call
-            return fast(x, weights, indices,
-                        (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias),
-                        (self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias),
-                        self.alpha, self.limit)
+            return fast(x, weights, indices, gate_up, down, self.alpha, self.limit)
         groups = groups or [slice(0, N)]
-        if not (mxfp4_kernel.available() and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and x.dtype in (torch.bfloat16, torch.float32)):
-            return super().forward(x, weights, indices, groups)
+        kernels: PackedExpertKernels | None = seam(self.seams, "packed_experts")
         adapted = self.lora.adapted_rows(N) if self.lora is not None else []
-        fast = [g for g in groups if g.stop - g.start <= KERNEL_MAX_ROWS
-                and not any(g.start < r.stop and r.start < g.stop for r in adapted)]
-        if not fast:
+        alone = [g for g in groups if g.stop - g.start <= kernels.layer_max_rows
+                 and not any(g.start < r.stop and r.start < g.stop for r in adapted)
+                 ] if kernels is not None else []
+        if not alone:
             return super().forward(x, weights, indices, groups)
-        rest = [g for g in groups if g not in fast]
-        rows = torch.cat([torch.arange(g.start, g.stop) for g in fast]) if rest else slice(0, N)
-        y = mxfp4_kernel.moe_rows(
-            x[rows], weights[rows], indices[rows],
-            (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias),
-            (self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias),
-            self.alpha, self.limit, self.int16_rows)
-        if not rest:  # every group took the one call
+        rest = [g for g in groups if g not in alone]
+        rows = torch.cat([torch.arange(g.start, g.stop) for g in alone]) if rest else slice(0, N)
+        y = kernels.layer(x[rows], weights[rows], indices[rows], gate_up, down, self.alpha,
+                          self.limit, self.int16_rows)
+        if y is None:  # the kernel does not take these rows (their dtype, a gradient)
+            return super().forward(x, weights, indices, groups)
+        if not rest:  # every group took it
             return y
         out = super().forward(x, weights, indices, rest)
         out[rows] = y
@@ -244,25 +226,25 @@ class DenseExpert(ExpertProjections):
 
 
 class PackedExpert(ExpertProjections):
-    """Few rows per group: the fused kernel, straight from the packed bytes (rows of several groups
-    in one call; a16: rows rounded to int16). Many: decode once for all groups and multiply
-    densely, group by group (where bf16 GEMMs run in fp32, tile by tile: dense_matmul). The choice
-    depends only on the group's own row count."""
+    """Where the backend has packed-expert kernels (the cpu backend's), few rows per group go to
+    the fused kernel, straight from the packed bytes (rows of several groups in one call; a16:
+    rows rounded to int16); many: decode once for all groups and multiply densely, group by group
+    (where bf16 GEMMs run in fp32, tile by tile: `dense_matmul`). The choice depends only on the
+    group's own row count. Without them: `dequantize` and PyTorch's matmul."""
 
-    def __init__(self, b1, s1, b2, s2, dtype: torch.dtype, a16: bool = False) -> None:
+    def __init__(self, b1, s1, b2, s2, dtype: torch.dtype, a16: bool = False,
+                 kernels: PackedExpertKernels | None = None) -> None:
         self.b1, self.s1, self.b2, self.s2, self.dtype, self.a16 = b1, s1, b2, s2, dtype, a16
+        self.kernels = kernels
         self._dense: DenseExpert | None = None
 
     def rows_independent(self, n: int) -> bool:
-        # the kernel computes every row the same way whatever the batch (tested bit for bit);
-        # it has no backward, so training (grad enabled) multiplies by the decoded weights
-        return (n <= fused_max_rows(self.dtype) and self.b1.device.type == "cpu"
-                and mxfp4_kernel.available() and not torch.is_grad_enabled())
+        # the fused kernel computes every row the same way whatever the batch (tested bit for bit)
+        return self.kernels is not None and n <= self.kernels.fused_max_rows(self.dtype)
 
     def _decoded(self) -> DenseExpert:
-        if self._dense is None:  # the C decoder where built: the same values, 5x faster
-            cpu = mxfp4_kernel.available() and self.b1.device.type == "cpu"
-            decode = mxfp4_kernel.decode if cpu else dequantize
+        if self._dense is None:  # the backend's decoder where it has one: the same values
+            decode = self.kernels.decode if self.kernels is not None else dequantize
             self._dense = DenseExpert(decode(self.b1, self.s1, self.dtype).T,  # (H, 2I)
                                       decode(self.b2, self.s2, self.dtype).T)  # (I, H)
         return self._dense
@@ -270,11 +252,9 @@ class PackedExpert(ExpertProjections):
     def _multiply(self, x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
                   fused: bool, which: str) -> torch.Tensor:
         if fused:
-            return mxfp4_kernel.matmul(x, blocks, scales, self.a16)
-        gemm = dense_kernel.gemm_dtype(x)
-        if gemm != x.dtype and not torch.is_grad_enabled():
-            return mxfp4_kernel.dense_matmul(x, blocks, scales, gemm)
-        return getattr(self._decoded(), which)(x)
+            return self.kernels.matmul(x, blocks, scales, self.a16)
+        y = self.kernels.dense_matmul(x, blocks, scales) if self.kernels is not None else None
+        return y if y is not None else getattr(self._decoded(), which)(x)
 
     def gate_up(self, x, fused):
         return self._multiply(x, self.b1, self.s1, fused, "gate_up")

@@ -14,14 +14,11 @@ from inhouse.config import ModelConfig
 from inhouse.errors import InhouseError
 from inhouse.kernels import backend as backends
 from inhouse.kernels.backend import Seams
-from inhouse.kernels.cpu import dense_kernel
-from inhouse.model import decode_step
 from inhouse.model.attention import attention, attention_reference
-from inhouse.kernels.cpu.dense_kernel import Linear
 from inhouse.model.kv_cache import KVCache
 from inhouse.model.paged_cache import PagedBatch, PagedKVCache, PagedPools
-from inhouse.model.layers import (RMSNorm, RotaryEmbedding, apply_rotary, apply_rotary_reference,
-                                  rmsnorm_reference, seam)
+from inhouse.model.layers import (Linear, RMSNorm, RotaryEmbedding, apply_rotary,
+                                  apply_rotary_reference, rmsnorm_reference, seam, through)
 from inhouse.model.moe import MLP, moe_reference, route_reference
 
 
@@ -89,9 +86,9 @@ class Attention(nn.Module):
         names = ("q_proj", "k_proj", "v_proj")
         layers = [getattr(self, name) for name in names]
         together = None
-        if seam(self.seams, "linear") is None and all(one_call(layer, x.shape[0], groups)
-                                                      for layer in layers):
-            together = dense_kernel.linear_many(x, layers)
+        many = seam(self.seams, "linear_many")
+        if many is not None and all(one_call(layer, x.shape[0], groups) for layer in layers):
+            together = many(x, layers)
         if together is None:
             return [self._proj(name, x, groups) for name in names]
         if self.lora is None:
@@ -109,11 +106,9 @@ class Attention(nn.Module):
         q = q.view(N, self.num_heads, self.head_dim)
         k = k.view(N, self.num_kv_heads, self.head_dim)
         v = v.view(N, self.num_kv_heads, self.head_dim)
-        rotary = seam(self.seams, "rotary") or apply_rotary
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, self.seams), apply_rotary(k, cos, sin, self.seams)
         if paged is not None:
             return self._proj("o_proj", self._paged(q, k, v, layer, paged).view(N, -1), groups)
-        attend = seam(self.seams, "attention") or attention
         outs = []
         for seg in segments:
             rows = slice(seg.row0, seg.row0 + seg.num_tokens)
@@ -121,8 +116,9 @@ class Attention(nn.Module):
             k_start = seg.start
             if seg.cache is not None:
                 ks, vs, k_start = seg.cache.layers[layer].extend(ks, vs)
-            outs.append(attend(q[rows], ks, vs, self.sinks, seg.start, k_start, self.window,
-                                  self.scale))  # (T, Hq*D)
+            args = (q[rows], ks, vs, self.sinks, seg.start, k_start, self.window, self.scale)
+            out = through(self.seams, "attention", *args)
+            outs.append(out if out is not None else attention(*args))  # (T, Hq*D)
         return self._proj("o_proj", outs[0] if len(outs) == 1 else torch.cat(outs), groups)
 
 
@@ -183,13 +179,15 @@ class Transformer(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lora_routing = None  # set by lora.attach
         self.gradient_checkpointing = False  # recompute each layer in backward (training)
-        self.step_plan = None  # decode_step's table of weight pointers, built at first use
-        self.backend = "cpu"  # whose kernels run the seams (use_backend)
+        self.step_plan = None  # the cpu backend's decode step's weight pointers, built at first use
+        self.backend = "cpu"  # whose kernels run the seams (use_backend, below)
+        self.seams: Seams | None = None  # the backend's whole-step seams (use_backend)
         self.pages: PagedPools | None = None  # new caches are paged when set (use_paged_kv)
         self.decode_graphs = None  # a cuda_graphs.DecodeGraphs: decode steps replayed whole
         self.register_load_state_dict_post_hook(Transformer._forget_step_plan)
         with torch.device("cpu"):  # NOTE: not on meta even when the rest is built there
             self.rotary = RotaryEmbedding(config)
+        self.use_backend("cpu")  # load_model chooses again, for the device it loads onto
 
     def _forget_step_plan(self, *_) -> None:
         self.step_plan = None
@@ -208,14 +206,18 @@ class Transformer(nn.Module):
         module with seams (attention, norms, router, experts, linears), once; returns the name
         chosen."""
         self.backend = backends.select(self.device, name)
-        if self.backend == "reference":
-            plugged = reference_seams()
-        else:
-            plugged = None if self.backend == "cpu" else backends.seams(self.backend)
+        plugged = (reference_seams() if self.backend == "reference"
+                   else backends.seams(self.backend))
         for module in self.modules():
             if hasattr(module, "seams"):
                 module.seams = plugged
         return self.backend
+
+    def verifies_rows_together(self) -> bool:
+        """Do this model's decode steps read the weights once for several rows of one sequence
+        (its backend's whole-step kernel takes them), so that speculative drafts pay?"""
+        fn = seam(self.seams, "verifies_rows_together")
+        return fn is not None and fn(self)
 
     @property
     def device(self) -> torch.device:
@@ -316,8 +318,8 @@ class Transformer(nn.Module):
             routing.assignment = [(slice(s.row0, s.row0 + s.num_tokens), s.adapter)
                                   for s in segments]
         try:
-            fused = (decode_step.run(self, x, cos, sin, segments)  # decode: all layers, one call
-                     if self.backend == "cpu" else None)
+            # decode: all layers in one call, where the backend has such a step and takes this one
+            fused = through(self.seams, "decode_step", self, x, cos, sin, segments)
             if fused is None:
                 paged = (PagedBatch.build(segments, self.device)
                          if all(isinstance(s.cache, PagedKVCache) for s in segments) else None)

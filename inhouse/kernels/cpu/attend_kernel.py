@@ -46,6 +46,14 @@ def path_name() -> str:
 MAX_HEAD_DIM, MAX_GROUP = 256, 64
 
 
+def allowed_keys(num_keys: int, q_start: int, k_start: int,
+                 window: int | None) -> tuple[int, int]:
+    """The keys lo..hi-1 (of num_keys from position k_start on) that one query row at q_start
+    may see."""
+    lo = 0 if window is None else max(0, q_start - window + 1 - k_start)
+    return lo, max(lo, min(num_keys, q_start - k_start + 1))
+
+
 def heads_fit(head_dim: int, group: int = 1) -> bool:
     """Does the kernel take heads of head_dim with `group` query heads per kv head?"""
     return head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM and group <= MAX_GROUP

@@ -1,4 +1,4 @@
-"""A whole decode step through every decoder layer in one native call (csrc/step.c).
+"""The cpu backend's whole decode step: every decoder layer in one native call (csrc/step.c).
 
 At decode each layer is a dozen small kernel calls (norms, q/k/v, rotary, cache, attention,
 o_proj, router, experts, residuals) and their Python wrappers: a tenth of a step on the 20b shape
@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inhouse.kernels.cpu import attend_kernel, dense_kernel, mxfp4_kernel, native, rows_kernel
-from inhouse.model.attention import allowed_keys
-from inhouse.model.moe import MXFP4Experts
+from inhouse.kernels.cpu.attend_kernel import allowed_keys
 from inhouse.kernels.cpu.native import as_dtype
 
 _p, _i64, _f, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -119,7 +118,7 @@ def _build(model: torch.nn.Module) -> Plan:
     for entry, layer in zip(table, layers):
         attn, mlp = layer.self_attn, layer.mlp
         experts, router = mlp.experts, mlp.router
-        if (attn.lora is not None or not isinstance(experts, MXFP4Experts)
+        if (attn.lora is not None or not hasattr(experts, "gate_up_proj_blocks")  # MXFP4 experts
                 or experts.lora is not None or router.weight.dtype != torch.bfloat16
                 or router.bias is None):
             return Plan(None)
