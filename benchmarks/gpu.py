@@ -1,7 +1,8 @@
 """The cuda backend on one GPU: decode and prefill speed of gpt-oss-20b and 120b (random weights).
 
     python benchmarks/gpu.py [--models gpt-oss-20b,gpt-oss-120b] [--users 1,8,64] [--tokens 32]
-                             [--prefill-tokens 2048] [--no-transformers]
+                             [--prefill-tokens 2048] [--context 32768] [--context-users 4]
+                             [--no-transformers]
     python benchmarks/gpu.py --smoke     # tiny shape, on CPU through Triton's interpreter
 
 For a GPU machine with torch and triton and no network. Each model is built straight into GPU
@@ -11,6 +12,8 @@ packed MXFP4). Printed and written to benchmarks/results/gpu.json:
   sampling, steps where every request decodes, CUDA graphs on), the reproducible mode's cost
   (time per token over the batched mode's), and one user without the CUDA graphs;
 - prefill tokens/s of one long prompt;
+- the long-context run: 4 users with 32k-token prompts decoding, and how many such users the GPU
+  holds beside the weights (experts stay packed: the 120b on one 80 GB card);
 - each decode figure's share of the bandwidth bound: bytes a step reads (the weights every token
   touches: attention, router, the routed experts' packed bytes, the unembedding; experts read once
   per step for all users, at most all of them) over the GPU's memory bandwidth (measured here with
@@ -59,13 +62,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decode(model, mode: str, users: int, tokens: int, prompt_tokens: int, device: str) -> dict:
+def decode(model, mode: str, users: int, tokens: int, prompt_tokens: int, device: str,
+           chunk: int | None = None) -> dict:
     """The engine with `users` seeded requests: decode tokens/s over the steps where every
-    request decodes (prefill timed apart). KV: 8 GiB on a GPU (the paged pools are allocated
-    whole), 64 MiB for the smoke run."""
+    request decodes (prefill timed apart; prompts in chunks of `chunk`, default whole). KV:
+    8 GiB on a GPU (the paged pools are allocated whole), 64 MiB for the smoke run."""
+    chunk = chunk or prompt_tokens
     cfg = EngineConfig(mode=mode, max_num_seqs=users,
-                       max_num_batched_tokens=max(512, users * prompt_tokens),
-                       prefill_chunk=prompt_tokens,
+                       max_num_batched_tokens=max(512, users * chunk),
+                       prefill_chunk=chunk,
                        kv_budget_bytes=(8 << 30) if device == "cuda" else (64 << 20))
     engine = LLMEngine(model, cfg)
     g = torch.Generator().manual_seed(users)
@@ -85,7 +90,8 @@ def decode(model, mode: str, users: int, tokens: int, prompt_tokens: int, device
             decode_tokens += sum(len(o.new_token_ids) for o in outs)
             steps += 1
     return {"mode": mode, "users": users, "decode_tokens": decode_tokens, "decode_s": decode_s,
-            "steps": steps, "tokens_per_s": decode_tokens / decode_s if decode_s else None}
+            "steps": steps, "tokens_per_s": decode_tokens / decode_s if decode_s else None,
+            "prompt_tokens": prompt_tokens}
 
 
 def prefill(model, prompt_tokens: int, device: str) -> dict:
@@ -152,6 +158,31 @@ def transformers_decode(name: str, tokens: int, prompt_tokens: int, device: str)
     return {"tokens": tokens, "s": dt, "tokens_per_s": tokens / dt}
 
 
+def long_context(model, name: str, args, device: str, results: list) -> list[tuple[str, str]]:
+    """`context_users` users of `context`-token prompts (prefilled in chunks of 2048), decoding;
+    and how many such users this GPU holds beside the weights (model.summary's plan)."""
+    from inhouse.model.summary import users_at_context
+
+    rows = []
+    if device == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        fit = users_at_context(model.config, model.dtype, total, args.context)
+        results.append({"model": name, "kind": "capacity", "context": args.context,
+                        "users": fit, "device_bytes": total})
+        rows.append((f"{name} users at {args.context} tokens on this GPU", str(fit)))
+    try:
+        r = decode(model, "batched", args.context_users, 8, args.context, device,
+                   chunk=min(2048, args.context))
+    except torch.OutOfMemoryError as e:  # said, not fatal: the other figures stand
+        rows.append((f"{name} decode x{args.context_users} at {args.context} tokens",
+                     f"out of memory ({str(e).splitlines()[0][:80]})"))
+        return rows
+    results.append(r | {"model": name, "kind": "long_context"})
+    rows.append((f"{name} decode x{args.context_users} at {args.context} tokens",
+                 f"{r['tokens_per_s']:.1f} tok/s"))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="gpt-oss-20b,gpt-oss-120b")
@@ -160,6 +191,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="tokens decoded per user")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--context", type=int, default=32768,
+                    help="the long-context run: prompt tokens per user")
+    ap.add_argument("--context-users", type=int, default=4)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--smoke", action="store_true",
                     help="the tiny shape on CPU through Triton's interpreter (checks the script)")
@@ -167,6 +201,7 @@ def main() -> None:
     device = "cpu" if args.smoke else "cuda"
     if args.smoke:
         args.models, args.users, args.tokens, args.prefill_tokens = "tiny", "2", 2, 16
+        args.context, args.context_users = 40, 2
         args.modes = "reproducible"
         args.prompt_tokens, args.no_transformers = 8, True
     elif not torch.cuda.is_available():
@@ -205,6 +240,7 @@ def main() -> None:
         p = prefill(model, args.prefill_tokens, device)
         results.append(p | {"model": name, "kind": "prefill"})
         rows.append((f"{name} prefill {args.prefill_tokens} tokens", f"{p['tokens_per_s']:.0f} tok/s"))
+        rows += long_context(model, name, args, device, results)
         del model
         gc.collect()
         if device.startswith("cuda"):

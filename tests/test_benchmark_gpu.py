@@ -18,8 +18,10 @@ def test_the_gpu_benchmark_runs_end_to_end_in_smoke_mode(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmarks/gpu.py", "--smoke"])
     gpu.main()
     data = json.loads(out.read_text())
-    decode = [x for x in data["results"] if "users" in x]
+    decode = [x for x in data["results"] if "users" in x and "kind" not in x]
     assert {(x["mode"], x["users"]) for x in decode} == {("reproducible", 2)}
     # on CPU the engine runs no graphs (they need a CUDA device): the smoke has no x1 row
     assert all(x["decode_tokens"] > 0 and x["tokens_per_s"] > 0 for x in decode)
-    assert [x["kind"] for x in data["results"] if "kind" in x] == ["prefill"]
+    assert [x["kind"] for x in data["results"] if "kind" in x] == ["prefill", "long_context"]
+    (long,) = [x for x in data["results"] if x.get("kind") == "long_context"]
+    assert long["users"] == 2 and long["prompt_tokens"] == 40 and long["decode_tokens"] > 0

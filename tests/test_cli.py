@@ -26,12 +26,17 @@ def test_inspect_reports_layout_and_sizes(checkpoints, tiny_config, layout):
     assert report["bytes_on_disk"] == on_disk
     # 2 full-attention layers x (k + v) x 2 kv heads x 16 dims x 2 bytes (bf16)
     assert report["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2
+    context = tiny_config.max_position_embeddings  # a tiny model: thousands of users on a GPU
+    users = report["gpu_80gb_users"]
+    assert list(users) == [str(n) for n in sorted({min(32768, context), context})], users
+    assert all(n > 1000 for n in users.values())
 
 
 def test_inspect_table(checkpoints):
     result = runner.invoke(app, ["inspect", str(checkpoints["hf"])])
     assert result.exit_code == 0
     assert "hf (mxfp4 experts)" in result.stdout and "active per token" in result.stdout
+    assert "one 80 GB GPU" in result.stdout and "users at" in result.stdout
 
 
 def _assert_one_line_error(result, needle):

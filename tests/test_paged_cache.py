@@ -111,3 +111,28 @@ def test_the_model_on_pages_gives_the_contiguous_caches_logits(models, tiny_conf
         assert third.num_tokens == 7
         third.truncate(6)  # the second draft row rejected
         assert torch.allclose(ours(other[6:7], third, last_only=True)[0], want[3], atol=1e-4)
+
+
+def test_the_120b_holds_32k_tokens_for_several_users_on_one_80_gb_card():
+    """Issue 21's capacity: the 120b's weights (experts packed) on an 80 GB card leave a KV budget
+    (what `serve --device cuda` takes by default) whose pools page six users' 32k-token contexts,
+    prefilled in chunks: the pools are built on the meta device, the pages really allocated."""
+    from inhouse.model.summary import kv_budget_on_gpu, users_at_context, weight_bytes
+
+    config, bf16, card = preset("gpt-oss-120b"), torch.bfloat16, 80 * 10**9
+    weights = weight_bytes(config, "mxfp4", bf16)
+    assert 60e9 < weights < 68e9  # 4.25 bits a weight for the experts: they stay packed
+    users = users_at_context(config, bf16, card, 32768)
+    assert users >= 4
+    budget = kv_budget_on_gpu(card - weights, card)
+    pools = PagedPools.sized(config, bf16, torch.device("meta"), budget, users, 2048)
+    caches = [PagedKVCache(pools) for _ in range(users)]
+    for start in range(0, 32768, 2048):  # the engine's chunked prefill, user after user
+        for cache in caches:
+            cache.make_room(2048)
+            cache.num_tokens = start + 2048
+    assert all(len(c.full) == 32768 // pools.page_size for c in caches)
+    assert pools.full.num_pages - len(pools.full.free) == users * 2048  # 16-token pages
+    with pytest.raises(InhouseError):  # and no more: the budget is what it says
+        extra = PagedKVCache(pools)
+        extra.make_room(pools.page_size * (len(pools.full.free) + 1))

@@ -42,6 +42,9 @@ def _gib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+GPU_80GB = 80 * 10**9  # an H100's or A100's memory, as their makers count it
+
+
 def _billions(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
@@ -54,7 +57,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show a checkpoint's layout, shape, parameter counts, size on disk and memory needs."""
-    from inhouse.model.summary import summarize
+    from inhouse.model.summary import summarize, users_at_context
 
     s = summarize(path, dtype.torch)
     c = s.config
@@ -70,6 +73,10 @@ def inspect(
         "params_total": s.counts.total, "params_active": s.counts.active, "dtype": dtype.value,
         "ram_weights_bytes": s.ram_bytes, "kv_bytes_per_token": s.kv_bytes_per_token,
         "kv_sliding_bytes": s.kv_sliding_bytes,
+        "gpu_80gb_users": {str(n): users_at_context(c, dtype.torch, GPU_80GB, n,
+                                                    s.info.experts_format)
+                           for n in sorted({min(32768, c.max_position_embeddings),
+                                            c.max_position_embeddings})},
     }
     if as_json:
         out.print_json(json.dumps(report))
@@ -86,6 +93,9 @@ def inspect(
     t.add_row(f"RAM for weights ({dtype.value})", _gib(s.ram_bytes))
     t.add_row("KV cache", f"{s.kv_bytes_per_token / 1024:.1f} KiB per token + "
               f"{_gib(s.kv_sliding_bytes)} for the sliding windows")
+    t.add_row("one 80 GB GPU (--device cuda)", ", ".join(
+        f"{users} users at {n / 1024:g}k tokens" for n, users in
+        ((int(n), u) for n, u in report["gpu_80gb_users"].items())))
     out.print(t)
 
 
@@ -306,7 +316,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
     max_batch: Annotated[int, typer.Option(min=1, help="Most sequences decoded together.")] = 16,
-    kv_budget: Annotated[float, typer.Option(min=0.01, help="KV cache budget in GiB.")] = 4.0,
+    kv_budget: Annotated[float | None, typer.Option(
+        min=0.01, help="KV cache budget in GiB (default: 4 on CPU; on a GPU what it has free "
+        "once the weights are loaded, less 8% (at least 2 GiB) for activations).")] = None,
     api_key: Annotated[list[str] | None, typer.Option(help="Require this API key (repeatable).")] = None,
     dtype: Annotated[DType, typer.Option(help="Compute dtype.")] = DType.bfloat16,
     mode: Annotated[str, typer.Option(help="Engine mode: reproducible (bit-identical seeded "

@@ -73,7 +73,25 @@ def check_exposure(host: str, api_keys: list[str], database_url: str,
     logging.getLogger("inhouse.server").warning("serving %s without authentication", host)
 
 
-def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib: float,
+def _gpu_kv_budget(device, model) -> int:
+    """What the GPU has free now that the weights are loaded, less the reserve (said on stderr,
+    with how many tokens of context that holds)."""
+    import torch
+
+    from inhouse.model.summary import kv_bytes, kv_budget_on_gpu
+
+    free, total = torch.cuda.mem_get_info(device)
+    budget = kv_budget_on_gpu(free, total)
+    per_token, _ = kv_bytes(model.config, model.dtype)
+    if budget < per_token * 1024:
+        raise InhouseError(f"{device} has {free / 2**30:.1f} GiB free after loading the model: "
+                           "too little for a KV cache (a smaller model, or --kv-budget)")
+    err.print(f"[dim]KV cache: {budget / 2**30:.1f} GiB of {device} ({budget // per_token} "
+              "tokens of context; --kv-budget to set it)[/dim]")
+    return budget
+
+
+def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib: float | None,
           api_keys: list[str], dtype: DType, mode: str, log_bodies: bool, database_url: str = "",
           audit_content: str = "redacted", retain_days: float = 0.0, pii_mode: str = "off",
           pii_patterns: list[str] | None = None, adapters: list[str] | None = None,
@@ -107,6 +125,9 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     if scaling is not None and torch_device.type != "cpu":
         raise InhouseError("--device applies to the engine in this process; replicas take "
                            "--gpus-per-replica")
+    if guard_model is not None and torch_device.type == "cuda" and kv_budget_gib is None:
+        raise InhouseError("--guard-model on a GPU needs --kv-budget: the served model's KV "
+                           "cache would otherwise take the memory the guard model needs")
 
     patterns = []
     for spec in pii_patterns or []:
@@ -144,7 +165,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
     if demo:
         dtype = DType.float32
     engine_cfg = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(512, max_batch),
-                              kv_budget_bytes=int(kv_budget_gib * 2**30), mode=mode,
+                              kv_budget_bytes=int((kv_budget_gib or 4.0) * 2**30), mode=mode,
                               prefix_caching=prefix_cache, num_draft_tokens=draft_tokens)
     err.print("[dim]computing the model digest (cached after the first time) ...[/dim]")
     settings = ServerSettings(model_name=name, model_label=demo_label or str(path),
@@ -177,6 +198,9 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
         loaded = load_model(path, device=torch_device, dtype=dtype.torch, mmap=mmap,
                             backend=backend)
         digests = tuple((n, attach_adapter(loaded, n, d, contents)) for n, d, contents in read)
+        if torch_device.type == "cuda" and kv_budget_gib is None:
+            engine_cfg = dataclasses.replace(engine_cfg, kv_budget_bytes=_gpu_kv_budget(
+                torch_device, loaded))
         from inhouse.harmony.grammar import GrammarBackend
 
         client = AsyncEngine(LLMEngine(loaded, engine_cfg, grammars=GrammarBackend()))
@@ -192,7 +216,7 @@ def serve(model: str | None, host: str, port: int, max_batch: int, kv_budget_gib
             guard_client = AsyncEngine(LLMEngine(
                 load_model(guard_info.root, device=torch_device, dtype=dtype.torch, mmap=mmap,
                            backend=backend),
-                EngineConfig(max_num_seqs=4, kv_budget_bytes=int(kv_budget_gib * 2**30) // 4,
+                EngineConfig(max_num_seqs=4, kv_budget_bytes=engine_cfg.kv_budget_bytes // 4,
                              mode=mode), grammars=GrammarBackend()))
             guard_name = f"guard:{guard_model.name}@{checkpoint_digest(guard_info)[:19]}"
         guard = PolicyGuard(the_policy, guard_client, guard_settings, guard_name)

@@ -131,15 +131,17 @@ class PagedKVCache:
         return [PagedLayer(self, i) for i in range(len(self.pools.windows))]
 
     def ensure(self, end: int) -> None:
-        """Pages for every position before `end`; the sliding layers' pages wholly behind the
-        window of the next query (position num_tokens) given back."""
+        """Pages for every position before `end`, after the sliding layers' pages wholly behind
+        the window of the next query (position num_tokens) are given back: first, so that a
+        sliding layer never holds more than its window and one chunk (what the pool is sized
+        for) while a long prompt is prefilled chunk after chunk."""
+        self._release_behind()
         need = ceil_div(end, self.pools.page_size)
         for table, pool in ((self.full, self.pools.full), (self.sliding, self.pools.sliding)):
             if pool.num_pages:
                 while len(table) < need:
                     table.append(pool.allocate())
                     self.version += 1
-        self._release_behind()
 
     def _release_behind(self) -> None:
         if self.pools.window is None:

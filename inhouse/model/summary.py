@@ -65,6 +65,32 @@ def weight_bytes(config: ModelConfig, experts_format: str, dtype: torch.dtype,
             + fp32 * 4)
 
 
+# What a GPU keeps beside the weights and the KV cache: activations, CUDA graphs, the sampler,
+# CUDA's own context. vLLM leaves 10% (its default gpu_memory_utilization 0.9).
+GPU_RESERVE_FRACTION = 0.08
+GPU_RESERVE_MIN = 2 << 30
+
+
+def gpu_reserve(total_bytes: int) -> int:
+    """Bytes of a GPU of total_bytes kept out of the KV budget."""
+    return max(GPU_RESERVE_MIN, int(total_bytes * GPU_RESERVE_FRACTION))
+
+
+def kv_budget_on_gpu(free_bytes: int, total_bytes: int) -> int:
+    """The KV budget of a GPU whose weights are loaded: what is free, less the reserve."""
+    return max(0, free_bytes - gpu_reserve(total_bytes))
+
+
+def users_at_context(config: ModelConfig, dtype: torch.dtype, device_bytes: int,
+                     context: int, experts_format: str = "mxfp4") -> int:
+    """How many sequences of `context` tokens one GPU of device_bytes holds the keys and values
+    of, beside the weights (MXFP4 experts stay packed) and the reserve."""
+    per_token, sliding = kv_bytes(config, dtype)
+    free = device_bytes - weight_bytes(config, experts_format, dtype)
+    budget = kv_budget_on_gpu(free, device_bytes)
+    return budget // (per_token * min(context, config.max_position_embeddings) + sliding)
+
+
 @dataclass(frozen=True)
 class ModelSummary:
     info: CheckpointInfo
