@@ -154,31 +154,40 @@ def _request(i: int, **kw):
             SamplingParams(max_tokens=4, seed=40 + i, top_p=0.95, logprobs=2, **kw))
 
 
-def test_the_engine_draws_on_the_device_the_same_alone_or_batched(cuda_model, no_host_draws):
+@pytest.fixture(scope="module")
+def alone(cuda_model):
+    """Requests r0 (with penalties) and r1 (top-k), each run by itself."""
+    out = {}
+    for r in (_request(0, frequency_penalty=1.5, presence_penalty=0.5), _request(1, top_k=3)):
+        out |= run_all(LLMEngine(cuda_model, CFG), {0: [r]}, with_logprobs=True)
+    return out
+
+
+def test_the_engine_draws_on_the_device_the_same_alone_or_batched(cuda_model, alone,
+                                                                  no_host_draws):
     reqs = [_request(0, frequency_penalty=1.5, presence_penalty=0.5), _request(1, top_k=3),
             _request(2, temperature=0.0)]
     together = run_all(LLMEngine(cuda_model, CFG), {0: reqs[:2], 1: reqs[2:]},
                        with_logprobs=True)
-    for r in reqs[:2]:
-        alone = run_all(LLMEngine(cuda_model, CFG), {0: [r]}, with_logprobs=True)
-        assert alone[r[0]] == together[r[0]]
-        assert len(alone[r[0]]) == 4
+    assert {k: together[k] for k in alone} == alone
+    assert all(len(v) == 4 for v in together.values())
     # the frequency penalty: no token repeats in so short an answer of a random model
     ids = [t for t, _ in together["r0"]]
     assert len(set(ids)) == len(ids)
 
 
-def test_non_finite_logits_fail_only_their_request_on_the_device(cuda_model, monkeypatch,
+def test_non_finite_logits_fail_only_their_request_on_the_device(cuda_model, alone, monkeypatch,
                                                                  no_host_draws):
     engine = LLMEngine(cuda_model, CFG)
     real_run = engine.runner.run
     monkeypatch.setattr(engine.runner, "run", lambda chunks: [
         torch.full_like(r, float("nan")) if c.seq.request_id == "bad" else r
         for c, r in zip(chunks, real_run(chunks))])
-    reqs = [_request(0), ("bad", prompt(9, 12), SamplingParams(max_tokens=4)), _request(1)]
-    outs = run_all(engine, {0: reqs})
-    assert outs["bad"] == [] and engine.kv.num_held == 0
-    assert outs["r1"] == run_all(LLMEngine(cuda_model, CFG), {0: [reqs[2]]})["r1"]
+    reqs = [_request(0, frequency_penalty=1.5, presence_penalty=0.5),
+            ("bad", prompt(9, 12), SamplingParams(max_tokens=4)), _request(1, top_k=3)]
+    outs = run_all(engine, {0: reqs}, with_logprobs=True)
+    assert outs.pop("bad") == [] and engine.kv.num_held == 0
+    assert outs == alone
 
 
 def test_a_grammar_holds_on_the_device(cuda_model, no_host_draws):

@@ -30,7 +30,7 @@ import triton.language as tl
 BLOCK = 2048  # vocabulary entries per pass step; fixed, so a row's sums never depend on the batch
 # Triton's interpreter pays per step, not per entry: it takes longer steps (its sums, like its
 # exp and log, are numpy's: interpreted draws are not a GPU's bits in any case)
-INTERPRETER_BLOCK = 16384
+INTERPRETER_BLOCK = 65536
 GREEDY_BELOW = 1e-5  # engine.sampling.GREEDY_BELOW: a temperature below it is greedy
 
 
