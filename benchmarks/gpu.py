@@ -171,8 +171,8 @@ def long_context(model, name: str, args, device: str, results: list) -> list[tup
                         "users": fit, "device_bytes": total})
         rows.append((f"{name} users at {args.context} tokens on this GPU", str(fit)))
     try:
-        r = decode(model, "batched", args.context_users, 8, args.context, device,
-                   chunk=min(2048, args.context))
+        r = decode(model, "batched", args.context_users, args.context_tokens, args.context,
+                   device, chunk=min(2048, args.context))
     except torch.OutOfMemoryError as e:  # said, not fatal: the other figures stand
         rows.append((f"{name} decode x{args.context_users} at {args.context} tokens",
                      f"out of memory ({str(e).splitlines()[0][:80]})"))
@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32768,
                     help="the long-context run: prompt tokens per user")
     ap.add_argument("--context-users", type=int, default=4)
+    ap.add_argument("--context-tokens", type=int, default=8, help="decoded in the long-context run")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--smoke", action="store_true",
                     help="the tiny shape on CPU through Triton's interpreter (checks the script)")
@@ -201,7 +202,7 @@ def main() -> None:
     device = "cpu" if args.smoke else "cuda"
     if args.smoke:
         args.models, args.users, args.tokens, args.prefill_tokens = "tiny", "2", 2, 16
-        args.context, args.context_users = 40, 2
+        args.context, args.context_users, args.context_tokens = 24, 2, 2
         args.modes = "reproducible"
         args.prompt_tokens, args.no_transformers = 8, True
     elif not torch.cuda.is_available():

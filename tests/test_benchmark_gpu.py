@@ -24,4 +24,4 @@ def test_the_gpu_benchmark_runs_end_to_end_in_smoke_mode(monkeypatch):
     assert all(x["decode_tokens"] > 0 and x["tokens_per_s"] > 0 for x in decode)
     assert [x["kind"] for x in data["results"] if "kind" in x] == ["prefill", "long_context"]
     (long,) = [x for x in data["results"] if x.get("kind") == "long_context"]
-    assert long["users"] == 2 and long["prompt_tokens"] == 40 and long["decode_tokens"] > 0
+    assert long["users"] == 2 and long["prompt_tokens"] == 24 and long["decode_tokens"] > 0
