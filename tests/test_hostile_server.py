@@ -74,8 +74,9 @@ def test_another_tenant_cannot_read_delete_or_continue_a_stored_response(world):
     with running_server(_app(engine, world)) as u:
         a = oai(u, key_a).responses.create(model=MODEL, input="alice's secret plan", store=True)
         prompts_before = len(engine.prompts)
-        for verb in ("get", "delete"):
-            r = httpx.request(verb.upper(), f"{u}/v1/responses/{a.id}", headers=bearer(key_b))
+        for verb, path in (("get", ""), ("delete", ""), ("get", "/input_items")):
+            r = httpx.request(verb.upper(), f"{u}/v1/responses/{a.id}{path}",
+                              headers=bearer(key_b))
             assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found"
         with pytest.raises(openai.NotFoundError):
             oai(u, key_b).responses.create(model=MODEL, input="go on",
@@ -86,6 +87,8 @@ def test_another_tenant_cannot_read_delete_or_continue_a_stored_response(world):
                                            headers=bearer(key_b)).json() | {
             "error": missing.json()["error"] | {"message": missing.json()["error"]["message"]}}
         assert httpx.get(f"{u}/v1/responses/{a.id}", headers=bearer(key_a)).status_code == 200
+        mine = httpx.get(f"{u}/v1/responses/{a.id}/input_items", headers=bearer(key_a))
+        assert mine.json()["data"][0]["content"][0]["text"] == "alice's secret plan"
         assert httpx.get(f"{u}/v1/responses/{a.id}", headers=bearer(admin)).status_code == 200
         c = oai(u, key_c).responses.create(model=MODEL, input="shared within the clinic")
         assert oai(u, key_d).responses.retrieve(c.id).id == c.id  # same tenant: shared

@@ -134,6 +134,45 @@ def test_store_get_delete(store):
             c.responses.create(model=MODEL, input="x", previous_response_id="resp_missing")
 
 
+def test_input_items_are_listed_as_the_official_client_reads_them(store):
+    from openai.types.responses import ResponseItem
+    from pydantic import TypeAdapter
+
+    with running_server(build_app(ScriptedEngine(FINAL), ServerSettings(model_name=MODEL),
+                                  store)) as url:
+        c = client(url)
+        first = c.responses.create(model=MODEL, input="Weather in Paris?")
+        second = c.responses.create(model=MODEL, previous_response_id=first.id, input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "And Rome?"}]},
+            {"role": "developer", "content": "Be brief."}])
+        (only,) = c.responses.input_items.list(first.id).data
+        assert only.type == "message" and only.content[0].text == "Weather in Paris?"
+        walked = list(c.responses.input_items.list(second.id, order="asc", limit=2))  # pages of 2
+        listed = httpx.get(f"{url}/v1/responses/{second.id}/input_items",
+                           params={"order": "asc", "limit": 100}).json()
+        newest = httpx.get(f"{url}/v1/responses/{second.id}/input_items",
+                           params={"limit": 1}).json()
+        bad = {name: httpx.get(f"{url}/v1/responses/{second.id}/input_items", params=params)
+               for name, params in [("limit", {"limit": 0}), ("limit", {"limit": "many"}),
+                                    ("order", {"order": "sideways"}),
+                                    ("after", {"after": "msg_nope"}),
+                                    ("include", {"include[]": "x"})]}
+        missing = httpx.get(f"{url}/v1/responses/resp_missing/input_items")
+    items = listed["data"]
+    for item in items:  # every field OpenAI's item types require
+        TypeAdapter(ResponseItem).validate_python(item)
+    # the chain: the first request's input, the first answer's output, then the second input
+    assert items[0]["id"] == only.id  # an item keeps its id from response to response
+    assert [i["id"] for i in items[1:-2]] == [o.id for o in first.output]
+    assert [i["content"][0]["text"] for i in items[-2:]] == ["And Rome?", "Be brief."]
+    assert [i.id for i in walked] == [i["id"] for i in items] and len(set(i.id for i in walked)) \
+        == len(items)
+    assert newest["has_more"] and newest["data"][0]["id"] == items[-1]["id"] == newest["last_id"]
+    for name, r in bad.items():
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+    assert missing.status_code == 404
+
+
 @pytest.mark.parametrize("body, param", [
     ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "{}"}]}, "input[0].call_id"),
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),

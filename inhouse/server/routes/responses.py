@@ -1,4 +1,4 @@
-"""POST /v1/responses, GET and DELETE /v1/responses/{id}."""
+"""POST /v1/responses, GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from inhouse.server.deps import AuthDep, caller_of
+from inhouse.server.errors import APIError
 from inhouse.server.protocol.responses import ResponsesRequest
 from inhouse.server.serving.common import unless_disconnected
 
@@ -26,6 +27,19 @@ async def create_response(body: ResponsesRequest, request: Request):
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request):
     return JSONResponse(await request.app.state.responses.get(response_id, caller_of(request)))
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(response_id: str, request: Request):
+    q = request.query_params
+    try:
+        limit = int(q.get("limit", "20"))
+    except ValueError:
+        raise APIError(400, f"'limit' must be an integer, got {q.get('limit')!r}",
+                       param="limit") from None
+    include = q.getlist("include") + q.getlist("include[]")  # the openai client sends include[]
+    return JSONResponse(await request.app.state.responses.input_items(
+        response_id, caller_of(request), q.get("after"), limit, q.get("order", "desc"), include))
 
 
 @router.delete("/v1/responses/{response_id}")

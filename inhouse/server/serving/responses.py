@@ -1,5 +1,6 @@
 """POST /v1/responses: items in, output items out (reasoning, function_call, message), streamed
-with the official event sequence; `store` and `previous_response_id` through `ResponseStore`."""
+with the official event sequence; `store` and `previous_response_id` through `ResponseStore`;
+a stored response read back, its input items listed, deleted."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from inhouse.server.errors import APIError
 from inhouse.server.protocol.responses import NamedFunction, ResponsesRequest
 from inhouse.server.serving.common import EFFORT, check_model, max_tokens_for, new_id, seed_for
 from inhouse.server.serving.builtin import builtin_from_responses
+from inhouse.server.serving.input_items import new_item_id, page
 from inhouse.server.serving.response_builder import ResponseBuilder
 
 # what `include` can ask for that we serve: every other value is refused, never ignored
@@ -50,10 +52,12 @@ class Responses:
             previous, previous_input = found
             items += previous_input + [o for o in previous["output"]]
         if isinstance(req.input, str):
-            items.append({"type": "message", "role": "user", "content": req.input})
+            new = [{"type": "message", "role": "user", "content": req.input}]
         else:
-            items += [i.model_dump(exclude_none=True) for i in req.input]
-        return items
+            new = [i.model_dump(exclude_none=True) for i in req.input]
+        for item in new:  # stored with an id of its own, which input_items lists
+            item.setdefault("id", new_item_id(item, new_id))
+        return items + new
 
     async def _stored(self, response_id: str, caller: Caller, param: str | None = None):
         found = None
@@ -206,6 +210,14 @@ class Responses:
 
     async def get(self, response_id: str, caller: Caller) -> dict:
         return (await self._stored(response_id, caller))[0]
+
+    async def input_items(self, response_id: str, caller: Caller, after: str | None, limit: int,
+                          order: str, include: list[str]) -> dict:
+        if include:  # nothing a client asks for is silently ignored
+            raise APIError(400, f"'include' is not supported for input items: {include[0]!r}",
+                           param="include")
+        _, items = await self._stored(response_id, caller)
+        return page(items, response_id, after, limit, order)
 
     async def delete(self, response_id: str, caller: Caller) -> dict:
         deleted = self.store is not None and await asyncio.to_thread(self.store.delete,
