@@ -1,4 +1,4 @@
-"""Triton kernels of the cuda backend. Importing this package imports triton: callers ask
+"""Triton kernels of the cuda backend. Importing its modules imports triton: callers ask
 `backend.triton_available()` first. Under TRITON_INTERPRET=1 (set before triton is imported) the
 same kernels run on CPU tensors through Triton's interpreter."""
 
