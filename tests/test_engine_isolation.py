@@ -112,6 +112,35 @@ def test_a_kernel_error_on_one_sequence_fails_it_alone(model, monkeypatch, fail_
     assert engine.kv.num_held == 0 and not engine.has_unfinished()
 
 
+@pytest.mark.parametrize("fault", ["allowed", "consume"])
+def test_a_grammar_that_raises_fails_only_its_request(model, fault):
+    """A grammar backend that raises (asked what it allows, or fed the drawn token) ends its
+    request with an error; the requests beside it keep the tokens they have alone."""
+    import numpy as np
+
+    class Faulty:
+        is_cut = False
+
+        def allowed(self, remaining):
+            if fault == "allowed":
+                raise ValueError("grammar backend fault")
+            return np.ones(model.config.vocab_size, dtype=bool)
+
+        def consume(self, token):
+            raise ValueError("grammar backend fault")
+
+    class Compiler:
+        def new_matcher(self, grammar):
+            return Faulty()
+
+    innocents = [_innocent(i) for i in range(3)]
+    bad = ("bad", prompt(9, 12), SamplingParams(max_tokens=6, grammar="start: /a/"))
+    engine = LLMEngine(model, CFG, grammars=Compiler())
+    outs = run_all(engine, {0: innocents[:2] + [bad] + innocents[2:]})
+    assert outs.pop("bad") == [] and outs == _alone(model, innocents)
+    assert engine.kv.num_held == 0 and not engine.has_unfinished()
+
+
 # ---- issue 17, finding 7: adapters at bf16, batched with base-model requests -----------------------
 def test_adapters_serve_at_bf16_batched_with_base_requests(checkpoints):
     from inhouse.model.lora import LoraSpec, add_adapter, adapter_parameters

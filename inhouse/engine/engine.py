@@ -247,10 +247,16 @@ class LLMEngine:
             for i in todo:
                 results[i] = _attempt(self._draw_on_host, pairs[i][0], pairs[i][1], masks[i])
         for i, (seq, _) in enumerate(pairs):
-            if (seq.matcher is not None and not isinstance(results[i], Exception)
-                    and not seq.matcher.consume(results[i][0])):
-                results[i] = RuntimeError(f"the grammar refused token {results[i][0]} it had allowed")
+            if seq.matcher is not None and not isinstance(results[i], Exception):
+                results[i] = _attempt(self._consume, seq, results[i])
         return results
+
+    @staticmethod
+    def _consume(seq: Sequence, drawn: tuple[int, object]) -> tuple[int, object]:
+        """The drawn token fed to the sequence's grammar (which must take what it allowed)."""
+        if not seq.matcher.consume(drawn[0]):
+            raise RuntimeError(f"the grammar refused token {drawn[0]} it had allowed")
+        return drawn
 
     def _allowed(self, seq: Sequence, vocab: int):
         """The grammar's mask of the tokens allowed next, (vocab,) bool, or None (no grammar)."""
