@@ -46,14 +46,14 @@ def draw(requests: list[DrawRequest]) -> list[Draw]:
     raw = torch.stack([r.row for r in requests]).float()  # (B, V)
     device, V = raw.device, raw.shape[1]
     bad = (torch.isnan(raw) | torch.isposinf(raw)).any(-1)  # (B,)
-    x = raw.clone()
+    # flagged rows are drawn from, then refused by the caller; -inf (a mask) stays -inf
+    x = torch.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=float("-inf"))
     for i, r in enumerate(requests):
         if r.params.has_penalties and r.output_ids:
             x[i] = penalised(x[i], r.params, r.output_ids)
         if r.allowed is not None:
             allowed = torch.from_numpy(r.allowed[:V]).to(device)
             x[i] = x[i].masked_fill(~allowed, float("-inf"))
-    x = torch.nan_to_num(x, nan=0.0, posinf=0.0)  # flagged rows: drawn, then refused by the caller
     f32 = dict(dtype=torch.float32)
     params = [r.params for r in requests]
     host = (torch.tensor([p.temperature for p in params], **f32),
@@ -70,4 +70,3 @@ def draw(requests: list[DrawRequest]) -> list[Draw]:
               if r.params.logprobs is not None else None)
         out.append(Draw(token, lp, not bool(back[1, i])))
     return out
-

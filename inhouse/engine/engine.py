@@ -232,13 +232,8 @@ class LLMEngine:
         that fails that sequence alone. The grammar's mask is applied and the token consumed.
         On the cuda backend every row is drawn on the device at once (device_sampler); else on
         the host, row by row, with each request's generator."""
-        results: list = [None] * len(pairs)
-        masks: list = [None] * len(pairs)
-        for i, (seq, row) in enumerate(pairs):
-            try:
-                masks[i] = self._allowed(seq, row.shape[0])
-            except Exception as e:  # noqa: BLE001 - this request's grammar; the others go on
-                results[i] = e
+        masks = [_attempt(self._allowed, seq, row.shape[0]) for seq, row in pairs]
+        results: list = [m if isinstance(m, Exception) else None for m in masks]
         todo = [i for i in range(len(pairs)) if results[i] is None]
         if self.draws_on_device:
             for i, d in zip(todo, self._draw_on_device(pairs, masks, todo)):
