@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from inhouse.kernels.backend import CUDA_PATH
-
-REFERENCE_PATH = "reference-torch"
 from inhouse.kernels.cpu import attend_kernel, dense_kernel, mxfp4_kernel, rows_kernel
+
+REFERENCE_PATH = "reference-torch"  # the reference backend's arithmetic: PyTorch everywhere
 
 
 def path_name(int8: bool = False, backend: str = "cpu") -> str:

@@ -17,8 +17,7 @@ def seam(seams: Seams | None, name: str):
     cpu backend), or None: the backend has none, or gradients are on and its kernels do not
     decline the calls that need one themselves (they have no backward; training takes the
     model's own paths)."""
-    if seams is None:
-        seams = backends.default_seams()
+    seams = seams or backends.default_seams()
     if torch.is_grad_enabled() and not seams.grad_aware:
         return None
     return getattr(seams, name)

@@ -58,6 +58,13 @@ def _row(x_ptr, start, V, inv_t, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _kept(x, kth, m, inv_z, floor):
+    """p of the entries x top-k and min-p keep (0 for the others)."""
+    p = tl.where(_key(x).to(tl.int64) >= kth, tl.exp(x - m) * inv_z, 0.0)
+    return tl.where(p < floor, 0.0, p)
+
+
+@triton.jit
 def _sample_kernel(x_ptr, stride, V, out_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
                    key_ptr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -118,8 +125,7 @@ def _sample_kernel(x_ptr, stride, V, out_ptr, temp_ptr, top_k_ptr, top_p_ptr, mi
             mass = tl.zeros((BLOCK,), tl.float32)
             for b in range(n_blocks):
                 x, offs = _row(x_ptr, b * BLOCK, V, inv_t, BLOCK)
-                p = tl.where(_key(x).to(tl.int64) >= kth, tl.exp(x - m) * inv_z, 0.0)
-                p = tl.where(p < floor, 0.0, p)
+                p = _kept(x, kth, m, inv_z, floor)
                 mass += tl.where(p.to(tl.int32, bitcast=True).to(tl.int64) > mid, p, 0.0)
             below = tl.sum(mass, axis=0) < top_p
             hi = tl.where(below & (hi - lo > 1), mid, hi)
@@ -130,8 +136,7 @@ def _sample_kernel(x_ptr, stride, V, out_ptr, temp_ptr, top_k_ptr, top_p_ptr, mi
     best_i = tl.full((), 0, tl.int32)
     for b in range(n_blocks):
         x, offs = _row(x_ptr, b * BLOCK, V, inv_t, BLOCK)
-        p = tl.where(_key(x).to(tl.int64) >= kth, tl.exp(x - m) * inv_z, 0.0)
-        p = tl.where(p < floor, 0.0, p)
+        p = _kept(x, kth, m, inv_z, floor)
         p = tl.where(p.to(tl.int32, bitcast=True).to(tl.int64) >= cut, p, 0.0)
         r = tl.randint(key, offs)
         u = (((r >> 8) & 0xFFFFFF).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
